@@ -1,0 +1,46 @@
+# kubetune developer commands. `make test` is what CI runs (.ci/run).
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+# Extras installed by `make setup`; the trainer's ML stack joins when its tests exist.
+EXTRAS ?= operator,dev
+CRD    := crds/kubetune.io_finetunejobs.yaml
+comma  := ,
+SOURCES := operator/kubetune_operator trainer/kubetune_trainer cli/kubetune_cli
+
+.PHONY: setup lint test unit crds lock clean
+
+## setup: create .venv and install kubetune with its pinned dependencies (quick when done already)
+setup: $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
+
+$(VENV)/.installed-%: pyproject.toml constraints.txt
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --constraint constraints.txt --editable '.[$(EXTRAS)]'
+	@touch $@
+
+## lint: ruff, mypy --strict and the import-layer contracts
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy $(SOURCES) tests
+	$(BIN)/lint-imports
+
+## unit: the unit tests (no cluster, no torch)
+unit: setup
+	$(BIN)/pytest -m unit
+
+## test: everything CI runs
+test: lint
+	$(BIN)/pytest
+
+## crds: regenerate the committed CRD from the models
+crds: setup
+	$(BIN)/kubetune crd --output $(CRD)
+
+## lock: rewrite constraints.txt from the current environment
+lock: setup
+	{ head -n 2 constraints.txt; $(BIN)/pip freeze --exclude-editable | grep -v '^kubetune'; } > constraints.txt.new
+	mv constraints.txt.new constraints.txt
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,81 @@
+"""Argument parsing and dispatch for ``kubetune``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+#: Exit code for bad input (an invalid manifest or config): retrying will not help.
+EXIT_INVALID = 2
+
+
+def _crd(args: argparse.Namespace) -> int:
+    from kubetune_operator.crd import render_crd
+
+    text = render_crd()
+    if args.output:
+        Path(args.output).write_text(text, encoding="utf-8")
+        print(f"wrote {args.output}", file=sys.stderr)
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+def _validate(args: argparse.Namespace) -> int:
+    import yaml
+
+    from kubetune_operator.api import load_job
+    from kubetune_trainer.config import InvalidManifestError
+
+    failed = 0
+    for name in args.files:
+        path = Path(name)
+        try:
+            documents = [d for d in yaml.safe_load_all(path.read_text(encoding="utf-8")) if d is not None]
+        except (OSError, yaml.YAMLError) as exc:
+            print(f"{path}: cannot read: {exc}", file=sys.stderr)
+            failed += 1
+            continue
+        for index, document in enumerate(documents):
+            label = f"{path}" if len(documents) == 1 else f"{path} (document {index + 1})"
+            try:
+                job = load_job(document, allow_local_paths=args.allow_local_paths, source=label)
+            except InvalidManifestError as exc:
+                print(exc, file=sys.stderr)
+                failed += 1
+            else:
+                print(f"{label}: FineTuneJob {job.name} is valid")
+    return EXIT_INVALID if failed else 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kubetune", description="Fine-tune LLMs on Kubernetes.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    crd = commands.add_parser("crd", help="print the FineTuneJob CustomResourceDefinition")
+    crd.add_argument("-o", "--output", metavar="FILE", help="write to FILE instead of standard output")
+    crd.set_defaults(run=_crd)
+
+    validate = commands.add_parser(
+        "validate", help="check FineTuneJob manifests offline and list every problem with its field"
+    )
+    validate.add_argument("files", nargs="+", metavar="FILE", help="YAML files, one or more documents each")
+    validate.add_argument(
+        "--allow-local-paths",
+        action="store_true",
+        help="accept absolute paths and file:// sources (for a workstation run; a cluster refuses them)",
+    )
+    validate.set_defaults(run=_validate)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    code: int = args.run(args)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

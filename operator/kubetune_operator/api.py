@@ -1,0 +1,225 @@
+"""The FineTuneJob resource: identity, the spec (from the trainer's config module) and the status.
+
+The spec models live in :mod:`kubetune_trainer.config` so that the trainer can read a manifest
+without the operator; this module adds what only the control plane needs: the resource's
+identity, its status and the parsing of whole manifests.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Any, Final, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic.alias_generators import to_camel
+from pydantic_core import PydanticCustomError
+
+from kubetune_trainer.config import ALLOW_LOCAL_PATHS, FineTuneJobSpec, InvalidManifestError, Problem, problems_of
+
+GROUP: Final = "kubetune.io"
+VERSION: Final = "v1alpha1"
+API_VERSION: Final = "kubetune.io/v1alpha1"
+KIND: Final = "FineTuneJob"
+PLURAL: Final = "finetunejobs"
+SINGULAR: Final = "finetunejob"
+SHORT_NAMES: Final = ("ftj",)
+
+#: Child objects are named ``<job>-<suffix>`` and pods ``<job>-train-<attempt>-<index>``;
+#: a short job name keeps them inside the 63-character limit of DNS labels and hostnames.
+MAX_NAME_LENGTH: Final = 40
+
+Phase = Literal[
+    "Pending",
+    "Provisioning",
+    "Initializing",
+    "Training",
+    "Publishing",
+    "Serving",
+    "Complete",
+    "Failed",
+    "Suspended",
+]
+PHASES: Final[tuple[Phase, ...]] = Phase.__args__  # type: ignore[attr-defined]
+
+
+class StatusModel(BaseModel):
+    """Base of the status sections: camelCase on the wire, written by the operator only."""
+
+    model_config = ConfigDict(
+        alias_generator=to_camel,
+        validate_by_name=True,
+        validate_by_alias=True,
+        serialize_by_alias=True,
+        extra="forbid",
+        use_attribute_docstrings=True,
+    )
+
+
+class Condition(StatusModel):
+    """A condition in the Kubernetes shape."""
+
+    type: Annotated[str, Field(min_length=1, max_length=316)]
+    """Condition type, for example Complete, Failed, NodesReady or ServingReady."""
+    status: Literal["True", "False", "Unknown"]
+    """Whether the condition holds."""
+    reason: Annotated[str, Field(min_length=1, max_length=1024)]
+    """One CamelCase word for machines, for example InsufficientCapacity."""
+    message: Annotated[str, Field(max_length=32768)] = ""
+    """What happened, for people."""
+    last_transition_time: datetime
+    """When the status last changed."""
+    observed_generation: Annotated[int, Field(ge=0)] | None = None
+    """The metadata.generation this condition was computed from."""
+
+
+class Progress(StatusModel):
+    """Training progress, read from the rank-0 trainer's metrics endpoint."""
+
+    step: Annotated[int, Field(ge=0)] | None = None
+    """Optimizer steps done."""
+    total_steps: Annotated[int, Field(ge=0)] | None = None
+    """Optimizer steps planned."""
+    epoch: Annotated[float, Field(ge=0)] | None = None
+    """Epochs done, with fractions."""
+    percent: Annotated[int, Field(ge=0, le=100)] | None = None
+    """step / totalSteps in percent."""
+    loss: float | None = None
+    """Latest training loss."""
+    eval_loss: float | None = None
+    """Latest evaluation loss."""
+    learning_rate: Annotated[float, Field(ge=0)] | None = None
+    """Current learning rate."""
+    tokens_per_second: Annotated[float, Field(ge=0)] | None = None
+    """Training throughput over the whole gang."""
+    eta_seconds: Annotated[int, Field(ge=0)] | None = None
+    """Estimated seconds until training ends."""
+
+
+class Workload(StatusModel):
+    """The Kubernetes objects doing the work now."""
+
+    job_name: Annotated[str, Field(max_length=63)] | None = None
+    """Name of the current training Job (batch/v1)."""
+    attempt: Annotated[int, Field(ge=0)] = 0
+    """Gang attempt number; each restart from a checkpoint starts a new attempt."""
+    node_claims: Annotated[list[Annotated[str, Field(max_length=253)]], Field(max_length=256)] = []
+    """NodeClaims created for the job."""
+    nodes: Annotated[list[Annotated[str, Field(max_length=253)]], Field(max_length=256)] = []
+    """Nodes the training pods run on."""
+
+
+class Adapter(StatusModel):
+    """The published result."""
+
+    uri: Annotated[str, Field(max_length=2048)]
+    """Where the adapter (or model) was published."""
+    digest: Annotated[str, Field(max_length=128)] | None = None
+    """Content digest, for example sha256:…"""
+    size_bytes: Annotated[int, Field(ge=0)] | None = None
+    """Total size of the published files."""
+
+
+class Endpoint(StatusModel):
+    """Where the served adapter answers."""
+
+    url: Annotated[str, Field(max_length=2048)]
+    """In-cluster base URL of the OpenAI-compatible API, for example http://support-bot-serve.ml:8000/v1."""
+    model_name: Annotated[str, Field(max_length=128)]
+    """Model name to put in requests."""
+
+
+class FineTuneJobStatus(StatusModel):
+    """What the operator observed and decided; recomputed on every reconcile."""
+
+    phase: Phase = "Pending"
+    """Pending, Provisioning, Initializing, Training, Publishing, Serving, Complete, Failed or Suspended."""
+    observed_generation: Annotated[int, Field(ge=0)] | None = None
+    """The metadata.generation the status was computed from."""
+    conditions: Annotated[
+        list[Condition],
+        Field(
+            max_length=32,
+            json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},
+        ),
+    ] = []
+    """Conditions in the Kubernetes shape."""
+    progress: Progress | None = None
+    """Training progress."""
+    workload: Workload | None = None
+    """The training workload."""
+    restarts: Annotated[int, Field(ge=0)] = 0
+    """Gang restarts so far."""
+    adapter: Adapter | None = None
+    """The published adapter."""
+    endpoint: Endpoint | None = None
+    """The serving endpoint."""
+    start_time: datetime | None = None
+    """When training started; spec.model and spec.method are immutable from then on."""
+    completion_time: datetime | None = None
+    """When the job completed or failed."""
+
+
+class FineTuneJob(BaseModel):
+    """A FineTuneJob manifest."""
+
+    model_config = ConfigDict(
+        alias_generator=to_camel,
+        validate_by_name=True,
+        validate_by_alias=True,
+        serialize_by_alias=True,
+        extra="forbid",
+        use_attribute_docstrings=True,
+    )
+
+    api_version: Literal["kubetune.io/v1alpha1"] = API_VERSION
+    """kubetune.io/v1alpha1"""
+    kind: Literal["FineTuneJob"] = KIND
+    """FineTuneJob"""
+    metadata: dict[str, Any]
+    """Standard object metadata."""
+    spec: FineTuneJobSpec
+    """What to fine-tune, on what data, how, and where the result goes."""
+    status: FineTuneJobStatus | None = None
+    """Written by the operator."""
+
+    @field_validator("metadata")
+    @classmethod
+    def _name(cls, value: dict[str, Any]) -> dict[str, Any]:
+        name = value.get("name")
+        problem = None
+        if not isinstance(name, str) and not value.get("generateName"):
+            problem = "required field is missing"
+        elif isinstance(name, str) and len(name) > MAX_NAME_LENGTH:
+            problem = (
+                f"{name!r} has {len(name)} characters; use at most {MAX_NAME_LENGTH} "
+                "so that the names of its pods fit in 63"
+            )
+        if problem:
+            raise PydanticCustomError(
+                "cross_field", "name: {problem}", {"problem": problem, "problems": [("name", problem)]}
+            )
+        return value
+
+    @property
+    def name(self) -> str:
+        return str(self.metadata["name"])
+
+    @property
+    def namespace(self) -> str:
+        return str(self.metadata.get("namespace", "default"))
+
+
+def load_job(manifest: dict[str, Any], *, allow_local_paths: bool = False, source: str = "manifest") -> FineTuneJob:
+    """Validate a FineTuneJob manifest; raise :class:`InvalidManifestError` listing every problem.
+
+    ``allow_local_paths`` accepts absolute paths and ``file://`` sources, for ``kubetune train``
+    on a workstation; the cluster never does.
+    """
+    if not isinstance(manifest, dict):
+        raise InvalidManifestError([Problem("(manifest)", "expected a mapping (a YAML object)")], source=source)
+    try:
+        return FineTuneJob.model_validate(
+            manifest, context={ALLOW_LOCAL_PATHS: allow_local_paths}, by_alias=True, by_name=False
+        )
+    except ValidationError as error:
+        raise InvalidManifestError(problems_of(error), source=source) from None

@@ -1,0 +1,190 @@
+"""Generate the FineTuneJob CustomResourceDefinition from the pydantic models.
+
+The models are the source of truth; the CRD is derived: pydantic's JSON schema is rewritten
+into the structural OpenAPI v3 subset that Kubernetes accepts (no ``$ref``, no ``anyOf`` for
+optional fields, draft-4 style exclusive bounds), and the cross-field rules are added as CEL
+``x-kubernetes-validations`` from the same table the models check.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, Final
+
+import yaml
+
+from kubetune_operator.api import (
+    API_VERSION,
+    GROUP,
+    KIND,
+    MAX_NAME_LENGTH,
+    PLURAL,
+    SHORT_NAMES,
+    SINGULAR,
+    VERSION,
+    FineTuneJob,
+)
+from kubetune_trainer.config import IMMUTABLE_ONCE_STARTED, RULES
+from kubetune_trainer.config.sources import DATASET_SCHEMES, MODEL_SCHEMES, OUTPUT_SCHEMES, Scheme, forms, pattern_for
+
+Schema = dict[str, Any]
+
+#: JSON-schema keywords Kubernetes' structural schemas do not take; they are dropped.
+_DROPPED: Final = frozenset({"title", "propertyNames", "$defs"})
+
+#: URI fields checked by a CEL ``matches`` rule with a message naming the accepted forms.
+_URI_FIELDS: Final[dict[tuple[str, ...], tuple[Scheme, ...]]] = {
+    ("spec", "model", "source"): MODEL_SCHEMES,
+    ("spec", "dataset", "source"): DATASET_SCHEMES,
+    ("spec", "output", "destination"): OUTPUT_SCHEMES,
+}
+
+PRINTER_COLUMNS: Final[list[Schema]] = [
+    {"name": "Model", "type": "string", "jsonPath": ".spec.model.source", "description": "Base model source"},
+    {"name": "Method", "type": "string", "jsonPath": ".spec.method.type", "description": "Fine-tuning method"},
+    {"name": "Phase", "type": "string", "jsonPath": ".status.phase", "description": "Lifecycle phase"},
+    {
+        "name": "Progress%",
+        "type": "integer",
+        "jsonPath": ".status.progress.percent",
+        "description": "Training steps done, in percent",
+    },
+    {"name": "Loss", "type": "number", "jsonPath": ".status.progress.loss", "description": "Latest training loss"},
+    {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+]
+
+
+def _resolve(node: Any, defs: dict[str, Schema]) -> Any:  # noqa: PLR0912 - one branch per JSON-schema rewrite
+    """Inline ``$ref``s and rewrite each schema node into the structural subset."""
+    if isinstance(node, list):
+        return [_resolve(item, defs) for item in node]
+    if not isinstance(node, dict):
+        return node
+    node = dict(node)
+    ref = node.pop("$ref", None)
+    if ref is not None:
+        target = _resolve(defs[ref.rsplit("/", 1)[-1]], defs)
+        # The field's own keywords (its description, default) win over the model's.
+        node = {**target, **{k: v for k, v in node.items() if k != "description" or v}}
+    all_of = node.pop("allOf", None)
+    if all_of is not None and len(all_of) == 1:
+        node = {**_resolve(all_of[0], defs), **node}
+    any_of = node.pop("anyOf", None)
+    if any_of is not None:
+        kept = [s for s in any_of if s.get("type") != "null"]
+        if len(kept) != 1:
+            raise ValueError(f"cannot express anyOf {any_of} in a structural schema")
+        node = {**_resolve(kept[0], defs), **node}
+        if node.get("default", ...) is None:
+            del node["default"]
+    out: Schema = {}
+    for key, value in node.items():
+        if key in _DROPPED:
+            continue
+        if key == "additionalProperties" and value is False:
+            continue  # structural schemas prune unknown fields; kubectl's strict validation names them
+        if key == "const":
+            out["enum"] = [value]
+        elif key in ("exclusiveMinimum", "exclusiveMaximum") and not isinstance(value, bool):
+            out["minimum" if key == "exclusiveMinimum" else "maximum"] = value
+            out[key] = True
+        elif key == "properties":
+            out[key] = {name: _resolve(sub, defs) for name, sub in value.items()}
+        elif key in ("items", "additionalProperties"):
+            out[key] = _resolve(value, defs)
+        else:
+            out[key] = value
+    return out
+
+
+def _at(schema: Schema, path: tuple[str, ...]) -> Schema:
+    for name in path:
+        schema = schema["properties"][name]
+    return schema
+
+
+def _add_rules(schema: Schema) -> None:
+    spec = _at(schema, ("spec",))
+    spec["x-kubernetes-validations"] = [
+        {"rule": r.cel, "message": f"{r.field}: {r.message}", "fieldPath": r.field_path, "reason": "FieldValueInvalid"}
+        for r in RULES
+    ]
+    for path, schemes in _URI_FIELDS.items():
+        field = _at(schema, path)
+        field["x-kubernetes-validations"] = [
+            {"rule": f"self.matches('{pattern_for(schemes)}')", "message": f"must be one of {forms(schemes)}"}
+        ]
+    schema["x-kubernetes-validations"] = [
+        {
+            "rule": f"size(self.metadata.name) <= {MAX_NAME_LENGTH}",
+            "message": f"metadata.name: use at most {MAX_NAME_LENGTH} characters so that the names of its pods fit in 63",
+        },
+        *(
+            {
+                "rule": "!has(oldSelf.status) || !has(oldSelf.status.startTime) "
+                f"|| self.spec.{f.field} == oldSelf.spec.{f.field}",
+                "message": f.message,
+                "fieldPath": f".spec.{f.field}",
+                "reason": "FieldValueForbidden",
+            }
+            for f in IMMUTABLE_ONCE_STARTED
+        ),
+    ]
+
+
+def openapi_schema() -> Schema:
+    """The structural OpenAPI v3 schema of a FineTuneJob, with its CEL rules."""
+    raw = FineTuneJob.model_json_schema(by_alias=True, mode="validation")
+    defs = raw.get("$defs", {})
+    schema: Schema = _resolve(raw, defs)
+    props = schema["properties"]
+    # apiVersion, kind and metadata are the apiserver's; the schema only names them.
+    props["apiVersion"] = {"type": "string", "description": f"{API_VERSION}"}
+    props["kind"] = {"type": "string", "description": KIND}
+    props["metadata"] = {"type": "object"}
+    schema.pop("description", None)
+    schema["description"] = (
+        "A FineTuneJob fine-tunes a base model on a dataset and publishes (and optionally serves) the result."
+    )
+    schema["required"] = ["spec"]
+    _add_rules(schema)
+    return schema
+
+
+def build_crd() -> Schema:
+    """The CustomResourceDefinition manifest."""
+    return {
+        "apiVersion": "apiextensions.k8s.io/v1",
+        "kind": "CustomResourceDefinition",
+        "metadata": {"name": f"{PLURAL}.{GROUP}"},
+        "spec": {
+            "group": GROUP,
+            "names": {
+                "kind": KIND,
+                "listKind": f"{KIND}List",
+                "plural": PLURAL,
+                "singular": SINGULAR,
+                "shortNames": list(SHORT_NAMES),
+                "categories": ["kubetune"],
+            },
+            "scope": "Namespaced",
+            "versions": [
+                {
+                    "name": VERSION,
+                    "served": True,
+                    "storage": True,
+                    "subresources": {"status": {}},
+                    "additionalPrinterColumns": copy.deepcopy(PRINTER_COLUMNS),
+                    "schema": {"openAPIV3Schema": openapi_schema()},
+                }
+            ],
+        },
+    }
+
+
+HEADER: Final = "# Generated by `kubetune crd` from the pydantic models; do not edit. Regenerate with `make crds`.\n"
+
+
+def render_crd() -> str:
+    """The CRD as the YAML text committed under crds/."""
+    return HEADER + yaml.safe_dump(build_crd(), sort_keys=False, width=120, allow_unicode=True)

@@ -1,0 +1,60 @@
+"""The ``kubetune`` command as a user runs it."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from kubetune_operator.crd import render_crd
+from tests.conftest import BAD_INPUT, EXAMPLES
+
+pytestmark = pytest.mark.unit
+
+
+def kubetune(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "kubetune_cli.main", *args], capture_output=True, text=True, check=False
+    )
+
+
+def test_crd_prints_the_generated_crd() -> None:
+    result = kubetune("crd")
+    assert result.returncode == 0
+    assert result.stdout == render_crd()
+
+
+def test_crd_writes_a_file(tmp_path: Path) -> None:
+    out = tmp_path / "crd.yaml"
+    assert kubetune("crd", "--output", str(out)).returncode == 0
+    assert out.read_text(encoding="utf-8") == render_crd()
+
+
+def test_validate_accepts_the_examples() -> None:
+    result = kubetune("validate", *map(str, EXAMPLES))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("is valid") == len(EXAMPLES)
+
+
+def test_validate_lists_problems_and_exits_2() -> None:
+    bad = next(p for p in BAD_INPUT if p.stem == "full-with-lora")
+    result = kubetune("validate", str(bad))
+    assert result.returncode == 2
+    assert "spec.method.lora: full fine-tuning takes no LoRA block" in result.stderr
+
+
+def test_validate_reads_multi_document_files(tmp_path: Path) -> None:
+    both = tmp_path / "both.yaml"
+    both.write_text(EXAMPLES[0].read_text() + "\n---\n" + BAD_INPUT[0].read_text())
+    result = kubetune("validate", str(both))
+    assert result.returncode == 2
+    assert "(document 1): FineTuneJob" in result.stdout
+    assert "(document 2) is invalid" in result.stderr
+
+
+def test_no_subcommand_is_an_error() -> None:
+    result = kubetune()
+    assert result.returncode == 2
+    assert "COMMAND" in result.stderr

@@ -1,0 +1,183 @@
+"""Defaults, effective values, sources and messages of the FineTuneJob spec models."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from kubetune_operator.api import load_job
+from kubetune_operator.crd import openapi_schema
+from kubetune_trainer.config import (
+    FineTuneJobSpec,
+    InvalidManifestError,
+    changed_immutable_fields,
+    parse_uri,
+)
+from kubetune_trainer.config.sources import DATASET_SCHEMES, MODEL_SCHEMES, OUTPUT_SCHEMES
+from tests.unit.schema_check import apply_defaults
+
+pytestmark = pytest.mark.unit
+
+
+def manifest(**spec: Any) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "model": {"source": "hf://org/base"},
+        "dataset": {"source": "https://example.org/d.jsonl"},
+    }
+    body.update(spec)
+    return {"apiVersion": "kubetune.io/v1alpha1", "kind": "FineTuneJob", "metadata": {"name": "j"}, "spec": body}
+
+
+class TestDefaults:
+    def test_minimal_manifest_gets_documented_defaults(self) -> None:
+        spec = load_job(manifest()).spec
+        assert spec.method.type == "lora"
+        assert spec.method.effective_lora is not None
+        assert (spec.method.effective_lora.r, spec.method.effective_lora.alpha) == (16, 32)
+        assert spec.method.effective_lora.target_modules == ["all-linear"]
+        assert spec.method.effective_quantization is None
+        assert spec.training.learning_rate == pytest.approx(2e-4)
+        assert spec.training.precision == "bf16"
+        assert spec.training.checkpoint_every_steps == 200
+        assert spec.distributed.nodes == 1
+        assert spec.distributed.deepspeed.zero_stage == 2
+        assert spec.resources.provisioner == "byo"
+        assert spec.resources.gpu_resource_name == "nvidia.com/gpu"
+        assert spec.dataset.format == "auto"
+        assert spec.dataset.max_seq_length == 2048
+        assert spec.serving.enabled is False
+        assert spec.run_policy.max_restarts == 3
+        assert spec.run_policy.release_nodes == "OnCompletion"
+
+    def test_qlora_defaults_to_4_bit_nf4_with_double_quantization(self) -> None:
+        spec = load_job(manifest(method={"type": "qlora"})).spec
+        quant = spec.method.effective_quantization
+        assert quant is not None
+        assert (quant.bits, quant.quant_type, quant.double_quant) == (4, "nf4", True)
+
+    def test_full_fine_tuning_has_no_adapter(self) -> None:
+        spec = load_job(manifest(method={"type": "full"})).spec
+        assert spec.method.effective_lora is None
+
+    @pytest.mark.parametrize(("nodes", "mode"), [(1, "ReadWriteOnce"), (2, "ReadWriteMany")])
+    def test_storage_access_mode_follows_the_gang_size(self, nodes: int, mode: str) -> None:
+        spec = load_job(manifest(distributed={"nodes": nodes})).spec
+        assert spec.resources.storage.effective_access_mode(spec.distributed.nodes) == mode
+
+    def test_python_defaults_match_crd_defaults(self) -> None:
+        """A default in the CRD and in the model come from one place: dumping the defaults shows both."""
+        raw = manifest()
+        defaulted = apply_defaults(raw, openapi_schema())
+        from_crd = FineTuneJobSpec.model_validate(defaulted["spec"], by_alias=True, by_name=False)
+        assert from_crd == load_job(manifest()).spec
+
+
+class TestSources:
+    @pytest.mark.parametrize(
+        "uri",
+        [
+            "hf://microsoft/Phi-3-mini-4k-instruct",
+            "hf://gpt2",
+            "hf://org/name@v1.2",
+            "https://example.org/x/model",
+            "pvc://models/llama/8b",
+            "pvc://models",
+            "oci://registry.example:5000/adapters/bot:v1",
+            "oci://registry.example/a/b@sha256:" + "a" * 64,
+            "s3://bucket-1/key/model",
+        ],
+    )
+    def test_model_sources_accepted(self, uri: str) -> None:
+        assert str(parse_uri(uri, MODEL_SCHEMES)) == uri
+
+    def test_configmap_only_for_datasets(self) -> None:
+        assert parse_uri("configmap://toy-data/train.jsonl", DATASET_SCHEMES).authority == "toy-data"
+        with pytest.raises(ValueError, match="unsupported scheme 'configmap://'"):
+            parse_uri("configmap://toy-data/train.jsonl", MODEL_SCHEMES)
+
+    @pytest.mark.parametrize(
+        ("uri", "message"),
+        [
+            ("models/llama", "is not a URI"),
+            ("ftp://host/x", "unsupported scheme 'ftp://'"),
+            ("pvc://Bad_Name/x", "malformed pvc:// URI"),
+            ("oci://registry/UPPER/case", "malformed oci:// URI"),
+            ("hf://", "malformed hf:// URI"),
+        ],
+    )
+    def test_bad_uris_name_the_problem_and_the_forms(self, uri: str, message: str) -> None:
+        with pytest.raises(ValueError, match=message) as caught:
+            parse_uri(uri, OUTPUT_SCHEMES if uri.startswith("oci") else MODEL_SCHEMES)
+        assert "://" in str(caught.value)
+
+    def test_uri_parts(self) -> None:
+        uri = parse_uri("pvc://models/llama/8b", MODEL_SCHEMES)
+        assert (uri.scheme, uri.authority, uri.path) == ("pvc", "models", "llama/8b")
+
+    def test_local_paths_only_on_request(self) -> None:
+        local = manifest(model={"source": "/data/model"}, dataset={"source": "file:///data/d.jsonl"})
+        with pytest.raises(InvalidManifestError, match=r"spec\.model\.source"):
+            load_job(local)
+        spec = load_job(local, allow_local_paths=True).spec
+        assert spec.model.source == "file:///data/model"
+        assert parse_uri(spec.dataset.source, ("file",)).location == "/data/d.jsonl"
+
+
+class TestMessages:
+    def test_every_problem_is_listed_at_once(self) -> None:
+        bad = manifest(
+            method={"type": "sft"},
+            training={"learningRate": 0, "precision": "fp8"},
+            distributed={"nodes": 0},
+        )
+        with pytest.raises(InvalidManifestError) as caught:
+            load_job(bad)
+        fields = {p.field for p in caught.value.problems}
+        assert fields == {
+            "spec.method.type",
+            "spec.training.learningRate",
+            "spec.training.precision",
+            "spec.distributed.nodes",
+        }
+        assert "4 problems" in str(caught.value)
+
+    def test_enum_message_lists_the_choices(self) -> None:
+        with pytest.raises(InvalidManifestError) as caught:
+            load_job(manifest(method={"type": "sft"}))
+        assert "'lora', 'qlora', 'dora' or 'full'" in str(caught.value)
+
+    def test_cross_field_problems_all_reported(self) -> None:
+        bad = manifest(
+            method={"type": "full", "lora": {"r": 4}},
+            resources={"provisioner": "karpenter"},
+        )
+        with pytest.raises(InvalidManifestError) as caught:
+            load_job(bad)
+        assert {p.field for p in caught.value.problems} == {"spec.method.lora", "spec.resources.instanceType"}
+        assert "set resources.instanceType" in str(caught.value)
+
+    def test_unknown_field_says_how_to_find_the_right_one(self) -> None:
+        with pytest.raises(InvalidManifestError) as caught:
+            load_job(manifest(training={"learning_rate": 0.1}))
+        (problem,) = caught.value.problems
+        assert problem.field == "spec.training.learning_rate"
+        assert "kubectl explain" in problem.message
+
+    def test_name_length_is_bounded_for_pod_names(self) -> None:
+        bad = manifest()
+        bad["metadata"]["name"] = "x" * 41
+        with pytest.raises(InvalidManifestError, match="at most 40"):
+            load_job(bad)
+
+
+class TestImmutability:
+    def test_model_and_method_changes_are_detected(self) -> None:
+        old = load_job(manifest()).spec
+        new = load_job(manifest(method={"type": "dora"}, training={"epochs": 5})).spec
+        assert [f.field for f in changed_immutable_fields(old, new)] == ["method"]
+
+    def test_training_changes_are_allowed(self) -> None:
+        old = load_job(manifest()).spec
+        new = load_job(manifest(training={"epochs": 5})).spec
+        assert changed_immutable_fields(old, new) == []

@@ -1,0 +1,99 @@
+"""Source URIs: the one way a FineTuneJob names where a model, a dataset or an output lives.
+
+The same regular expressions validate a URI in the pydantic models and, as CEL ``matches``
+rules, in the generated CRD, so the apiserver and the trainer accept exactly the same strings.
+They are kept to the subset that Python's ``re`` and Go's RE2 read alike: no look-arounds,
+no back-references, explicit ASCII classes.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Final, Literal
+
+Scheme = Literal["hf", "https", "http", "pvc", "oci", "s3", "configmap", "file"]
+
+_DNS_LABEL: Final = r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?"
+_DNS_SUBDOMAIN: Final = rf"{_DNS_LABEL}(\.{_DNS_LABEL})*"
+_PATH: Final = r"[^\s?#]*"
+
+#: One pattern per scheme; each matches the whole URI.
+SCHEME_PATTERNS: Final[dict[Scheme, str]] = {
+    # hf://org/name[@revision] or hf://name[@revision]
+    "hf": r"hf://[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?(@[A-Za-z0-9._/-]+)?",
+    "https": r"https://[A-Za-z0-9.-]+(:[0-9]{1,5})?(/[^\s]*)?",
+    "http": r"http://[A-Za-z0-9.-]+(:[0-9]{1,5})?(/[^\s]*)?",
+    # pvc://claim[/path]: the claim is a PersistentVolumeClaim in the job's namespace.
+    "pvc": rf"pvc://{_DNS_SUBDOMAIN}(/{_PATH})?",
+    # oci://registry[:port]/repository[:tag|@digest]
+    "oci": r"oci://[A-Za-z0-9.-]+(:[0-9]{1,5})?(/[a-z0-9._-]+)+(:[A-Za-z0-9_][A-Za-z0-9._-]{0,127})?"
+    r"(@sha256:[a-f0-9]{64})?",
+    "s3": r"s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/[^\s]*)?",
+    # configmap://name/key: small data only (a ConfigMap holds at most 1 MiB).
+    "configmap": rf"configmap://{_DNS_SUBDOMAIN}/[-._a-zA-Z0-9]+",
+    # file:///absolute/path: only for `kubetune train` on a workstation, never in a cluster.
+    "file": r"file:///[^\s]*",
+}
+
+#: Human-readable form of each scheme, for error messages and field descriptions.
+SCHEME_FORMS: Final[dict[Scheme, str]] = {
+    "hf": "hf://org/name[@revision]",
+    "https": "https://host/path",
+    "http": "http://host/path",
+    "pvc": "pvc://claim/path",
+    "oci": "oci://registry/repository:tag",
+    "s3": "s3://bucket/key",
+    "configmap": "configmap://name/key",
+    "file": "file:///absolute/path",
+}
+
+MODEL_SCHEMES: Final[tuple[Scheme, ...]] = ("hf", "https", "http", "pvc", "oci", "s3")
+DATASET_SCHEMES: Final[tuple[Scheme, ...]] = ("hf", "https", "http", "pvc", "oci", "s3", "configmap")
+OUTPUT_SCHEMES: Final[tuple[Scheme, ...]] = ("pvc", "oci", "s3")
+
+
+def pattern_for(schemes: tuple[Scheme, ...]) -> str:
+    """An anchored pattern accepting any URI of the given schemes."""
+    return "^(" + "|".join(f"({SCHEME_PATTERNS[s]})" for s in schemes) + ")$"
+
+
+def forms(schemes: tuple[Scheme, ...]) -> str:
+    """The accepted forms as one phrase: ``hf://org/name[@revision], pvc://claim/path or …``."""
+    names = [SCHEME_FORMS[s] for s in schemes]
+    return ", ".join(names[:-1]) + " or " + names[-1] if len(names) > 1 else names[0]
+
+
+@dataclass(frozen=True, slots=True)
+class SourceURI:
+    """A parsed source or destination URI."""
+
+    scheme: Scheme
+    #: Everything after ``scheme://``.
+    location: str
+
+    @property
+    def authority(self) -> str:
+        """The part before the first slash: repository owner, claim, bucket, registry or ConfigMap."""
+        return self.location.split("/", 1)[0]
+
+    @property
+    def path(self) -> str:
+        """The part after the first slash, empty when there is none."""
+        parts = self.location.split("/", 1)
+        return parts[1] if len(parts) == 2 else ""
+
+    def __str__(self) -> str:
+        return f"{self.scheme}://{self.location}"
+
+
+def parse_uri(uri: str, schemes: tuple[Scheme, ...]) -> SourceURI:
+    """Parse ``uri``, accepting only ``schemes``; raise ``ValueError`` naming the accepted forms."""
+    scheme, sep, rest = uri.partition("://")
+    if not sep:
+        raise ValueError(f"{uri!r} is not a URI; use {forms(schemes)}")
+    if scheme not in schemes:
+        raise ValueError(f"unsupported scheme {scheme + '://'!r} in {uri!r}; use {forms(schemes)}")
+    if re.fullmatch(SCHEME_PATTERNS[scheme], uri) is None:
+        raise ValueError(f"malformed {scheme}:// URI {uri!r}; expected {SCHEME_FORMS[scheme]}")
+    return SourceURI(scheme=scheme, location=rest)

@@ -1,0 +1,568 @@
+"""The FineTuneJob spec: what a user asks for, as validated pydantic models.
+
+This module is the single definition of a job. The operator generates the CRD from it and
+renders trainer configs from it; the trainer reads it (from the rendered config, or straight
+from a manifest with local paths on a workstation). It imports nothing heavier than pydantic so
+that the operator image stays free of torch.
+
+Field docstrings become the CRD's descriptions (``kubectl explain``), so they are written for
+the person filling in a manifest. Cross-field rules live in :data:`RULES`, each with its Python
+check and the CEL expression the apiserver evaluates, so both sides reject the same specs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Annotated, Final, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+from pydantic.alias_generators import to_camel
+from pydantic_core import PydanticCustomError
+
+from kubetune_trainer.config.sources import (
+    DATASET_SCHEMES,
+    MODEL_SCHEMES,
+    OUTPUT_SCHEMES,
+    Scheme,
+    parse_uri,
+)
+
+#: Validation context key: accept ``file://`` sources (``kubetune train`` on a workstation).
+ALLOW_LOCAL_PATHS: Final = "allow_local_paths"
+
+MAX_URI_LENGTH: Final = 2048
+DNS_SUBDOMAIN_PATTERN: Final = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+QUANTITY_PATTERN: Final = r"^[0-9]+(\.[0-9]+)?(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?$"
+
+ResourceName = Annotated[str, StringConstraints(min_length=1, max_length=253, pattern=DNS_SUBDOMAIN_PATTERN)]
+Quantity = Annotated[str, StringConstraints(max_length=32, pattern=QUANTITY_PATTERN)]
+LabelValue = Annotated[str, StringConstraints(max_length=63)]
+LabelKey = Annotated[str, StringConstraints(min_length=1, max_length=317)]
+Uri = Annotated[str, StringConstraints(min_length=1, max_length=MAX_URI_LENGTH)]
+
+MethodType = Literal["lora", "qlora", "dora", "full"]
+DatasetFormat = Literal["auto", "messages", "instruction", "prompt-completion", "text"]
+Precision = Literal["bf16", "fp16", "fp32"]
+Provisioner = Literal["karpenter", "byo"]
+Offload = Literal["none", "cpu"]
+ServingRuntime = Literal["transformers", "vllm"]
+ReleaseNodes = Literal["OnCompletion", "OnDelete"]
+
+
+class SpecModel(BaseModel):
+    """Base of every spec section: camelCase in manifests, unknown fields refused."""
+
+    model_config = ConfigDict(
+        alias_generator=to_camel,
+        validate_by_name=True,
+        validate_by_alias=True,
+        serialize_by_alias=True,
+        extra="forbid",
+        use_attribute_docstrings=True,
+        frozen=True,
+    )
+
+
+def _check_uri(value: str, schemes: tuple[Scheme, ...], info: ValidationInfo) -> str:
+    context = info.context or {}
+    allowed = (*schemes, "file") if context.get(ALLOW_LOCAL_PATHS) else schemes
+    if value.startswith("/") and "file" in allowed:
+        value = "file://" + value
+    try:
+        parse_uri(value, allowed)
+    except ValueError as exc:
+        raise PydanticCustomError("uri", "{reason}", {"reason": str(exc)}) from None
+    return value
+
+
+# --------------------------------------------------------------------------------------- model
+
+
+class ModelSpec(SpecModel):
+    """The base model to fine-tune."""
+
+    source: Uri
+    """Where the base model lives: hf://org/name[@revision], https://…, pvc://claim/path, oci://registry/repo:tag or s3://bucket/key."""
+    secret_ref: ResourceName | None = None
+    """Name of a Secret in the job's namespace with the credentials for the source (key `token` for hf://, `.dockerconfigjson` for oci://, AWS keys for s3://)."""
+    trust_remote_code: bool = False
+    """Run Python code shipped with the model (transformers' trust_remote_code). Off unless the model needs it."""
+
+    @field_validator("source")
+    @classmethod
+    def _source(cls, value: str, info: ValidationInfo) -> str:
+        return _check_uri(value, MODEL_SCHEMES, info)
+
+
+# ------------------------------------------------------------------------------------- dataset
+
+
+class ValidationSplit(SpecModel):
+    """Held-out data for evaluation: a fraction of the training data or a named split. Set exactly one."""
+
+    fraction: Annotated[float, Field(gt=0, le=0.5)] | None = None
+    """Fraction of the examples held out for evaluation, in (0, 0.5]."""
+    split: Annotated[str, StringConstraints(min_length=1, max_length=128)] | None = None
+    """Name of a split of a Hugging Face dataset to evaluate on, for example `validation`."""
+
+
+class DatasetSpec(SpecModel):
+    """The training data and how to turn it into token sequences."""
+
+    source: Uri
+    """Where the data lives: hf://org/name, https://…/file.jsonl, pvc://claim/path, oci://…, s3://bucket/key or configmap://name/key (small data). JSONL, JSON, CSV, Parquet and saved Hugging Face datasets are read."""
+    secret_ref: ResourceName | None = None
+    """Name of a Secret in the job's namespace with the credentials for the source."""
+    format: DatasetFormat = "auto"
+    """Record layout: `messages` (chat), `instruction` (instruction/input/output), `prompt-completion`, `text`, or `auto` to detect it from the columns."""
+    split: Annotated[str, StringConstraints(min_length=1, max_length=128)] = "train"
+    """Split to train on when the source is a Hugging Face dataset."""
+    max_seq_length: Annotated[int, Field(ge=16, le=131072)] = 2048
+    """Longest token sequence; longer examples are truncated and counted in the log."""
+    packing: bool = False
+    """Pack several short examples into each sequence of maxSeqLength tokens (faster on short data)."""
+    completion_only_loss: bool = True
+    """Compute the loss on completions only, where the format has a prompt (messages, instruction, prompt-completion)."""
+    chat_template: Annotated[str, StringConstraints(min_length=1, max_length=16384)] | None = None
+    """Jinja chat template for `messages` data; the tokenizer's own template when unset."""
+    validation: ValidationSplit | None = None
+    """Held-out data for evaluation; none when unset."""
+
+    @field_validator("source")
+    @classmethod
+    def _source(cls, value: str, info: ValidationInfo) -> str:
+        return _check_uri(value, DATASET_SCHEMES, info)
+
+
+# -------------------------------------------------------------------------------------- method
+
+
+class LoraSpec(SpecModel):
+    """Low-rank adapter parameters (LoRA, QLoRA and DoRA)."""
+
+    r: Annotated[int, Field(ge=1, le=1024)] = 16
+    """Rank of the adapter matrices."""
+    alpha: Annotated[float, Field(gt=0, le=4096)] = 32
+    """Scaling numerator: the update is scaled by alpha / r."""
+    dropout: Annotated[float, Field(ge=0, lt=1)] = 0.05
+    """Dropout on the adapter's input."""
+    target_modules: Annotated[
+        list[Annotated[str, StringConstraints(min_length=1, max_length=128)]],
+        Field(min_length=1, max_length=64),
+    ] = ["all-linear"]
+    """Module names to adapt, for example [q_proj, v_proj]; `all-linear` adapts every linear layer but the output head."""
+
+
+class QuantizationSpec(SpecModel):
+    """How QLoRA quantizes the frozen base model (bitsandbytes)."""
+
+    bits: Literal[4, 8] = 4
+    """Bits per base weight: 4 (NF4/FP4) or 8 (LLM.int8)."""
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    """4-bit data type; NF4 is what the QLoRA paper uses."""
+    double_quant: bool = True
+    """Quantize the quantization constants too (saves about 0.4 bits per parameter)."""
+
+
+class MethodSpec(SpecModel):
+    """The fine-tuning method."""
+
+    type: MethodType = "lora"
+    """`lora`, `qlora` (LoRA on a 4- or 8-bit base), `dora` (weight-decomposed LoRA) or `full` (every weight trained)."""
+    lora: LoraSpec | None = None
+    """Adapter parameters for lora, qlora and dora; defaults apply when unset. Not allowed with type full."""
+    quantization: QuantizationSpec | None = None
+    """Base-model quantization for qlora (defaults: 4-bit NF4 with double quantization). Only allowed with type qlora."""
+
+    @property
+    def effective_lora(self) -> LoraSpec | None:
+        """The adapter parameters in force: the given block, defaults for adapter methods, none for full."""
+        if self.type == "full":
+            return None
+        return self.lora or LoraSpec()
+
+    @property
+    def effective_quantization(self) -> QuantizationSpec | None:
+        """The quantization in force: the given block or the QLoRA defaults; none for other methods."""
+        if self.type != "qlora":
+            return None
+        return self.quantization or QuantizationSpec()
+
+
+# ------------------------------------------------------------------------------------ training
+
+
+class TrainingSpec(SpecModel):
+    """Optimization settings. Tokens per optimizer step = batchSizePerDevice × gradientAccumulationSteps × world size × maxSeqLength."""
+
+    epochs: Annotated[float, Field(gt=0, le=1000)] = 1
+    """Passes over the training data (fractions allowed). Ignored when maxSteps is set."""
+    max_steps: Annotated[int, Field(ge=1)] | None = None
+    """Stop after this many optimizer steps instead of counting epochs."""
+    learning_rate: Annotated[float, Field(gt=0, le=1)] = 2e-4
+    """Peak learning rate."""
+    lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "cosine"
+    """Learning-rate schedule after warm-up."""
+    warmup_ratio: Annotated[float, Field(ge=0, le=0.5)] = 0.03
+    """Fraction of the steps spent warming the learning rate up from zero."""
+    weight_decay: Annotated[float, Field(ge=0, le=1)] = 0.0
+    """AdamW weight decay."""
+    optimizer: Literal["adamw", "adamw-8bit", "paged-adamw-8bit"] = "adamw"
+    """Optimizer: AdamW, or bitsandbytes' 8-bit AdamW (paged keeps optimizer state in pageable memory)."""
+    batch_size_per_device: Annotated[int, Field(ge=1, le=4096)] = 4
+    """Sequences per process per micro-batch."""
+    gradient_accumulation_steps: Annotated[int, Field(ge=1, le=4096)] = 1
+    """Micro-batches summed before each optimizer step."""
+    precision: Precision = "bf16"
+    """Compute precision. On a CPU without bf16 support the trainer says so and uses fp32."""
+    gradient_checkpointing: bool = True
+    """Recompute activations in the backward pass: less memory, about 30% more compute."""
+    max_grad_norm: Annotated[float, Field(ge=0, le=1000)] = 1.0
+    """Gradient clipping norm; 0 disables clipping."""
+    seed: Annotated[int, Field(ge=0, le=2**31 - 1)] = 42
+    """Seed for initialization and data order (the same order on resume)."""
+    checkpoint_every_steps: Annotated[int, Field(ge=1)] = 200
+    """Save a checkpoint to the job's volume every this many optimizer steps."""
+    keep_checkpoints: Annotated[int, Field(ge=1, le=100)] = 3
+    """How many of the newest checkpoints to keep."""
+    eval_every_steps: Annotated[int, Field(ge=1)] | None = None
+    """Evaluate on dataset.validation every this many steps; at the end of each epoch when unset."""
+    logging_every_steps: Annotated[int, Field(ge=1, le=100000)] = 10
+    """Log and publish metrics every this many steps."""
+
+
+# --------------------------------------------------------------------------------- distributed
+
+
+class DeepSpeedSpec(SpecModel):
+    """DeepSpeed ZeRO settings."""
+
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    """ZeRO stage: 0 plain data parallel, 1 shards optimizer state, 2 also gradients, 3 also parameters."""
+    offload_optimizer: Offload = "none"
+    """Keep optimizer state in CPU memory (ZeRO stage 1 or more)."""
+    offload_parameters: Offload = "none"
+    """Keep parameters in CPU memory (ZeRO stage 3 only)."""
+
+
+class DistributedSpec(SpecModel):
+    """How many pods and processes train together."""
+
+    nodes: Annotated[int, Field(ge=1, le=256)] = 1
+    """Pods (one per node) in the training gang."""
+    processes_per_node: Annotated[int, Field(ge=1, le=64)] | None = None
+    """Training processes per pod; one per GPU of the pod when unset, or one when the pod has no GPU."""
+    master_port: Annotated[int, Field(ge=1024, le=65535)] = 29500
+    """Port the rank-0 pod listens on for the process group rendezvous."""
+    deepspeed: DeepSpeedSpec = Field(default_factory=DeepSpeedSpec, json_schema_extra={"default": {}})
+    """DeepSpeed ZeRO settings."""
+
+
+# ----------------------------------------------------------------------------------- resources
+
+
+class Toleration(SpecModel):
+    """A Kubernetes toleration added to the training pods."""
+
+    key: Annotated[str, StringConstraints(max_length=317)] | None = None
+    """Taint key to tolerate; all keys when unset with operator Exists."""
+    operator: Literal["Exists", "Equal"] = "Equal"
+    """`Equal` matches key and value; `Exists` matches the key alone."""
+    value: LabelValue | None = None
+    """Taint value for operator Equal."""
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
+    """Taint effect to tolerate; all effects when unset."""
+    toleration_seconds: Annotated[int, Field(ge=0)] | None = None
+    """For NoExecute: how long the pod stays bound after the taint appears."""
+
+
+class StorageSpec(SpecModel):
+    """The volume for checkpoints and output, mounted by every training pod."""
+
+    size: Quantity = "50Gi"
+    """Capacity of the PersistentVolumeClaim the operator creates."""
+    storage_class_name: ResourceName | None = None
+    """StorageClass of that claim; the cluster default when unset."""
+    access_mode: Literal["ReadWriteOnce", "ReadWriteMany"] | None = None
+    """ReadWriteMany when distributed.nodes > 1 (every pod must see the same checkpoints), otherwise ReadWriteOnce, when unset. ReadWriteOnce with several nodes is refused."""
+
+    def effective_access_mode(self, nodes: int) -> Literal["ReadWriteOnce", "ReadWriteMany"]:
+        """The access mode in force for a gang of ``nodes`` pods."""
+        return self.access_mode or ("ReadWriteMany" if nodes > 1 else "ReadWriteOnce")
+
+    existing_claim: ResourceName | None = None
+    """Use this PersistentVolumeClaim instead of creating one (size and storageClassName are then ignored)."""
+
+
+class ResourcesSpec(SpecModel):
+    """Where the training pods run and what each one gets."""
+
+    provisioner: Provisioner = "byo"
+    """`karpenter` creates NodeClaims of instanceType for the job; `byo` uses existing nodes matched by nodeSelector."""
+    instance_type: Annotated[str, StringConstraints(min_length=1, max_length=128)] | None = None
+    """Cloud instance type for provisioner karpenter, for example Standard_NC24ads_A100_v4 or p4d.24xlarge."""
+    node_selector: Annotated[dict[LabelKey, LabelValue], Field(max_length=32)] = {}
+    """Node labels the training pods must match (provisioner byo)."""
+    tolerations: Annotated[list[Toleration], Field(max_length=32)] = []
+    """Extra tolerations for the training pods; the GPU taint of provisioned nodes is tolerated already."""
+    gpu_resource_name: Annotated[str, StringConstraints(min_length=1, max_length=253)] = "nvidia.com/gpu"
+    """Extended resource that counts GPUs on the nodes."""
+    gpus_per_node: Annotated[int, Field(ge=0, le=64)] | None = None
+    """GPUs each training pod requests; 0 trains on CPUs (the local runtime). When unset: every GPU of instanceType with provisioner karpenter, 1 with byo."""
+    cpu: Quantity | None = None
+    """CPU request of each training pod, for example `16`."""
+    memory: Quantity | None = None
+    """Memory request of each training pod, for example `128Gi`."""
+    shared_memory: Quantity = "8Gi"
+    """Size of the in-memory /dev/shm volume used by the data loaders and NCCL."""
+    storage: StorageSpec = Field(default_factory=StorageSpec, json_schema_extra={"default": {}})
+    """The volume for checkpoints and output."""
+
+
+# -------------------------------------------------------------------------------------- output
+
+
+class OutputSpec(SpecModel):
+    """Where the trained adapter (or full model) goes."""
+
+    destination: Uri | None = None
+    """pvc://claim/path, oci://registry/repository:tag or s3://bucket/key; the job's own volume when unset."""
+    secret_ref: ResourceName | None = None
+    """Name of a Secret with push credentials (`.dockerconfigjson` for oci://, AWS keys for s3://)."""
+    merge: bool = False
+    """Also merge the adapter into the base weights and publish the merged model (needed to serve DoRA with vLLM)."""
+
+    @field_validator("destination")
+    @classmethod
+    def _destination(cls, value: str | None, info: ValidationInfo) -> str | None:
+        return None if value is None else _check_uri(value, OUTPUT_SCHEMES, info)
+
+
+# ------------------------------------------------------------------------------------- serving
+
+
+class ServingSpec(SpecModel):
+    """Serving the trained adapter behind an OpenAI-compatible endpoint once training completes."""
+
+    enabled: bool = False
+    """Deploy a server for the adapter after training."""
+    runtime: ServingRuntime = "transformers"
+    """`transformers` (the built-in server, CPU or GPU) or `vllm` (GPU, cannot serve DoRA unless output.merge is set)."""
+    replicas: Annotated[int, Field(ge=0, le=64)] = 1
+    """Server replicas."""
+    model_name: Annotated[str, StringConstraints(min_length=1, max_length=128)] | None = None
+    """Model name clients put in requests; the job's name when unset."""
+    gpus: Annotated[int, Field(ge=0, le=64)] | None = None
+    """GPUs per replica; 1 for vllm and 0 for transformers when unset."""
+    instance_type: Annotated[str, StringConstraints(min_length=1, max_length=128)] | None = None
+    """Instance type for the serving nodes when resources.provisioner is karpenter; the training instance type when unset."""
+    port: Annotated[int, Field(ge=1024, le=65535)] = 8000
+    """Port of the OpenAI-compatible HTTP endpoint."""
+
+
+# ----------------------------------------------------------------------------------- runPolicy
+
+
+class RunPolicy(SpecModel):
+    """Restarts, deadlines, node release and queueing."""
+
+    max_restarts: Annotated[int, Field(ge=0, le=100)] = 3
+    """Gang restarts from the last checkpoint after retryable failures before the job fails."""
+    active_deadline_seconds: Annotated[int, Field(ge=1)] | None = None
+    """Fail the training if it runs longer than this."""
+    release_nodes: ReleaseNodes = "OnCompletion"
+    """Release provisioned nodes when training ends (`OnCompletion`) or only when the job is deleted (`OnDelete`)."""
+    queue_name: Annotated[str, StringConstraints(min_length=1, max_length=253)] | None = None
+    """Kueue LocalQueue to admit the training through; the workload starts suspended until admitted."""
+    suspend: bool = False
+    """Pause the job: training pods are stopped, checkpoints kept; resuming continues from the last one."""
+
+
+# ----------------------------------------------------------------------------------------- spec
+
+
+class FineTuneJobSpec(SpecModel):
+    """A fine-tuning job: the base model, the data, the method, and where the result goes."""
+
+    model: ModelSpec
+    """The base model."""
+    dataset: DatasetSpec
+    """The training data."""
+    method: MethodSpec = Field(default_factory=MethodSpec, json_schema_extra={"default": {}})
+    """The fine-tuning method (LoRA by default)."""
+    training: TrainingSpec = Field(default_factory=TrainingSpec, json_schema_extra={"default": {}})
+    """Optimization settings."""
+    distributed: DistributedSpec = Field(default_factory=DistributedSpec, json_schema_extra={"default": {}})
+    """Pods, processes and DeepSpeed ZeRO."""
+    resources: ResourcesSpec = Field(default_factory=ResourcesSpec, json_schema_extra={"default": {}})
+    """Nodes, GPUs and storage."""
+    output: OutputSpec = Field(default_factory=OutputSpec, json_schema_extra={"default": {}})
+    """Where the trained adapter goes."""
+    serving: ServingSpec = Field(default_factory=ServingSpec, json_schema_extra={"default": {}})
+    """Serving the adapter after training."""
+    run_policy: RunPolicy = Field(default_factory=RunPolicy, json_schema_extra={"default": {}})
+    """Restarts, deadlines, node release and queueing."""
+
+    @model_validator(mode="after")
+    def _cross_field_rules(self) -> FineTuneJobSpec:
+        broken = [rule for rule in RULES if not rule.holds(self)]
+        if broken:
+            raise PydanticCustomError(
+                "cross_field",
+                "{summary}",
+                {
+                    "summary": "; ".join(f"{r.field}: {r.message}" for r in broken),
+                    "problems": [(r.field, r.message) for r in broken],
+                },
+            )
+        return self
+
+
+# --------------------------------------------------------------------------------------- rules
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    """A cross-field rule, checked by the models and, as CEL, by the apiserver."""
+
+    field: str
+    """The field the message is about, relative to spec (dotted, camelCase)."""
+    message: str
+    """What is wrong and how to fix it."""
+    cel: str
+    """The same rule as a CEL expression over the defaulted spec (`self`)."""
+    holds: Callable[[FineTuneJobSpec], bool]
+    """The rule in Python."""
+
+    @property
+    def field_path(self) -> str:
+        """The CRD's fieldPath form of ``field``: ``.method.lora``."""
+        return "." + self.field
+
+
+RULES: Final[tuple[Rule, ...]] = (
+    Rule(
+        field="method.lora",
+        message="full fine-tuning takes no LoRA block; remove method.lora or set method.type to lora, qlora or dora",
+        cel="self.method.type != 'full' || !has(self.method.lora)",
+        holds=lambda s: s.method.type != "full" or s.method.lora is None,
+    ),
+    Rule(
+        field="method.quantization",
+        message="quantization is only used by method.type qlora; set method.type: qlora or remove method.quantization",
+        cel="self.method.type == 'qlora' || !has(self.method.quantization)",
+        holds=lambda s: s.method.type == "qlora" or s.method.quantization is None,
+    ),
+    Rule(
+        field="resources.instanceType",
+        message="provisioner karpenter needs an instance type to create NodeClaims; set resources.instanceType",
+        cel="self.resources.provisioner != 'karpenter' || has(self.resources.instanceType)",
+        holds=lambda s: s.resources.provisioner != "karpenter" or s.resources.instance_type is not None,
+    ),
+    Rule(
+        field="resources.instanceType",
+        message="provisioner byo uses existing nodes and ignores instanceType; remove it and select nodes "
+        "with resources.nodeSelector, or set resources.provisioner: karpenter",
+        cel="self.resources.provisioner != 'byo' || !has(self.resources.instanceType)",
+        holds=lambda s: s.resources.provisioner != "byo" or s.resources.instance_type is None,
+    ),
+    Rule(
+        field="resources.storage.accessMode",
+        message="with distributed.nodes > 1 every pod must see the same checkpoints; "
+        "set resources.storage.accessMode: ReadWriteMany (and a StorageClass that supports it) or leave it unset",
+        cel="self.distributed.nodes == 1 || !has(self.resources.storage.accessMode) "
+        "|| self.resources.storage.accessMode == 'ReadWriteMany'",
+        holds=lambda s: s.distributed.nodes == 1 or s.resources.storage.access_mode in (None, "ReadWriteMany"),
+    ),
+    Rule(
+        field="distributed.deepspeed.offloadParameters",
+        message="parameter offload needs ZeRO stage 3; set distributed.deepspeed.zeroStage: 3 or offloadParameters: none",
+        cel="self.distributed.deepspeed.offloadParameters == 'none' || self.distributed.deepspeed.zeroStage == 3",
+        holds=lambda s: s.distributed.deepspeed.offload_parameters == "none" or s.distributed.deepspeed.zero_stage == 3,
+    ),
+    Rule(
+        field="distributed.deepspeed.offloadOptimizer",
+        message="optimizer offload needs ZeRO stage 1, 2 or 3; raise distributed.deepspeed.zeroStage or set offloadOptimizer: none",
+        cel="self.distributed.deepspeed.offloadOptimizer == 'none' || self.distributed.deepspeed.zeroStage >= 1",
+        holds=lambda s: s.distributed.deepspeed.offload_optimizer == "none" or s.distributed.deepspeed.zero_stage >= 1,
+    ),
+    Rule(
+        field="distributed.processesPerNode",
+        message="more processes than GPUs per pod; set distributed.processesPerNode to at most resources.gpusPerNode "
+        "(one process per GPU)",
+        cel="!has(self.distributed.processesPerNode) || !has(self.resources.gpusPerNode) "
+        "|| self.resources.gpusPerNode == 0 || self.distributed.processesPerNode <= self.resources.gpusPerNode",
+        holds=lambda s: (
+            s.distributed.processes_per_node is None
+            or not s.resources.gpus_per_node
+            or s.distributed.processes_per_node <= s.resources.gpus_per_node
+        ),
+    ),
+    Rule(
+        field="dataset.validation",
+        message="set exactly one of dataset.validation.fraction and dataset.validation.split",
+        cel="!has(self.dataset.validation) || has(self.dataset.validation.fraction) != has(self.dataset.validation.split)",
+        holds=lambda s: (
+            s.dataset.validation is None
+            or (s.dataset.validation.fraction is None) != (s.dataset.validation.split is None)
+        ),
+    ),
+    Rule(
+        field="training.evalEverySteps",
+        message="evaluation needs held-out data; set dataset.validation or remove training.evalEverySteps",
+        cel="!has(self.training.evalEverySteps) || has(self.dataset.validation)",
+        holds=lambda s: s.training.eval_every_steps is None or s.dataset.validation is not None,
+    ),
+    Rule(
+        field="output.merge",
+        message="merge folds an adapter into the base; full fine-tuning has no adapter, so remove output.merge",
+        cel="!self.output.merge || self.method.type != 'full'",
+        holds=lambda s: not s.output.merge or s.method.type != "full",
+    ),
+    Rule(
+        field="serving.runtime",
+        message="vLLM cannot serve DoRA adapters; set output.merge: true to serve the merged model, "
+        "or serving.runtime: transformers",
+        cel="!self.serving.enabled || self.serving.runtime != 'vllm' || self.method.type != 'dora' || self.output.merge",
+        holds=lambda s: (
+            not s.serving.enabled or s.serving.runtime != "vllm" or s.method.type != "dora" or s.output.merge
+        ),
+    ),
+    Rule(
+        field="serving.gpus",
+        message="vLLM needs a GPU; set serving.gpus to 1 or more, or serving.runtime: transformers",
+        cel="self.serving.runtime != 'vllm' || !has(self.serving.gpus) || self.serving.gpus >= 1",
+        holds=lambda s: s.serving.runtime != "vllm" or s.serving.gpus is None or s.serving.gpus >= 1,
+    ),
+)
+
+
+@dataclass(frozen=True, slots=True)
+class ImmutableField:
+    """A spec field that may not change once training has started (status.startTime is set)."""
+
+    field: str
+    """Top-level spec field, camelCase."""
+    message: str
+    """Why, and what to do instead."""
+
+
+IMMUTABLE_ONCE_STARTED: Final[tuple[ImmutableField, ...]] = (
+    ImmutableField("model", "spec.model cannot change once training has started; create a new FineTuneJob"),
+    ImmutableField("method", "spec.method cannot change once training has started; create a new FineTuneJob"),
+)
+
+
+def changed_immutable_fields(old: FineTuneJobSpec, new: FineTuneJobSpec) -> list[ImmutableField]:
+    """The immutable fields that differ between ``old`` and ``new`` (for a job that has started)."""
+    before, after = old.model_dump(), new.model_dump()
+    return [f for f in IMMUTABLE_ONCE_STARTED if before[f.field] != after[f.field]]
