@@ -3,10 +3,10 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 # Extras installed by `make setup`; the trainer's ML stack joins when its tests exist.
-EXTRAS ?= operator,dev
+EXTRAS ?= operator,local,dev
 CRD    := crds/kubetune.io_finetunejobs.yaml
 comma  := ,
-SOURCES := operator/kubetune_operator trainer/kubetune_trainer cli/kubetune_cli
+SOURCES := operator/kubetune_operator trainer/kubetune_trainer local/kubetune_local cli/kubetune_cli
 
 .PHONY: setup lint test unit crds lock clean
 

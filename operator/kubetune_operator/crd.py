@@ -112,7 +112,7 @@ def _add_rules(schema: Schema) -> None:
     for path, schemes in _URI_FIELDS.items():
         field = _at(schema, path)
         field["x-kubernetes-validations"] = [
-            {"rule": f"self.matches('{pattern_for(schemes)}')", "message": f"must be one of {forms(schemes)}"}
+            {"rule": f"self.matches(r'{pattern_for(schemes)}')", "message": f"must be one of {forms(schemes)}"}
         ]
     schema["x-kubernetes-validations"] = [
         {
