@@ -8,7 +8,7 @@ CRD    := crds/kubetune.io_finetunejobs.yaml
 comma  := ,
 SOURCES := operator/kubetune_operator trainer/kubetune_trainer local/kubetune_local cli/kubetune_cli
 
-.PHONY: setup lint test unit crds lock clean
+.PHONY: setup lint test unit binaries integration crds lock clean
 
 ## setup: create .venv and install kubetune with its pinned dependencies (quick when done already)
 setup: $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
@@ -29,8 +29,16 @@ lint: setup
 unit: setup
 	$(BIN)/pytest -m unit
 
-## test: everything CI runs
-test: lint
+## binaries: build the control-plane binaries once (cached in ~/.cache/kubetune; ~11 min the first time)
+binaries: setup
+	$(BIN)/kubetune local build
+
+## integration: the tests against the local runtime's real control plane
+integration: binaries
+	$(BIN)/pytest -m integration
+
+## test: everything CI runs: lint, unit and integration tests
+test: lint binaries
 	$(BIN)/pytest
 
 ## crds: regenerate the committed CRD from the models

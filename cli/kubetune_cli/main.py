@@ -50,6 +50,42 @@ def _validate(args: argparse.Namespace) -> int:
     return EXIT_INVALID if failed else 0
 
 
+def _local(args: argparse.Namespace) -> int:
+    from kubetune_local import cluster
+    from kubetune_local.controlplane import default_home
+
+    home = Path(args.home) if args.home else default_home()
+    if args.action == "build":
+        from kubetune_local.binaries import ensure_binaries, karpenter_crds
+
+        found = ensure_binaries()
+        karpenter_crds()
+        print(f"control-plane binaries ready in {found.directory}")
+    elif args.action == "up":
+        try:
+            started = cluster.up(home)
+        except cluster.AlreadyRunning as exc:
+            print(exc, file=sys.stderr)
+            return 1
+        print(
+            f"local cluster ready in {started.seconds_to_ready:.1f}s (nodes: kubetune-local; NodeClaims are fulfilled)"
+        )
+        print(f"export KUBECONFIG={started.kubeconfig}")
+    elif args.action == "down":
+        stopped = cluster.down(home)
+        print(
+            f"stopped {len(stopped)} processes; nothing of the local cluster runs" if stopped else "nothing was running"
+        )
+    elif args.action == "status":
+        print(cluster.status(home))
+    elif args.action == "logs":
+        if not args.pod:
+            print("kubetune local logs: name a pod", file=sys.stderr)
+            return EXIT_INVALID
+        sys.stdout.write(cluster.pod_log(home, args.pod, namespace=args.namespace, container=args.container))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kubetune", description="Fine-tune LLMs on Kubernetes.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -68,6 +104,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="accept absolute paths and file:// sources (for a workstation run; a cluster refuses them)",
     )
     validate.set_defaults(run=_validate)
+
+    local = commands.add_parser(
+        "local", help="a real Kubernetes control plane with process-backed nodes on this machine (no Docker)"
+    )
+    local.add_argument(
+        "action",
+        choices=["build", "up", "down", "status", "logs"],
+        help="build: compile the binaries once (up does it too); up/down: start/stop the cluster; status; logs POD",
+    )
+    local.add_argument("pod", nargs="?", help="for logs: the pod")
+    local.add_argument("-n", "--namespace", default="default", help="for logs: the pod's namespace")
+    local.add_argument("-c", "--container", help="for logs: the container (the first one by default)")
+    local.add_argument("--home", help="state folder (default $KUBETUNE_LOCAL_HOME or ~/.kubetune/local)")
+    local.set_defaults(run=_local)
     return parser
 
 

@@ -5,7 +5,7 @@ No Docker and no prebuilt downloads: each binary is compiled from its Go module 
 module proxy. Kubernetes is built from a small wrapper module that requires
 ``k8s.io/kubernetes`` and replaces each staging module (read from that release's own go.mod)
 with its published ``v0.<minor>.<patch>`` release. Results are cached outside the repository,
-keyed by version; ``KUBEBUILDER_ASSETS`` or binaries on PATH take precedence.
+keyed by version; binaries in ``KUBEBUILDER_ASSETS`` are used instead of building.
 """
 
 from __future__ import annotations
@@ -79,19 +79,21 @@ class Binaries:
 
 
 def _candidates(name: str, version: str) -> list[Path]:
+    """Where to look, in order: KUBEBUILDER_ASSETS, then this version's cache.
+
+    PATH is not searched: a machine's own kubectl is often another release (a cloud SDK's
+    dispatcher, say), and the runtime wants one consistent set matching its apiserver.
+    """
     found: list[Path] = []
     assets = os.environ.get("KUBEBUILDER_ASSETS")
     if assets:
         found.append(Path(assets) / name)
-    on_path = shutil.which(name)
-    if on_path:
-        found.append(Path(on_path))
     found.append(cache_dir(version) / name)
     return found
 
 
 def locate(name: str, version: str = K8S_VERSION) -> Path | None:
-    """The first executable ``name`` from KUBEBUILDER_ASSETS, PATH, then the cache."""
+    """The first executable ``name`` from KUBEBUILDER_ASSETS, then the cache."""
     for path in _candidates(name, version):
         if path.is_file() and os.access(path, os.X_OK):
             return path
@@ -283,3 +285,37 @@ class _Builder:
             ]
         )
         self._compile("helm", "helm.sh/helm/v3/cmd/helm", directory, ldflags)
+
+
+KARPENTER_VERSION: Final = "v1.13.0"
+"""sigs.k8s.io/karpenter release whose CRDs the local runtime installs (newer ones need Go > 1.26.8)."""
+KARPENTER_CRDS: Final = ("karpenter.sh_nodeclaims.yaml", "karpenter.sh_nodepools.yaml")
+
+
+def karpenter_crds(progress: Progress | None = None) -> list[Path]:
+    """Karpenter's own CRD files, taken from its Go module and cached beside the binaries."""
+    target = cache_root().parent / "karpenter" / KARPENTER_VERSION
+    paths = [target / name for name in KARPENTER_CRDS]
+    if all(p.exists() for p in paths):
+        return paths
+    if shutil.which("go") is None:
+        raise BuildError("the `go` command is needed once to fetch Karpenter's CRDs (sigs.k8s.io/karpenter)")
+    say = progress or (lambda line: print(line, file=sys.stderr, flush=True))
+    say(f"fetching Karpenter {KARPENTER_VERSION} CRDs from sigs.k8s.io/karpenter")
+    target.mkdir(parents=True, exist_ok=True)
+    result = subprocess.run(
+        ["go", "mod", "download", "-json", f"sigs.k8s.io/karpenter@{KARPENTER_VERSION}"],
+        capture_output=True,
+        text=True,
+        cwd=target,
+        env={**os.environ, "GOFLAGS": "-mod=mod"},
+        check=False,
+    )
+    info = json.loads(result.stdout or "{}")
+    if "Dir" not in info:
+        raise BuildError(
+            f"cannot fetch sigs.k8s.io/karpenter@{KARPENTER_VERSION}: {info.get('Error') or result.stderr}"
+        )
+    for path in paths:
+        shutil.copyfile(Path(info["Dir"]) / "pkg" / "apis" / "crds" / path.name, path)
+    return paths

@@ -1,0 +1,56 @@
+"""A small catalog of cloud GPU instance types, so that NodeClaims get realistic nodes.
+
+The local provisioner sizes each process-backed node from its claim's instance type, as
+Karpenter would from the cloud's offering. A ConfigMap can make an entry fail, the way a cloud
+answers when capacity or quota runs out, so tests can see that reason reach the job's status.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Final
+
+
+@dataclass(frozen=True, slots=True)
+class InstanceType:
+    """What one instance type offers."""
+
+    name: str
+    cpu: int
+    """vCPUs."""
+    memory_gib: int
+    gpus: int
+    gpu_model: str
+    gpu_memory_gib: int
+    """Memory of one GPU."""
+    zone: str
+    capacity_type: str = "on-demand"
+
+
+CATALOG: Final[dict[str, InstanceType]] = {
+    t.name: t
+    for t in (
+        # Azure (the names Kaito's presets use)
+        InstanceType("Standard_NC24ads_A100_v4", 24, 220, 1, "A100", 80, "eastus-1"),
+        InstanceType("Standard_NC48ads_A100_v4", 48, 440, 2, "A100", 80, "eastus-1"),
+        InstanceType("Standard_NC96ads_A100_v4", 96, 880, 4, "A100", 80, "eastus-1"),
+        InstanceType("Standard_ND96asr_v4", 96, 900, 8, "A100", 40, "eastus-2"),
+        InstanceType("Standard_ND96amsr_A100_v4", 96, 1900, 8, "A100", 80, "eastus-2"),
+        InstanceType("Standard_NC6s_v3", 6, 112, 1, "V100", 16, "eastus-1"),
+        # AWS
+        InstanceType("g5.xlarge", 4, 16, 1, "A10G", 24, "us-east-1a"),
+        InstanceType("g5.12xlarge", 48, 192, 4, "A10G", 24, "us-east-1a"),
+        InstanceType("p4d.24xlarge", 96, 1152, 8, "A100", 40, "us-east-1b"),
+        InstanceType("p5.48xlarge", 192, 2048, 8, "H100", 80, "us-east-1b"),
+        # A CPU-only node for the local runtime's own trainings.
+        InstanceType("local-cpu", 8, 16, 0, "", 0, "local-1"),
+    )
+}
+
+#: ConfigMap (in kube-system) whose data maps an instance type to a failure, for example
+#: ``p5.48xlarge: "InsufficientCapacity: no p5.48xlarge capacity in us-east-1b"``.
+FAILURES_CONFIGMAP: Final = "kubetune-local-instance-failures"
+
+
+def lookup(name: str) -> InstanceType | None:
+    return CATALOG.get(name)

@@ -1,0 +1,222 @@
+"""``kubetune local up | down | status | logs``: one local cluster, rooted at a home folder.
+
+``up`` builds (once) and starts the control plane, installs Karpenter's NodeClaim CRDs and the
+local StorageClass, starts the node daemon and returns when the default node is Ready. Each
+``up`` starts a fresh cluster; certificates are kept. ``down`` stops everything it started and
+then sweeps any process that still carries the cluster's marker in its environment.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+from kubernetes import client
+from kubernetes.client.exceptions import ApiException
+
+from kubetune_local.binaries import Binaries, ensure_binaries, karpenter_crds
+from kubetune_local.controlplane import COMPONENTS, ControlPlane, State, pid_alive, stop_process
+
+__all__ = ["AlreadyRunning", "Cluster", "State", "down", "marked_processes", "pod_log", "status", "up"]
+from kubetune_local.daemon import DEFAULT_NODE
+from kubetune_local.kube import api_client
+from kubetune_local.volumes import storage_class
+
+DAEMON = "node-daemon"
+
+Progress = Callable[[str], None]
+
+
+def _say(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+class AlreadyRunning(RuntimeError):  # noqa: N818 - a state, reported to the user
+    """``up`` found a cluster of this home still running."""
+
+
+@dataclass(frozen=True)
+class Cluster:
+    """A running local cluster."""
+
+    home: Path
+    kubeconfig: Path
+    binaries: Binaries
+    state: State
+    seconds_to_ready: float
+
+    def kubectl(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [str(self.binaries.kubectl), f"--kubeconfig={self.kubeconfig}", *args],
+            capture_output=True,
+            text=True,
+            check=check,
+        )
+
+
+def running(home: Path) -> dict[str, bool]:
+    """Each recorded component and whether its process is alive."""
+    state = State.load(home)
+    return {name: pid_alive(pid) for name, pid in state.pids.items()}
+
+
+def up(home: Path, *, progress: Progress = _say, timeout: float = 180.0) -> Cluster:
+    """Start a fresh local cluster and return once a node is Ready."""
+    home.mkdir(parents=True, exist_ok=True)
+    alive = [name for name, ok in running(home).items() if ok]
+    if alive:
+        raise AlreadyRunning(
+            f"a local cluster is already running from {home} ({', '.join(alive)}); "
+            f"run `kubetune local down` first, or use it: export KUBECONFIG={home / 'kubeconfig'}"
+        )
+    binaries = ensure_binaries(progress=progress)
+    crds = karpenter_crds(progress=progress)
+    started = time.monotonic()
+    for stale in ("etcd", "pods", "volumes", "logs"):
+        shutil.rmtree(home / stale, ignore_errors=True)
+    plane = ControlPlane(home, binaries)
+    progress("starting etcd, kube-apiserver, kube-controller-manager and kube-scheduler")
+    state = plane.start(timeout=timeout)
+    try:
+        api = api_client(plane.kubeconfig)
+        _install(api, crds)
+        state.pids[DAEMON] = _spawn_daemon(home)
+        state.save(home)
+        progress("starting the node daemon (process-backed nodes, NodeClaims, local volumes)")
+        _wait_ready(api, home, timeout)
+    except BaseException:
+        down(home, progress=lambda _line: None)
+        raise
+    return Cluster(home, plane.kubeconfig, binaries, state, time.monotonic() - started)
+
+
+def _install(api: client.ApiClient, crds: list[Path]) -> None:
+    extensions = client.ApiextensionsV1Api(api)
+    for path in crds:
+        with contextlib.suppress(ApiException):  # 409: already there
+            extensions.create_custom_resource_definition(yaml.safe_load(path.read_text(encoding="utf-8")))
+    with contextlib.suppress(ApiException):
+        client.StorageV1Api(api).create_storage_class(storage_class())
+    deadline = time.monotonic() + 60
+    names = [yaml.safe_load(p.read_text(encoding="utf-8"))["metadata"]["name"] for p in crds]
+    while time.monotonic() < deadline:
+        established = [
+            any(
+                c.type == "Established" and c.status == "True"
+                for c in (extensions.read_custom_resource_definition(n).status.conditions or [])
+            )
+            for n in names
+        ]
+        if all(established):
+            return
+        time.sleep(0.2)
+    raise TimeoutError(f"CRDs {names} not established after 60s")
+
+
+def _spawn_daemon(home: Path) -> int:
+    (home / "logs").mkdir(parents=True, exist_ok=True)
+    with open(home / "logs" / f"{DAEMON}.log", "ab") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "kubetune_local.daemon", "--home", str(home)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+            env={k: v for k, v in os.environ.items() if k != "KUBECONFIG"},
+        )
+    return process.pid
+
+
+def _wait_ready(api: client.ApiClient, home: Path, timeout: float) -> None:
+    core = client.CoreV1Api(api)
+    deadline = time.monotonic() + timeout
+    state = State.load(home)
+    while time.monotonic() < deadline:
+        if not pid_alive(state.pids[DAEMON]):
+            log = (home / "logs" / f"{DAEMON}.log").read_text(encoding="utf-8", errors="replace")
+            raise RuntimeError(f"the node daemon exited during start-up:\n{log[-3000:]}")
+        with contextlib.suppress(ApiException):
+            node = core.read_node(DEFAULT_NODE)
+            ready = any(c.type == "Ready" and c.status == "True" for c in node.status.conditions or [])
+            accounts = core.list_namespaced_service_account("default").items
+            if ready and accounts:
+                return
+        time.sleep(0.3)
+    raise TimeoutError(f"node {DEFAULT_NODE} not Ready after {timeout:.0f}s; see {home / 'logs'}")
+
+
+def marked_processes(home: Path) -> list[int]:
+    """Processes started for this cluster's pods (their environment names its home)."""
+    marker = f"KUBETUNE_LOCAL_HOME={home}".encode()
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        with contextlib.suppress(OSError):
+            if marker in (entry / "environ").read_bytes().split(b"\0"):
+                found.append(int(entry.name))
+    return found
+
+
+def down(home: Path, *, progress: Progress = _say) -> list[str]:
+    """Stop the node daemon (and so every pod), then the control plane; return what was stopped."""
+    state = State.load(home)
+    stopped = []
+    order = [DAEMON, *reversed(COMPONENTS)]
+    for name in order:
+        pid = state.pids.get(name)
+        if pid is not None and pid_alive(pid):
+            stop_process(pid, grace=20.0 if name == DAEMON else 10.0)
+            stopped.append(name)
+            progress(f"stopped {name}")
+    for pid in marked_processes(home):
+        stop_process(pid, grace=2.0)
+        stopped.append(f"pod process {pid}")
+    state.pids.clear()
+    state.save(home)
+    left = [n for n in order if (p := State.load(home).pids.get(n)) and pid_alive(p)] + [
+        str(p) for p in marked_processes(home)
+    ]
+    if left:
+        raise RuntimeError(f"processes still running after down: {', '.join(left)}")
+    return stopped
+
+
+def status(home: Path) -> str:
+    """What runs, and the nodes the apiserver knows."""
+    alive = running(home)
+    if not alive:
+        return f"no local cluster recorded in {home}"
+    lines = [f"{name:<24} {'running' if ok else 'stopped'}" for name, ok in alive.items()]
+    if alive.get("kube-apiserver"):
+        with contextlib.suppress(Exception):
+            core = client.CoreV1Api(api_client(home / "kubeconfig"))
+            for node in core.list_node().items:
+                ready = any(c.type == "Ready" and c.status == "True" for c in node.status.conditions or [])
+                gpus = (node.status.allocatable or {}).get("nvidia.com/gpu", "0")
+                lines.append(f"node {node.metadata.name:<19} {'Ready' if ready else 'NotReady'} gpus={gpus}")
+        lines.append(f"export KUBECONFIG={home / 'kubeconfig'}")
+    return "\n".join(lines)
+
+
+def pod_log(home: Path, pod: str, *, namespace: str = "default", container: str | None = None) -> str:
+    """A container's log, read from the node daemon's files (works after the pod ended)."""
+    core = client.CoreV1Api(api_client(home / "kubeconfig"))
+    found = json.loads(core.read_namespaced_pod(pod, namespace, _preload_content=False).data)
+    names = [c["name"] for c in found["spec"]["containers"]]
+    chosen = container or names[0]
+    path: Path = home / "pods" / str(found["metadata"]["uid"]) / "logs" / f"{chosen}.log"
+    if not path.exists():
+        raise FileNotFoundError(
+            f"no log for container {chosen!r} of {namespace}/{pod} (containers: {', '.join(names)})"
+        )
+    return path.read_text(encoding="utf-8", errors="replace")

@@ -1,0 +1,339 @@
+"""The local runtime against its acceptance: real Jobs, pods, volumes, NodeClaims and logs."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from kubernetes import client
+from kubernetes.client.exceptions import ApiException
+
+from kubetune_local import cluster
+from kubetune_local.catalog import FAILURES_CONFIGMAP
+from tests.integration.conftest import wait_for
+
+pytestmark = pytest.mark.integration
+
+PYTHON = "python:3.11"  # recorded as the image; the local runtime runs the command in this environment
+
+
+def pod(name: str, script: str, **spec: Any) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": name},
+        "spec": {
+            "restartPolicy": "Never",
+            "containers": [{"name": "main", "image": PYTHON, "command": ["python", "-c", script]}],
+            **spec,
+        },
+    }
+
+
+def raw_pod(api: client.ApiClient, namespace: str, name: str) -> dict[str, Any]:
+    response = client.CoreV1Api(api).read_namespaced_pod(name, namespace, _preload_content=False)
+    data: dict[str, Any] = json.loads(response.data)
+    return data
+
+
+def phase(api: client.ApiClient, namespace: str, name: str) -> str:
+    """The pod's phase, or "Deleted" once the object is gone."""
+    try:
+        return str(raw_pod(api, namespace, name).get("status", {}).get("phase", ""))
+    except ApiException as exc:
+        if exc.status == 404:
+            return "Deleted"
+        raise
+
+
+def finished(api: client.ApiClient, namespace: str, name: str) -> str | None:
+    current = phase(api, namespace, name)
+    return current if current in ("Succeeded", "Failed") else None
+
+
+def test_indexed_job_gang_connects_by_dns_and_completes(
+    local_cluster: cluster.Cluster, api: client.ApiClient, namespace: str
+) -> None:
+    core, batch = client.CoreV1Api(api), client.BatchV1Api(api)
+    core.create_namespaced_service(
+        namespace, {"metadata": {"name": "gang"}, "spec": {"clusterIP": "None", "selector": {"job-name": "gang"}}}
+    )
+    script = (
+        "import os, socket, sys, time\n"
+        "index, master = int(os.environ['JOB_COMPLETION_INDEX']), os.environ['MASTER_ADDR']\n"
+        "if index == 0:\n"
+        "    server = socket.create_server((master, 29411)); peer, _ = server.accept()\n"
+        "    print('rank 0 received', peer.recv(64).decode())\n"
+        "else:\n"
+        "    for _ in range(200):\n"
+        "        try:\n"
+        "            socket.create_connection((master, 29411)).sendall(b'hello-from-rank-1'); break\n"
+        "        except OSError: time.sleep(0.1)\n"
+        "    else: sys.exit(4)\n"
+    )
+    batch.create_namespaced_job(
+        namespace,
+        {
+            "metadata": {"name": "gang"},
+            "spec": {
+                "completionMode": "Indexed",
+                "completions": 2,
+                "parallelism": 2,
+                "backoffLimit": 0,
+                "template": {
+                    "spec": {
+                        "subdomain": "gang",
+                        "restartPolicy": "Never",
+                        "containers": [
+                            {
+                                "name": "main",
+                                "image": PYTHON,
+                                "command": ["python", "-c", script],
+                                "env": [{"name": "MASTER_ADDR", "value": f"gang-0.gang.{namespace}.svc.cluster.local"}],
+                            }
+                        ],
+                    }
+                },
+            },
+        },
+    )
+
+    def complete() -> bool:
+        status = batch.read_namespaced_job("gang", namespace).status
+        return any(c.type == "Complete" and c.status == "True" for c in status.conditions or [])
+
+    wait_for(complete, timeout=90, what="the Job controller to mark the 2-pod Job Complete")
+    pods = core.list_namespaced_pod(namespace, label_selector="job-name=gang").items
+    rank0 = next(p for p in pods if p.metadata.annotations["batch.kubernetes.io/job-completion-index"] == "0")
+    log = cluster.pod_log(local_cluster.home, rank0.metadata.name, namespace=namespace)
+    assert "rank 0 received hello-from-rank-1" in log
+    assert len({p.status.pod_ip for p in pods}) == 2, "each pod has its own address"
+    assert all(p.status.pod_ip.startswith("127.") for p in pods)
+
+
+def test_exit_code_is_reported_in_the_container_state(api: client.ApiClient, namespace: str) -> None:
+    client.CoreV1Api(api).create_namespaced_pod(namespace, pod("exit3", "import sys; sys.exit(3)"))
+    assert wait_for(lambda: finished(api, namespace, "exit3"), what="pod exit3 to end") == "Failed"
+    state = raw_pod(api, namespace, "exit3")["status"]["containerStatuses"][0]["state"]
+    assert state["terminated"]["exitCode"] == 3
+    assert state["terminated"]["reason"] == "Error"
+
+
+def _pids_of(home: Path, uid: str) -> list[int]:
+    marker = f"KUBETUNE_LOCAL_POD={uid}".encode()
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if marker in (entry / "environ").read_bytes().split(b"\0"):
+                    state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+                    if state != "Z":
+                        found.append(int(entry.name))
+            except OSError:
+                continue
+    return found
+
+
+def test_deleted_pod_processes_are_gone_within_the_grace_period(
+    local_cluster: cluster.Cluster, api: client.ApiClient, namespace: str
+) -> None:
+    # The process ignores SIGTERM and starts a child: only SIGKILL of the whole group ends both.
+    script = (
+        "import signal, subprocess, time\n"
+        "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+        "subprocess.Popen(['sleep', '300'])\n"
+        "print('ready', flush=True); time.sleep(300)\n"
+    )
+    core = client.CoreV1Api(api)
+    core.create_namespaced_pod(namespace, pod("stubborn", script, terminationGracePeriodSeconds=2))
+    wait_for(lambda: phase(api, namespace, "stubborn") == "Running", what="pod stubborn to run")
+    uid = raw_pod(api, namespace, "stubborn")["metadata"]["uid"]
+    wait_for(lambda: len(_pids_of(local_cluster.home, uid)) >= 2, what="the pod's process and its child")
+    started = time.monotonic()
+    core.delete_namespaced_pod("stubborn", namespace)
+    wait_for(lambda: not _pids_of(local_cluster.home, uid), timeout=10, what="the pod's processes to exit")
+    elapsed = time.monotonic() - started
+    assert elapsed < 2 + 3, f"processes outlived the 2 s grace period by too much ({elapsed:.1f}s)"
+
+    def gone() -> bool:
+        try:
+            core.read_namespaced_pod("stubborn", namespace)
+        except ApiException as exc:
+            return bool(exc.status == 404)
+        return False
+
+    wait_for(gone, timeout=15, what="the pod object to be removed")
+
+
+def test_pod_sees_configmap_and_pvc_files_and_pvc_data_outlives_the_pod(
+    local_cluster: cluster.Cluster, api: client.ApiClient, namespace: str
+) -> None:
+    core = client.CoreV1Api(api)
+    core.create_namespaced_config_map(namespace, {"metadata": {"name": "settings"}, "data": {"greeting": "hello"}})
+    core.create_namespaced_persistent_volume_claim(
+        namespace,
+        {
+            "metadata": {"name": "shared"},
+            "spec": {"accessModes": ["ReadWriteMany"], "resources": {"requests": {"storage": "1Gi"}}},
+        },
+    )
+    script = (
+        "import sys\n"
+        "greeting = open(sys.argv[1] + '/greeting').read()\n"
+        "open(sys.argv[2] + '/note.txt', 'w').write(greeting + ' from the pod')\n"
+        "print('wrote', sys.argv[2])\n"
+    )
+    manifest = pod("writer", script)
+    manifest["spec"]["containers"][0]["args"] = ["/etc/settings", "/data"]
+    manifest["spec"]["containers"][0]["volumeMounts"] = [
+        {"name": "settings", "mountPath": "/etc/settings"},
+        {"name": "shared", "mountPath": "/data"},
+    ]
+    manifest["spec"]["volumes"] = [
+        {"name": "settings", "configMap": {"name": "settings"}},
+        {"name": "shared", "persistentVolumeClaim": {"claimName": "shared"}},
+    ]
+    core.create_namespaced_pod(namespace, manifest)
+    assert wait_for(lambda: finished(api, namespace, "writer"), what="pod writer to end") == "Succeeded"
+    claim = core.read_namespaced_persistent_volume_claim("shared", namespace)
+    volume = core.read_persistent_volume(claim.spec.volume_name)
+    folder = Path(volume.spec.host_path.path)
+    assert (folder / "note.txt").read_text() == "hello from the pod"
+    assert folder.is_relative_to(local_cluster.home)
+
+    core.delete_namespaced_pod("writer", namespace)
+    core.delete_namespaced_persistent_volume_claim("shared", namespace)
+    wait_for(lambda: not folder.exists(), timeout=60, what="the released volume's folder to be removed (Delete)")
+
+
+def test_nodeclaim_gives_a_ready_gpu_node_and_the_scheduler_uses_it(api: client.ApiClient, namespace: str) -> None:
+    custom, core = client.CustomObjectsApi(api), client.CoreV1Api(api)
+    name = f"claim-{namespace}"
+    custom.create_cluster_custom_object(
+        "karpenter.sh",
+        "v1",
+        "nodeclaims",
+        {
+            "apiVersion": "karpenter.sh/v1",
+            "kind": "NodeClaim",
+            "metadata": {"name": name, "labels": {"kubetune.io/test": namespace}},
+            "spec": {
+                "nodeClassRef": {"group": "karpenter.azure.com", "kind": "AKSNodeClass", "name": "default"},
+                "requirements": [
+                    {
+                        "key": "node.kubernetes.io/instance-type",
+                        "operator": "In",
+                        "values": ["Standard_NC48ads_A100_v4"],
+                    }
+                ],
+                "taints": [{"key": "nvidia.com/gpu", "value": "true", "effect": "NoSchedule"}],
+            },
+        },
+    )
+    try:
+
+        def ready_claim() -> dict[str, Any] | None:
+            claim = custom.get_cluster_custom_object("karpenter.sh", "v1", "nodeclaims", name)
+            conditions = {c["type"]: c["status"] for c in claim.get("status", {}).get("conditions", [])}
+            return claim if conditions.get("Ready") == "True" else None
+
+        claim = wait_for(ready_claim, what="the NodeClaim to be Ready")
+        assert {"Launched", "Registered", "Initialized", "Ready"} <= {c["type"] for c in claim["status"]["conditions"]}
+        node = core.read_node(claim["status"]["nodeName"])
+        assert node.status.allocatable["nvidia.com/gpu"] == "2"
+        assert node.metadata.labels["node.kubernetes.io/instance-type"] == "Standard_NC48ads_A100_v4"
+        assert node.metadata.labels["kubetune.io/test"] == namespace
+        assert node.spec.provider_id == claim["status"]["providerID"]
+
+        manifest = pod("gpu-user", "import time; time.sleep(30)")
+        manifest["spec"]["tolerations"] = [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+        manifest["spec"]["containers"][0]["resources"] = {"limits": {"nvidia.com/gpu": "1"}}
+        core.create_namespaced_pod(namespace, manifest)
+        wait_for(lambda: phase(api, namespace, "gpu-user") == "Running", what="the GPU pod to run")
+        assert raw_pod(api, namespace, "gpu-user")["spec"]["nodeName"] == name
+    finally:
+        custom.delete_cluster_custom_object("karpenter.sh", "v1", "nodeclaims", name)
+
+    def node_gone() -> bool:
+        try:
+            core.read_node(name)
+        except ApiException as exc:
+            return bool(exc.status == 404)
+        return False
+
+    wait_for(node_gone, what="the claim's node to be removed with the claim")
+    # Its pod stops with the node; the pod garbage collector then removes pods of deleted nodes.
+    wait_for(lambda: phase(api, namespace, "gpu-user") in ("Failed", "Deleted"), what="its pod to stop")
+
+
+def test_a_failing_instance_type_reports_its_reason_on_the_claim(api: client.ApiClient, namespace: str) -> None:
+    custom, core = client.CustomObjectsApi(api), client.CoreV1Api(api)
+    failure = "InsufficientCapacity: no p5.48xlarge capacity in us-east-1b"
+    core.create_namespaced_config_map(
+        "kube-system", {"metadata": {"name": FAILURES_CONFIGMAP}, "data": {"p5.48xlarge": failure}}
+    )
+    name = f"fail-{namespace}"
+    try:
+        custom.create_cluster_custom_object(
+            "karpenter.sh",
+            "v1",
+            "nodeclaims",
+            {
+                "apiVersion": "karpenter.sh/v1",
+                "kind": "NodeClaim",
+                "metadata": {"name": name},
+                "spec": {
+                    "nodeClassRef": {"group": "karpenter.k8s.aws", "kind": "EC2NodeClass", "name": "default"},
+                    "requirements": [
+                        {"key": "node.kubernetes.io/instance-type", "operator": "In", "values": ["p5.48xlarge"]}
+                    ],
+                },
+            },
+        )
+
+        def launched_condition() -> dict[str, Any] | None:
+            claim = custom.get_cluster_custom_object("karpenter.sh", "v1", "nodeclaims", name)
+            return next((c for c in claim.get("status", {}).get("conditions", []) if c["type"] == "Launched"), None)
+
+        condition = wait_for(launched_condition, what="a Launched condition on the failing claim")
+        assert condition["status"] == "False"
+        assert condition["reason"] == "InsufficientCapacity"
+        assert "us-east-1b" in condition["message"]
+    finally:
+        core.delete_namespaced_config_map(FAILURES_CONFIGMAP, "kube-system")
+        custom.delete_cluster_custom_object("karpenter.sh", "v1", "nodeclaims", name)
+
+
+def test_kubectl_logs_shows_the_pod_output(
+    local_cluster: cluster.Cluster, api: client.ApiClient, namespace: str
+) -> None:
+    client.CoreV1Api(api).create_namespaced_pod(namespace, pod("talker", "print('line one'); print('line two')"))
+    wait_for(lambda: finished(api, namespace, "talker"), what="pod talker to end")
+    result = local_cluster.kubectl("logs", "-n", namespace, "talker")
+    assert result.stdout == "line one\nline two\n"
+    assert cluster.pod_log(local_cluster.home, "talker", namespace=namespace) == "line one\nline two\n"
+
+
+def test_restart_policy_on_failure_restarts_and_counts(api: client.ApiClient, namespace: str) -> None:
+    script = (
+        "import os, sys\n"
+        "marker = os.path.join(os.environ['HOME'], 'tried')\n"
+        "if not os.path.exists(marker):\n"
+        "    open(marker, 'w').close(); sys.exit(1)\n"
+        "print('second try')\n"
+    )
+    client.CoreV1Api(api).create_namespaced_pod(namespace, pod("retry", script, restartPolicy="OnFailure"))
+    assert wait_for(lambda: finished(api, namespace, "retry"), what="pod retry to end") == "Succeeded"
+    status = raw_pod(api, namespace, "retry")["status"]["containerStatuses"][0]
+    assert status["restartCount"] == 1
+
+
+def test_active_deadline_fails_the_pod(api: client.ApiClient, namespace: str) -> None:
+    client.CoreV1Api(api).create_namespaced_pod(
+        namespace, pod("slow", "import time; time.sleep(60)", activeDeadlineSeconds=2)
+    )
+    assert wait_for(lambda: finished(api, namespace, "slow"), timeout=30, what="pod slow to end") == "Failed"
+    assert raw_pod(api, namespace, "slow")["status"]["reason"] == "DeadlineExceeded"

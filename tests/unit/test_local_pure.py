@@ -1,0 +1,70 @@
+"""Pure pieces of the local runtime: DNS-name rewriting, mount-path rewriting, $(VAR) expansion."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from kubetune_local.catalog import CATALOG
+from kubetune_local.network import AddressBook
+from kubetune_local.pods import PodRunner, expand
+from kubetune_local.provisioner import capacity_of, requested_instance_type
+
+pytestmark = pytest.mark.unit
+
+
+class TestAddressBook:
+    def test_every_dns_form_of_a_pod_resolves_to_its_address(self) -> None:
+        book = AddressBook()
+        forms = [
+            "job-0.gang",
+            "job-0.gang.ml",
+            "job-0.gang.ml.svc",
+            "job-0.gang.ml.svc.cluster.local",
+        ]
+        resolved = {book.resolve(f"--master={form}:29500", "ml", {"gang"}) for form in forms}
+        assert len(resolved) == 1
+        (line,) = resolved
+        address = line.removeprefix("--master=").removesuffix(":29500")
+        assert address.startswith("127.")
+        assert book.address_for_pod("uid-0", "job-0", "gang", "ml") == address, "reserved before the pod started"
+
+    def test_names_in_other_namespaces_and_unknown_subdomains_are_distinct_or_untouched(self) -> None:
+        book = AddressBook()
+        here = book.resolve("job-0.gang", "ml", {"gang"})
+        there = book.resolve("job-0.gang.other", "ml", {"gang"})
+        assert here != there
+        assert book.resolve("job-0.unknown.ml", "ml", {"gang"}) == "job-0.unknown.ml"
+        assert book.resolve("example.org/job-0.gang.ml.example.com", "ml", {"gang"}).endswith("example.com")
+
+    def test_pods_without_subdomain_get_distinct_addresses(self) -> None:
+        book = AddressBook()
+        assert book.address_for_pod("a", "a", None, "ml") != book.address_for_pod("b", "b", None, "ml")
+
+
+class TestRewriting:
+    def test_mount_paths_are_rewritten_longest_first_at_boundaries(self) -> None:
+        mounts = {"/data": Path("/tmp/pvc"), "/data/models": Path("/tmp/models"), "/etc/cfg": Path("/tmp/cfg")}
+        assert PodRunner.rewrite_paths("--config=/etc/cfg/config.json", mounts) == "--config=/tmp/cfg/config.json"
+        assert PodRunner.rewrite_paths("/data/models/llama /data/out", mounts) == "/tmp/models/llama /tmp/pvc/out"
+        assert PodRunner.rewrite_paths("/database /mydata /data", mounts) == "/database /mydata /tmp/pvc"
+
+    def test_variable_expansion(self) -> None:
+        env = {"RANK": "1", "HOST": "h"}
+        assert expand("--node-rank=$(RANK) $(MISSING) $$(RANK)", env) == "--node-rank=1 $(MISSING) $(RANK)"
+
+
+class TestCatalog:
+    def test_claim_requirements_pick_the_instance_type(self) -> None:
+        claim = {
+            "spec": {
+                "requirements": [
+                    {"key": "karpenter.sh/capacity-type", "operator": "In", "values": ["on-demand"]},
+                    {"key": "node.kubernetes.io/instance-type", "operator": "In", "values": ["p4d.24xlarge"]},
+                ]
+            }
+        }
+        instance = CATALOG[requested_instance_type(claim) or ""]
+        assert capacity_of(instance)["nvidia.com/gpu"] == "8"
+        assert "nvidia.com/gpu" not in capacity_of(CATALOG["local-cpu"])
