@@ -86,6 +86,29 @@ def _local(args: argparse.Namespace) -> int:
     return 0
 
 
+def _operator(args: argparse.Namespace) -> int:
+    import logging
+
+    from kubetune_operator.handlers import run_operator
+    from kubetune_operator.settings import NodeClassRef, OperatorSettings
+
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    group, kind, name = (
+        args.node_class.split("/") if args.node_class else ("karpenter.azure.com", "AKSNodeClass", "default")
+    )
+    settings = OperatorSettings(
+        trainer_image=args.trainer_image,
+        namespaces=tuple(args.namespace or ()),
+        metrics_port=args.metrics_port,
+        peering=args.peering,
+        node_class=NodeClassRef(group=group, kind=kind, name=name),
+    )
+    run_operator(settings, standalone=args.peering is None)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kubetune", description="Fine-tune LLMs on Kubernetes.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -118,6 +141,21 @@ def build_parser() -> argparse.ArgumentParser:
     local.add_argument("-c", "--container", help="for logs: the container (the first one by default)")
     local.add_argument("--home", help="state folder (default $KUBETUNE_LOCAL_HOME or ~/.kubetune/local)")
     local.set_defaults(run=_local)
+
+    from kubetune_operator.settings import DEFAULT_TRAINER_IMAGE
+
+    operator = commands.add_parser(
+        "operator", help="run the operator (kopf) against the current kubeconfig or in-cluster"
+    )
+    operator.add_argument("--namespace", action="append", help="watch only this namespace (repeatable); all by default")
+    operator.add_argument("--trainer-image", default=DEFAULT_TRAINER_IMAGE, help="image of the training pods")
+    operator.add_argument("--metrics-port", type=int, default=8080, help="port of the operator's /metrics")
+    operator.add_argument("--peering", help="kopf peering name for several replicas (one active); standalone if unset")
+    operator.add_argument(
+        "--node-class", help="Karpenter NodeClass as GROUP/KIND/NAME (default karpenter.azure.com/AKSNodeClass/default)"
+    )
+    operator.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    operator.set_defaults(run=_operator)
     return parser
 
 

@@ -400,8 +400,14 @@ class PodRunner(threading.Thread):
                 target.write_bytes(content)
             self.volumes[name] = directory
 
+    def _termination_file(self, container: Obj) -> Path:
+        return self.root / f"termination-{container['name']}.log"
+
     def _mounts_of(self, container: Obj) -> dict[str, Path]:
-        mounts: dict[str, Path] = {}
+        # The termination-message file is a mount too, so a path to it in env or args is rewritten.
+        mounts: dict[str, Path] = {
+            container.get("terminationMessagePath", "/dev/termination-log"): self._termination_file(container)
+        }
         for mount in container.get("volumeMounts", []):
             directory = self.volumes[mount["name"]]
             if mount.get("subPath"):
@@ -541,6 +547,7 @@ class PodRunner(threading.Thread):
         if not workdir.is_dir():
             workdir = self.root / "rootfs" / str(workdir).lstrip("/")
             workdir.mkdir(parents=True, exist_ok=True)
+        self._termination_file(container).write_bytes(b"")
         log_path = self.logs / f"{run.name}.log"
         with open(log_path, "ab") as log:
             run.process = subprocess.Popen(
@@ -582,12 +589,25 @@ class PodRunner(threading.Thread):
             "startedAt": run.started_at or now(),
             "finishedAt": now(),
         }
+        message = self._termination_message(run, code)
+        if message:
+            terminated["message"] = message
         if run.process is not None:
             self.runtime.untrack(self.uid, run.process.pid)
         run.process = None
         run.ready = False
         run.state = {"terminated": terminated}
         run.last_state = {"terminated": terminated}
+
+    def _termination_message(self, run: ContainerRun, code: int) -> str:
+        """What the container wrote to its termination-message path or, per its policy, its log's tail."""
+        path = self._termination_file(run.spec)
+        text = path.read_text(encoding="utf-8", errors="replace")[-4096:] if path.exists() else ""
+        if not text.strip() and code != 0 and run.spec.get("terminationMessagePolicy") == "FallbackToLogsOnError":
+            log = self.logs / f"{run.name}.log"
+            if log.exists():
+                text = "\n".join(log.read_text(encoding="utf-8", errors="replace").splitlines()[-80:])[-2048:]
+        return text.strip()
 
     def _kill_all(self) -> None:
         """SIGTERM every running process group, wait up to the grace period, then SIGKILL."""

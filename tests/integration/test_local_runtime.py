@@ -337,3 +337,18 @@ def test_active_deadline_fails_the_pod(api: client.ApiClient, namespace: str) ->
     )
     assert wait_for(lambda: finished(api, namespace, "slow"), timeout=30, what="pod slow to end") == "Failed"
     assert raw_pod(api, namespace, "slow")["status"]["reason"] == "DeadlineExceeded"
+
+
+def test_termination_message_and_log_fallback_reach_the_container_state(api: client.ApiClient, namespace: str) -> None:
+    core = client.CoreV1Api(api)
+    writes = pod("reason", "import os, sys; open(os.environ['MSG'], 'w').write('dataset is empty'); sys.exit(2)")
+    writes["spec"]["containers"][0]["env"] = [{"name": "MSG", "value": "/dev/termination-log"}]
+    falls_back = pod("fallback", "import sys; print('no such column: text'); sys.exit(2)")
+    falls_back["spec"]["containers"][0]["terminationMessagePolicy"] = "FallbackToLogsOnError"
+    core.create_namespaced_pod(namespace, writes)
+    core.create_namespaced_pod(namespace, falls_back)
+    for name, expected in (("reason", "dataset is empty"), ("fallback", "no such column: text")):
+        wait_for(lambda name=name: finished(api, namespace, name), what=f"pod {name} to end")
+        terminated = raw_pod(api, namespace, name)["status"]["containerStatuses"][0]["state"]["terminated"]
+        assert terminated["exitCode"] == 2
+        assert terminated["message"] == expected

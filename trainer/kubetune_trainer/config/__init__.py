@@ -29,11 +29,25 @@ from kubetune_trainer.config.spec import (
     ValidationSplit,
     changed_immutable_fields,
 )
+from kubetune_trainer.config.trainer import (
+    CONFIG_MOUNT,
+    DEFAULT_METRICS_PORT,
+    OUTPUT_MOUNT,
+    SECRETS_MOUNT,
+    SOURCES_MOUNT,
+    Mounts,
+    TrainerConfig,
+)
 
 __all__ = [
     "ALLOW_LOCAL_PATHS",
+    "CONFIG_MOUNT",
+    "DEFAULT_METRICS_PORT",
     "IMMUTABLE_ONCE_STARTED",
+    "OUTPUT_MOUNT",
     "RULES",
+    "SECRETS_MOUNT",
+    "SOURCES_MOUNT",
     "DatasetSpec",
     "DeepSpeedSpec",
     "DistributedSpec",
@@ -42,6 +56,7 @@ __all__ = [
     "LoraSpec",
     "MethodSpec",
     "ModelSpec",
+    "Mounts",
     "OutputSpec",
     "Problem",
     "QuantizationSpec",
@@ -52,6 +67,7 @@ __all__ = [
     "SourceURI",
     "StorageSpec",
     "Toleration",
+    "TrainerConfig",
     "TrainingSpec",
     "ValidationSplit",
     "changed_immutable_fields",

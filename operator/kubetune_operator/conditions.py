@@ -1,0 +1,74 @@
+"""Condition types and reasons, as constants in one place, and the pure helper that sets them.
+
+Conditions follow the Kubernetes shape: a transition time changes only when the status flips,
+and each carries the generation it was computed from.
+"""
+
+from __future__ import annotations
+
+import datetime
+from typing import Final, Literal
+
+from kubetune_operator.api import Condition
+
+# Types
+VALID: Final = "Valid"
+NODES_READY: Final = "NodesReady"
+TRAINING: Final = "Training"
+COMPLETE: Final = "Complete"
+FAILED: Final = "Failed"
+SUSPENDED: Final = "Suspended"
+SERVING_READY: Final = "ServingReady"
+
+# Reasons
+SPEC_VALID: Final = "SpecValid"
+INVALID_SPEC: Final = "InvalidSpec"
+WAITING_FOR_NODES: Final = "WaitingForNodes"
+NODE_CLAIM_FAILED: Final = "NodeClaimFailed"
+KARPENTER_MISSING: Final = "KarpenterNotInstalled"
+NODES_PROVISIONED: Final = "NodesReady"
+NODES_RELEASED: Final = "NodesReleased"
+QUEUED: Final = "Queued"
+STARTING: Final = "PodsStarting"
+RUNNING: Final = "Running"
+TRAINING_SUCCEEDED: Final = "TrainingSucceeded"
+RESTARTING: Final = "RestartingFromCheckpoint"
+PERMANENT_FAILURE: Final = "PermanentFailure"
+RESTARTS_EXHAUSTED: Final = "RestartsExhausted"
+DEADLINE_EXCEEDED: Final = "DeadlineExceeded"
+SUSPENDED_BY_USER: Final = "SuspendedByUser"
+NOT_SUSPENDED: Final = "NotSuspended"
+
+Status = Literal["True", "False", "Unknown"]
+
+
+def _now() -> datetime.datetime:
+    return datetime.datetime.now(datetime.UTC).replace(microsecond=0)
+
+
+def set_condition(
+    conditions: list[Condition],
+    kind: str,
+    status: Status,
+    reason: str,
+    message: str,
+    *,
+    generation: int | None,
+    now: datetime.datetime | None = None,
+) -> list[Condition]:
+    """A new list with ``kind`` set; the transition time is kept when the status did not change."""
+    previous = next((c for c in conditions if c.type == kind), None)
+    changed = previous is None or previous.status != status
+    condition = Condition(
+        type=kind,
+        status=status,
+        reason=reason,
+        message=message,
+        last_transition_time=(now or _now()) if changed or previous is None else previous.last_transition_time,
+        observed_generation=generation,
+    )
+    return [*(c for c in conditions if c.type != kind), condition]
+
+
+def get(conditions: list[Condition], kind: str) -> Condition | None:
+    return next((c for c in conditions if c.type == kind), None)

@@ -1,0 +1,167 @@
+"""One reconcile pass for one FineTuneJob: observe the cluster, decide, act.
+
+The decision itself is :func:`kubetune_operator.reconcile.decide` (pure); this module gathers
+what it needs through :class:`~kubetune_operator.kube.Kube` and carries out its answer.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any
+
+from kubetune_operator import metrics, names, progress
+from kubetune_operator.api import FineTuneJob, FineTuneJobStatus, Progress, load_job
+from kubetune_operator.kube import FTJ_API, Kube
+from kubetune_operator.reconcile import Decision, Observed, attempt_of, decide
+from kubetune_operator.settings import OperatorSettings
+from kubetune_trainer.config import InvalidManifestError
+
+Obj = dict[str, Any]
+log = logging.getLogger("kubetune.controller")
+
+
+class Controller:
+    """Reconciles FineTuneJobs; safe to call concurrently for different jobs."""
+
+    def __init__(self, kube: Kube, settings: OperatorSettings) -> None:
+        self.kube = kube
+        self.settings = settings
+        self._scraped: dict[str, tuple[float, Progress | None]] = {}
+        self._lock = threading.Lock()
+
+    # ---------------------------------------------------------------------------- observe
+
+    def observe(self, obj: Obj, job: FineTuneJob) -> Observed:
+        meta = obj["metadata"]
+        namespace, name, uid = meta["namespace"], meta["name"], meta["uid"]
+        selector = names.selector(namespace, name)
+        spec = job.spec
+        karpenter = spec.resources.provisioner == "karpenter"
+        installed = karpenter and self.kube.installed("karpenter.sh/v1", "NodeClaim")
+        claims = self.kube.list("karpenter.sh/v1", "NodeClaim", labels=selector) if installed else []
+        if karpenter:
+            nodes = self.kube.list("v1", "Node", labels=f"{names.UID_LABEL}={uid}")
+        else:
+            nodes = self.kube.list("v1", "Node")
+        jobs = self.kube.list("batch/v1", "Job", namespace=namespace, labels=selector)
+        attempt = max((attempt_of(j) for j in jobs), default=0)
+        pods = (
+            self.kube.list("v1", "Pod", namespace=namespace, labels=f"{selector},{names.ATTEMPT_LABEL}={attempt}")
+            if jobs
+            else []
+        )
+        return Observed(
+            job=job,
+            generation=int(meta.get("generation", 1)),
+            uid=uid,
+            node_claims=claims,
+            nodes=nodes,
+            karpenter_installed=installed or not karpenter,
+            training_jobs=jobs,
+            pods=pods,
+            progress=self._progress(uid, pods),
+        )
+
+    def _progress(self, uid: str, pods: list[Obj]) -> Progress | None:
+        """Rank 0's progress, read at most every progress_interval_seconds per job."""
+        rank0 = next(
+            (
+                p
+                for p in pods
+                if p["metadata"].get("annotations", {}).get("batch.kubernetes.io/job-completion-index") == "0"
+                and (p.get("status") or {}).get("phase") == "Running"
+                and (p.get("status") or {}).get("podIP")
+            ),
+            None,
+        )
+        if rank0 is None:
+            return None
+        with self._lock:
+            last = self._scraped.get(uid)
+            if last is not None and time.monotonic() - last[0] < self.settings.progress_interval_seconds:
+                return last[1]
+        sample = progress.scrape(rank0["status"]["podIP"], self.settings.trainer_metrics_port)
+        with self._lock:
+            self._scraped[uid] = (time.monotonic(), sample)
+        return sample
+
+    # ------------------------------------------------------------------------------- act
+
+    def act(self, obj: Obj, decision: Decision, previous: FineTuneJobStatus | None) -> None:
+        for manifest in decision.create:
+            self.kube.create(manifest)
+        for manifest in decision.apply:
+            self.kube.apply(manifest)
+        for target, patch in decision.patch:
+            self.kube.merge_patch(target, patch)
+        for api_version, kind, namespace, name in decision.delete:
+            self.kube.delete(api_version, kind, name, namespace)
+        status = decision.status.model_dump(mode="json", by_alias=True, exclude_none=True)
+        before = previous.model_dump(mode="json", by_alias=True, exclude_none=True) if previous else None
+        if status != before:
+            self.kube.write_status(obj["metadata"]["namespace"], obj["metadata"]["name"], status)
+        for event in decision.events:
+            self.kube.event(obj, event.type, event.reason, event.message)
+        self._count(previous, decision.status)
+
+    @staticmethod
+    def _count(previous: FineTuneJobStatus | None, status: FineTuneJobStatus) -> None:
+        before = previous.phase if previous else None
+        if before is None:
+            metrics.JOBS_CREATED.inc()
+        if status.phase != before:
+            if status.phase == "Complete":
+                metrics.JOBS_SUCCEEDED.inc()
+            elif status.phase == "Failed":
+                metrics.JOBS_FAILED.inc()
+        if previous is not None and status.restarts > previous.restarts:
+            metrics.JOBS_RESTARTED.inc(status.restarts - previous.restarts)
+
+    # ------------------------------------------------------------------------- reconcile
+
+    def reconcile(self, obj: Obj) -> Decision | None:
+        """One pass for the FineTuneJob ``obj`` (as read from the API)."""
+        started = time.perf_counter()
+        try:
+            try:
+                job = load_job(obj)
+            except InvalidManifestError as exc:
+                self._invalid(obj, exc)
+                return None
+            decision = decide(self.observe(obj, job), self.settings)
+            self.act(obj, decision, job.status)
+            return decision
+        finally:
+            metrics.RECONCILE_SECONDS.observe(time.perf_counter() - started)
+
+    def _invalid(self, obj: Obj, error: InvalidManifestError) -> None:
+        """A job the models refuse (the CRD let it through, e.g. from an older version): Failed, with why."""
+        message = "; ".join(str(p) for p in error.problems)
+        status = {
+            "phase": "Failed",
+            "conditions": [
+                {
+                    "type": "Failed",
+                    "status": "True",
+                    "reason": "InvalidSpec",
+                    "message": message[:32000],
+                    "lastTransitionTime": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                }
+            ],
+        }
+        self.kube.write_status(obj["metadata"]["namespace"], obj["metadata"]["name"], status)
+
+    def release(self, namespace: str, name: str) -> int:
+        """Delete the job's NodeClaims (cluster-scoped: no owner reference reaches them); return how many remain."""
+        if not self.kube.installed("karpenter.sh/v1", "NodeClaim"):
+            return 0
+        claims = self.kube.list("karpenter.sh/v1", "NodeClaim", labels=names.selector(namespace, name))
+        for claim in claims:
+            if not claim["metadata"].get("deletionTimestamp"):
+                self.kube.delete("karpenter.sh/v1", "NodeClaim", claim["metadata"]["name"])
+        return len(claims)
+
+    def get(self, namespace: str, name: str) -> Obj | None:
+        return self.kube.get(*FTJ_API, name=name, namespace=namespace)

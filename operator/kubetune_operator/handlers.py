@@ -1,0 +1,139 @@
+"""kopf wiring: thin handlers that only trigger the level-triggered reconcile.
+
+Each FineTuneJob gets a daemon that reconciles it, then sleeps until a child event pokes it or
+its requeue time comes. Child watches (Jobs, Pods, NodeClaims, Nodes) only poke. Deletion runs
+one handler, behind the operator's finalizer, that releases the job's NodeClaims (cluster-scoped,
+out of reach of garbage collection); namespaced children follow their owner reference.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+import kopf
+from prometheus_client import start_http_server
+
+from kubetune_operator import names
+from kubetune_operator.controller import Controller
+from kubetune_operator.kube import Kube
+from kubetune_operator.settings import OperatorSettings
+
+log = logging.getLogger("kubetune.handlers")
+
+
+def build_registry(settings: OperatorSettings, kube: Kube | None = None) -> kopf.OperatorRegistry:  # noqa: PLR0915 - handlers declared in one place
+    """A kopf registry with kubetune's handlers bound to ``settings``."""
+    registry = kopf.OperatorRegistry()
+    state: dict[str, Any] = {"controller": None}
+    pokes: dict[tuple[str, str], asyncio.Event] = {}
+
+    def controller() -> Controller:
+        if state["controller"] is None:
+            state["controller"] = Controller(kube or Kube(), settings)
+        ctl: Controller = state["controller"]
+        return ctl
+
+    def poke(namespace: str | None, name: str | None) -> None:
+        if namespace and name and (namespace, name) in pokes:
+            pokes[(namespace, name)].set()
+
+    @kopf.on.login(registry=registry)
+    def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
+        # A custom registry has none of kopf's default login handlers: in-cluster first, then kubeconfig.
+        return kopf.login_with_service_account(**kwargs) or kopf.login_with_kubeconfig(**kwargs)
+
+    @kopf.on.startup(registry=registry)
+    def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
+        settings.watching.server_timeout = _settings.watch_server_timeout_seconds
+        settings.watching.client_timeout = _settings.watch_client_timeout_seconds
+        settings.watching.connect_timeout = 30
+        settings.persistence.finalizer = names.FINALIZER
+        settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="kubetune.io")
+        settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+            prefix="kubetune.io", key="last-handled-configuration"
+        )
+        settings.posting.level = logging.WARNING
+        settings.execution.max_workers = _settings.workers
+        settings.batching.error_delays = (1, 2, 5, 10, 30)
+        if _settings.metrics_port:
+            start_http_server(_settings.metrics_port)
+
+    _settings = settings
+
+    @kopf.daemon("kubetune.io", "v1alpha1", "finetunejobs", registry=registry, cancellation_timeout=10)
+    async def run(name: str, namespace: str | None, stopped: kopf.DaemonStopped, **_: Any) -> None:
+        assert namespace is not None, "FineTuneJobs are namespaced"
+        woken = pokes.setdefault((namespace, name), asyncio.Event())
+        try:
+            while not stopped:
+                woken.clear()
+                obj = await asyncio.to_thread(controller().get, namespace, name)
+                if obj is None or obj["metadata"].get("deletionTimestamp"):
+                    return
+                try:
+                    decision = await asyncio.to_thread(controller().reconcile, obj)
+                    wait = decision.requeue_after if decision and decision.requeue_after else _settings.resync_seconds
+                except Exception:
+                    log.exception("reconcile of %s/%s failed; retrying", namespace, name)
+                    wait = 5.0
+                await _sleep(wait, woken, stopped)
+        finally:
+            pokes.pop((namespace, name), None)
+
+    @kopf.on.delete("kubetune.io", "v1alpha1", "finetunejobs", registry=registry)
+    def release(name: str, namespace: str | None, **_: Any) -> None:
+        assert namespace is not None, "FineTuneJobs are namespaced"
+        remaining = controller().release(namespace, name)
+        if remaining:
+            raise kopf.TemporaryError(f"waiting for {remaining} NodeClaims to be released", delay=2)
+
+    managed = {"app.kubernetes.io/managed-by": "kubetune"}
+
+    @kopf.on.event("batch", "v1", "jobs", labels=managed, registry=registry)
+    @kopf.on.event("v1", "pods", labels=managed, registry=registry)
+    def child_changed(labels: Mapping[str, str], **_: Any) -> None:
+        poke(labels.get(names.NAMESPACE_LABEL), labels.get(names.JOB_LABEL))
+
+    @kopf.on.event("karpenter.sh", "v1", "nodeclaims", labels=managed, registry=registry)
+    def claim_changed(labels: Mapping[str, str], **_: Any) -> None:
+        poke(labels.get(names.NAMESPACE_LABEL), labels.get(names.JOB_LABEL))
+
+    @kopf.on.event("v1", "nodes", registry=registry)
+    def node_changed(**_: Any) -> None:
+        # A node can satisfy any waiting job (byo selectors): wake them all; they are cheap to check.
+        for event in pokes.values():
+            event.set()
+
+    return registry
+
+
+async def _sleep(seconds: float, woken: asyncio.Event, stopped: kopf.DaemonStopped) -> None:
+    """Sleep until a poke, the daemon's stop, or ``seconds`` pass."""
+
+    async def stop() -> None:
+        await stopped.wait()
+
+    waits = [asyncio.create_task(woken.wait()), asyncio.create_task(stop())]
+    try:
+        await asyncio.wait(waits, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in waits:
+            task.cancel()
+
+
+def run_operator(settings: OperatorSettings, *, standalone: bool) -> None:
+    """Run until interrupted (``kubetune operator``)."""
+    registry = build_registry(settings)
+    asyncio.run(
+        kopf.operator(
+            registry=registry,
+            standalone=standalone or settings.peering is None,
+            peering_name=settings.peering,
+            clusterwide=not settings.namespaces,
+            namespaces=settings.namespaces,
+            liveness_endpoint="http://0.0.0.0:8081/healthz",
+        )
+    )

@@ -1,0 +1,61 @@
+"""Deterministic names and labels of everything the operator creates for a FineTuneJob.
+
+Names derive from the job's name (and the attempt for the training Job), never from random
+suffixes, so an operator restarted at any moment finds and re-applies the same objects instead
+of creating duplicates. Labels tie children to their job for watches and cleanup.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+GROUP_PREFIX: Final = "kubetune.io"
+MANAGED_BY: Final = {"app.kubernetes.io/managed-by": "kubetune"}
+JOB_LABEL: Final = f"{GROUP_PREFIX}/finetunejob"
+NAMESPACE_LABEL: Final = f"{GROUP_PREFIX}/namespace"
+UID_LABEL: Final = f"{GROUP_PREFIX}/job-uid"
+ATTEMPT_LABEL: Final = f"{GROUP_PREFIX}/attempt"
+ROLE_LABEL: Final = f"{GROUP_PREFIX}/role"
+#: Taint put on provisioned GPU nodes so that only the job's pods land there.
+GPU_TAINT_KEY: Final = "nvidia.com/gpu"
+FINALIZER: Final = f"{GROUP_PREFIX}/release-nodes"
+FIELD_MANAGER: Final = "kubetune-operator"
+TRAINER_CONTAINER: Final = "trainer"
+
+
+def pvc(job: str) -> str:
+    """The job's checkpoint and output volume."""
+    return f"{job}-workspace"
+
+
+def config_map(job: str) -> str:
+    return f"{job}-config"
+
+
+def service(job: str) -> str:
+    """The headless Service that gives training pods DNS names."""
+    return f"{job}-train"
+
+
+def training_job(job: str, attempt: int) -> str:
+    """The Indexed Job of one gang attempt."""
+    return f"{job}-train-{attempt}"
+
+
+def rank_zero_host(job: str, attempt: int, namespace: str) -> str:
+    """The DNS name of the rank-0 pod: hostname ``<Job>-0`` under the headless Service."""
+    return f"{training_job(job, attempt)}-0.{service(job)}.{namespace}.svc"
+
+
+def node_claim(namespace: str, job: str, index: int) -> str:
+    """NodeClaims are cluster-scoped: the namespace is part of the name."""
+    return f"{namespace}-{job}-{index}"
+
+
+def job_labels(namespace: str, job: str) -> dict[str, str]:
+    """Labels on every child (cluster-scoped ones carry the namespace too)."""
+    return {**MANAGED_BY, JOB_LABEL: job, NAMESPACE_LABEL: namespace}
+
+
+def selector(namespace: str, job: str) -> str:
+    return ",".join(f"{k}={v}" for k, v in job_labels(namespace, job).items())

@@ -1,0 +1,50 @@
+"""Operator settings: every knob in one typed place, read from flags and environment at start-up."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Final
+
+DEFAULT_TRAINER_IMAGE: Final = "ghcr.io/kubetune/trainer:0.1.0"
+
+
+@dataclass(frozen=True, slots=True)
+class NodeClassRef:
+    """The Karpenter NodeClass that NodeClaims point at (cloud-specific)."""
+
+    group: str = "karpenter.azure.com"
+    """API group of the NodeClass (karpenter.azure.com for AKS, karpenter.k8s.aws for EKS)."""
+    kind: str = "AKSNodeClass"
+    """AKSNodeClass or EC2NodeClass."""
+    name: str = "default"
+    """Name of the NodeClass object."""
+
+
+@dataclass(frozen=True, slots=True)
+class OperatorSettings:
+    """How the operator runs."""
+
+    trainer_image: str = DEFAULT_TRAINER_IMAGE
+    """Image of the training pods (the Dockerfile's `trainer` target)."""
+    namespaces: tuple[str, ...] = ()
+    """Namespaces to watch; every namespace when empty."""
+    metrics_port: int = 8080
+    """Port of the operator's Prometheus /metrics endpoint."""
+    trainer_metrics_port: int = 9400
+    """Port the rank-0 trainer serves its metrics on."""
+    progress_interval_seconds: float = 5.0
+    """How often a training job's rank-0 metrics are read into status.progress."""
+    resync_seconds: float = 30.0
+    """Reconcile every job at least this often, even without events (level-triggered safety net)."""
+    watch_server_timeout_seconds: int = 300
+    """Ask the apiserver to close watches after this long, so that a silently stalled watch is renewed."""
+    watch_client_timeout_seconds: int = 330
+    """Give up on a watch that has said nothing for this long."""
+    workers: int = 20
+    """Concurrent reconciles."""
+    peering: str | None = None
+    """kopf peering name for several replicas with one active; standalone when unset."""
+    node_class: NodeClassRef = field(default_factory=NodeClassRef)
+    """NodeClass for provisioner karpenter."""
+    gpu_taint_value: str = "true"
+    """Value of the nvidia.com/gpu:NoSchedule taint on provisioned nodes."""

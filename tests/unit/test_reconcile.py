@@ -1,0 +1,251 @@
+"""The pure reconcile decision for each situation a FineTuneJob meets (no cluster: observed objects are data)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from kubetune_operator import conditions, names
+from kubetune_operator.api import FineTuneJob, Progress, load_job
+from kubetune_operator.reconcile import Decision, Observed, decide
+from kubetune_operator.settings import OperatorSettings
+from tests.conftest import REPO, load_yaml
+
+pytestmark = pytest.mark.unit
+SETTINGS = OperatorSettings()
+
+
+def job(example: str = "karpenter-aks", status: dict[str, Any] | None = None, **spec_patch: Any) -> FineTuneJob:
+    manifest = load_yaml(REPO / "examples" / f"{example}.yaml")
+    manifest["spec"]["runPolicy"] = {**manifest["spec"].get("runPolicy", {}), "queueName": None}
+    manifest["spec"]["runPolicy"] = {k: v for k, v in manifest["spec"]["runPolicy"].items() if v is not None}
+    for section, values in spec_patch.items():
+        manifest["spec"][section] = {**manifest["spec"].get(section, {}), **values}
+    if status:
+        manifest["status"] = status
+    return load_job(manifest)
+
+
+def claim(name: str, *, ready: bool = True, failed: str | None = None) -> dict[str, Any]:
+    conds = []
+    if failed:
+        conds.append({"type": "Launched", "status": "False", "reason": failed, "message": "no capacity in eastus-2"})
+    elif ready:
+        conds += [{"type": "Launched", "status": "True"}, {"type": "Ready", "status": "True"}]
+    return {"metadata": {"name": name}, "status": {"nodeName": name, "conditions": conds}}
+
+
+def node(name: str, gpus: int = 8, labels: dict[str, str] | None = None) -> dict[str, Any]:
+    return {
+        "metadata": {"name": name, "labels": labels or {}},
+        "spec": {},
+        "status": {"conditions": [{"type": "Ready", "status": "True"}], "allocatable": {"nvidia.com/gpu": str(gpus)}},
+    }
+
+
+def training_job(attempt: int, state: str, reason: str = "") -> dict[str, Any]:
+    conds: list[dict[str, str]] = []
+    status: dict[str, Any] = {"startTime": "2026-11-29T10:00:00Z"}
+    if state == "complete":
+        conds = [{"type": "Complete", "status": "True"}]
+        status["completionTime"] = "2026-11-29T12:00:00Z"
+    elif state == "failed":
+        conds = [{"type": "Failed", "status": "True", "reason": reason}]
+    elif state == "active":
+        status["active"] = 2
+    status["conditions"] = conds
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {
+            "name": f"support-bot-train-{attempt}",
+            "namespace": "ml",
+            "labels": {names.ATTEMPT_LABEL: str(attempt)},
+        },
+        "spec": {"suspend": state == "suspended"},
+        "status": status,
+    }
+
+
+def pod(index: int, phase: str = "Running", exit_code: int | None = None, message: str = "") -> dict[str, Any]:
+    state: dict[str, Any] = (
+        {"running": {}} if exit_code is None else {"terminated": {"exitCode": exit_code, "message": message}}
+    )
+    return {
+        "metadata": {
+            "name": f"support-bot-train-0-{index}",
+            "annotations": {"batch.kubernetes.io/job-completion-index": str(index)},
+        },
+        "spec": {"nodeName": f"ml-support-bot-{index}"},
+        "status": {"phase": phase, "containerStatuses": [{"name": "trainer", "state": state}]},
+    }
+
+
+def run(ftj: FineTuneJob, **observed: Any) -> Decision:
+    return decide(Observed(job=ftj, generation=1, uid="uid-1", **observed), SETTINGS)
+
+
+def ready_nodes() -> dict[str, Any]:
+    return {
+        "node_claims": [claim("ml-support-bot-0"), claim("ml-support-bot-1")],
+        "nodes": [node("ml-support-bot-0"), node("ml-support-bot-1")],
+    }
+
+
+def condition(decision: Decision, kind: str) -> tuple[str, str, str]:
+    found = conditions.get(decision.status.conditions, kind)
+    assert found is not None, f"no {kind} condition"
+    return found.status, found.reason, found.message
+
+
+class TestProvisioning:
+    def test_a_new_karpenter_job_claims_its_nodes_and_waits(self) -> None:
+        decision = run(job())
+        assert [c["metadata"]["name"] for c in decision.create] == ["ml-support-bot-0", "ml-support-bot-1"]
+        assert decision.status.phase == "Provisioning"
+        status, reason, message = condition(decision, conditions.NODES_READY)
+        assert (status, reason) == ("False", conditions.WAITING_FOR_NODES)
+        assert "Standard_ND96asr_v4" in message
+        assert not any(m["kind"] == "Job" for m in decision.create)
+
+    def test_existing_claims_are_not_created_again(self) -> None:
+        decision = run(job(), node_claims=[claim("ml-support-bot-0", ready=False)])
+        assert [c["metadata"]["name"] for c in decision.create] == ["ml-support-bot-1"]
+
+    def test_a_failed_claim_surfaces_the_providers_reason(self) -> None:
+        decision = run(job(), node_claims=[claim("ml-support-bot-0", failed="InsufficientCapacity")])
+        status, reason, message = condition(decision, conditions.NODES_READY)
+        assert (status, reason) == ("False", conditions.NODE_CLAIM_FAILED)
+        assert "InsufficientCapacity" in message
+        assert "no capacity in eastus-2" in message
+
+    def test_karpenter_not_installed_is_explained(self) -> None:
+        decision = run(job(), karpenter_installed=False)
+        assert condition(decision, conditions.NODES_READY)[1] == conditions.KARPENTER_MISSING
+        assert decision.create == []
+
+    def test_byo_without_matching_nodes_says_what_it_waits_for(self) -> None:
+        decision = run(job("byo-gpu-nodes"), nodes=[node("other", labels={"gpu-pool": "v100"})])
+        assert decision.status.phase == "Provisioning"
+        message = condition(decision, conditions.NODES_READY)[2]
+        assert "gpu-pool=a100" in message
+        assert "at least 4 allocatable nvidia.com/gpu" in message
+
+    def test_byo_with_a_matching_node_launches(self) -> None:
+        decision = run(job("byo-gpu-nodes"), nodes=[node("gpu-1", gpus=4, labels={"gpu-pool": "a100"})])
+        assert decision.status.phase == "Initializing"
+        assert [m["kind"] for m in decision.create] == ["Job"]
+
+
+class TestLaunch:
+    def test_ready_nodes_stage_and_launch_attempt_zero_with_gpus_from_the_nodes(self) -> None:
+        decision = run(job(), **ready_nodes())
+        kinds = sorted(m["kind"] for m in decision.apply)
+        assert kinds == ["ConfigMap", "PersistentVolumeClaim", "Service"]
+        (training,) = [m for m in decision.create if m["kind"] == "Job"]
+        assert training["metadata"]["name"] == "support-bot-train-0"
+        limits = training["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]
+        assert limits["nvidia.com/gpu"] == "8"
+        assert decision.status.phase == "Initializing"
+        assert condition(decision, conditions.NODES_READY)[0] == "True"
+
+    def test_all_pods_running_is_training_and_progress_is_read(self) -> None:
+        progress = Progress(step=41, total_steps=100, percent=41, loss=1.237)
+        decision = run(
+            job(), training_jobs=[training_job(0, "active")], pods=[pod(0), pod(1)], progress=progress, **ready_nodes()
+        )
+        assert decision.status.phase == "Training"
+        assert decision.status.progress == progress
+        assert decision.scrape_progress is True
+        assert decision.create == []
+        assert decision.status.workload is not None
+        assert decision.status.workload.nodes == ["ml-support-bot-0", "ml-support-bot-1"]
+
+    def test_reconciling_twice_changes_nothing(self) -> None:
+        first = run(job(), training_jobs=[training_job(0, "active")], pods=[pod(0), pod(1)], **ready_nodes())
+        again_job = job(status=first.status.model_dump(mode="json", by_alias=True, exclude_none=True))
+        second = run(again_job, training_jobs=[training_job(0, "active")], pods=[pod(0), pod(1)], **ready_nodes())
+        assert second.status == first.status
+        assert second.events == []
+        assert second.create == []
+
+
+class TestEndings:
+    def test_success_completes_releases_claims_and_names_the_adapter(self) -> None:
+        decision = run(job(), training_jobs=[training_job(0, "complete")], **ready_nodes())
+        assert decision.status.phase == "Complete"
+        assert sorted(d[3] for d in decision.delete) == ["ml-support-bot-0", "ml-support-bot-1"]
+        assert decision.status.adapter is not None
+        assert decision.status.adapter.uri == "pvc://support-bot-workspace/adapter"
+        assert decision.status.completion_time is not None
+        assert condition(decision, conditions.COMPLETE)[0] == "True"
+        assert [e.reason for e in decision.events] == ["Complete"]
+
+    def test_release_on_delete_keeps_the_claims(self) -> None:
+        decision = run(
+            job(runPolicy={"releaseNodes": "OnDelete"}), training_jobs=[training_job(0, "complete")], **ready_nodes()
+        )
+        assert decision.delete == []
+
+    def test_a_permanent_failure_fails_once_with_the_trainers_reason(self) -> None:
+        decision = run(
+            job(),
+            training_jobs=[training_job(0, "failed", "PodFailurePolicy")],
+            pods=[pod(0, "Failed", 2, "dataset: no column named 'text' (found: question, answer)")],
+            **ready_nodes(),
+        )
+        assert decision.status.phase == "Failed"
+        status, reason, message = condition(decision, conditions.FAILED)
+        assert (status, reason) == ("True", conditions.PERMANENT_FAILURE)
+        assert "no column named 'text'" in message
+        assert not any(m["kind"] == "Job" for m in decision.create), "no restart loop"
+        assert decision.status.restarts == 0
+
+    def test_a_retryable_failure_restarts_the_gang_as_a_new_attempt(self) -> None:
+        decision = run(
+            job(),
+            training_jobs=[training_job(0, "failed", "BackoffLimitExceeded")],
+            pods=[pod(0, "Failed", 137)],
+            **ready_nodes(),
+        )
+        (training,) = [m for m in decision.create if m["kind"] == "Job"]
+        assert training["metadata"]["name"] == "support-bot-train-1"
+        assert decision.status.restarts == 1
+        assert decision.status.phase == "Initializing"
+        assert any(e.reason == conditions.RESTARTING for e in decision.events)
+
+    def test_restarts_are_bounded(self) -> None:
+        history = [training_job(i, "failed", "BackoffLimitExceeded") for i in range(4)]
+        decision = run(job(runPolicy={"maxRestarts": 3}), training_jobs=history, **ready_nodes())
+        assert decision.status.phase == "Failed"
+        assert condition(decision, conditions.FAILED)[1] == conditions.RESTARTS_EXHAUSTED
+        assert decision.status.restarts == 3
+        assert not any(m["kind"] == "Job" for m in decision.create)
+
+    def test_deadline_is_permanent(self) -> None:
+        decision = run(job(), training_jobs=[training_job(0, "failed", "DeadlineExceeded")], **ready_nodes())
+        assert condition(decision, conditions.FAILED)[1] == conditions.DEADLINE_EXCEEDED
+
+
+class TestSuspendAndQueue:
+    def test_suspend_stops_the_pods_and_keeps_the_job(self) -> None:
+        decision = run(
+            job(runPolicy={"suspend": True}),
+            training_jobs=[training_job(0, "active")],
+            pods=[pod(0), pod(1)],
+            **ready_nodes(),
+        )
+        assert decision.status.phase == "Suspended"
+        assert [patch for _, patch in decision.patch] == [{"spec": {"suspend": True}}]
+
+    def test_resume_unsuspends(self) -> None:
+        decision = run(job(), training_jobs=[training_job(0, "suspended")], **ready_nodes())
+        assert [patch for _, patch in decision.patch] == [{"spec": {"suspend": False}}]
+
+    def test_queued_job_waits_for_kueue(self) -> None:
+        queued = job(runPolicy={"queueName": "team-a"})
+        decision = run(queued, training_jobs=[training_job(0, "suspended")], **ready_nodes())
+        assert decision.status.phase == "Pending"
+        assert condition(decision, conditions.TRAINING)[1] == conditions.QUEUED
+        assert decision.patch == [], "Kueue owns suspend"

@@ -1,0 +1,62 @@
+"""The trainer config: what the operator renders into each training pod.
+
+It is the job's spec plus the facts only the cluster knows: where each volume is mounted in the
+pod, which attempt this is, and where to publish metrics. The trainer reads this file (or a
+plain FineTuneJob manifest on a workstation) and nothing else; it never talks to the API.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Final, Literal
+
+from pydantic import Field
+
+from kubetune_trainer.config.spec import FineTuneJobSpec, SpecModel
+
+TRAINER_CONFIG_KIND: Final = "TrainerConfig"
+TRAINER_CONFIG_VERSION: Final = "kubetune.io/v1alpha1"
+
+#: Where the operator mounts things in a training pod; a workstation run passes its own folders.
+OUTPUT_MOUNT: Final = "/workspace"
+CONFIG_MOUNT: Final = "/etc/kubetune"
+SOURCES_MOUNT: Final = "/var/run/kubetune/sources"
+SECRETS_MOUNT: Final = "/var/run/kubetune/secrets"
+DEFAULT_METRICS_PORT: Final = 9400
+
+MountPath = Annotated[str, Field(min_length=1, max_length=4096, pattern=r"^/")]
+
+
+class Mounts(SpecModel):
+    """Where the pod sees each volume the spec refers to."""
+
+    output: MountPath = OUTPUT_MOUNT
+    """The job's volume: `checkpoints/`, `adapter/` (or `model/`), `merged/` and `summary.json` go here."""
+    claims: dict[str, MountPath] = Field(default_factory=dict)
+    """PersistentVolumeClaim name → mount path, for pvc:// sources (`pvc://claim/a/b` is `<path>/a/b`)."""
+    config_maps: dict[str, MountPath] = Field(default_factory=dict)
+    """ConfigMap name → mount path, for configmap:// datasets (`configmap://name/key` is `<path>/key`)."""
+    secrets: dict[str, MountPath] = Field(default_factory=dict)
+    """Secret name → mount path, for each secretRef (one file per key)."""
+
+
+class TrainerConfig(SpecModel):
+    """One training attempt's configuration, as the operator renders it."""
+
+    api_version: Literal["kubetune.io/v1alpha1"] = TRAINER_CONFIG_VERSION
+    """kubetune.io/v1alpha1"""
+    kind: Literal["TrainerConfig"] = TRAINER_CONFIG_KIND
+    """TrainerConfig"""
+    job_name: Annotated[str, Field(min_length=1, max_length=63)]
+    """The FineTuneJob's name (labels metrics and the summary)."""
+    namespace: Annotated[str, Field(min_length=1, max_length=63)] = "default"
+    """The FineTuneJob's namespace."""
+    attempt: Annotated[int, Field(ge=0)] = 0
+    """Gang attempt; each restart from a checkpoint is a new attempt."""
+    spec: FineTuneJobSpec
+    """The job's spec, defaults applied."""
+    mounts: Mounts = Field(default_factory=Mounts)
+    """Where volumes are mounted in the pod."""
+    metrics_port: Annotated[int, Field(ge=1024, le=65535)] = DEFAULT_METRICS_PORT
+    """Port on which rank 0 serves Prometheus metrics (step, loss, tokens/s, ETA…)."""
+    allow_private_addresses: bool = False
+    """Let https:// and http:// sources reach loopback, private and link-local addresses (off: such URLs are refused)."""
