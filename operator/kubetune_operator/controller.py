@@ -6,13 +6,14 @@ what it needs through :class:`~kubetune_operator.kube.Kube` and carries out its 
 
 from __future__ import annotations
 
+import datetime
 import logging
 import threading
 import time
 from typing import Any
 
-from kubetune_operator import metrics, names, progress
-from kubetune_operator.api import FineTuneJob, FineTuneJobStatus, Progress, load_job
+from kubetune_operator import conditions, metrics, names, progress
+from kubetune_operator.api import PHASES, FineTuneJob, FineTuneJobStatus, Progress, load_job
 from kubetune_operator.kube import FTJ_API, Kube
 from kubetune_operator.reconcile import Decision, Observed, attempt_of, decide
 from kubetune_operator.settings import OperatorSettings
@@ -29,6 +30,8 @@ class Controller:
         self.kube = kube
         self.settings = settings
         self._scraped: dict[str, tuple[float, Progress | None]] = {}
+        self._phases: dict[str, str] = {}
+        self._gpu_clock: dict[str, float] = {}
         self._lock = threading.Lock()
 
     # ---------------------------------------------------------------------------- observe
@@ -130,11 +133,52 @@ class Controller:
             except InvalidManifestError as exc:
                 self._invalid(obj, exc)
                 return None
-            decision = decide(self.observe(obj, job), self.settings)
+            observed = self.observe(obj, job)
+            decision = decide(observed, self.settings)
             self.act(obj, decision, job.status)
+            self._measure(obj, observed, decision, job.status)
             return decision
         finally:
             metrics.RECONCILE_SECONDS.observe(time.perf_counter() - started)
+
+    def _measure(self, obj: Obj, observed: Observed, decision: Decision, previous: FineTuneJobStatus | None) -> None:
+        """Phase gauge, provisioning latency, time to first step and GPU-hours."""
+        meta = obj["metadata"]
+        uid, status = meta["uid"], decision.status
+        created = datetime.datetime.fromisoformat(meta["creationTimestamp"].replace("Z", "+00:00"))
+        age = (observed.now - created).total_seconds()
+        before = {c.type: c.status for c in (previous.conditions if previous else [])}
+        after = {c.type: c.status for c in status.conditions}
+        if after.get(conditions.NODES_READY) == "True" and before.get(conditions.NODES_READY) != "True":
+            metrics.PROVISIONING_SECONDS.observe(age)
+        step_before = (previous.progress.step or 0) if previous and previous.progress else 0
+        if status.progress and (status.progress.step or 0) > 0 and step_before == 0:
+            metrics.FIRST_STEP_SECONDS.observe(age)
+        with self._lock:
+            self._phases[uid] = status.phase
+            counts: dict[str, int] = dict.fromkeys(PHASES, 0)
+            for phase in self._phases.values():
+                counts[phase] += 1
+            now = time.monotonic()
+            last = self._gpu_clock.get(uid)
+            self._gpu_clock[uid] = now
+        for phase, count in counts.items():
+            metrics.JOBS_BY_PHASE.labels(phase=phase).set(count)
+        if status.phase == "Training" and last is not None:
+            running = [p for p in observed.pods if (p.get("status") or {}).get("phase") == "Running"]
+            gpus = sum(
+                int((c.get("resources") or {}).get("limits", {}).get(observed.job.spec.resources.gpu_resource_name, 0))
+                for p in running
+                for c in p["spec"]["containers"]
+            )
+            metrics.GPU_HOURS.labels(namespace=meta["namespace"]).inc(gpus * (now - last) / 3600)
+
+    def forget(self, uid: str) -> None:
+        """Drop a deleted job from the in-memory gauges."""
+        with self._lock:
+            self._phases.pop(uid, None)
+            self._gpu_clock.pop(uid, None)
+            self._scraped.pop(uid, None)
 
     def _invalid(self, obj: Obj, error: InvalidManifestError) -> None:
         """A job the models refuse (the CRD let it through, e.g. from an older version): Failed, with why."""

@@ -84,8 +84,9 @@ def build_registry(settings: OperatorSettings, kube: Kube | None = None) -> kopf
             pokes.pop((namespace, name), None)
 
     @kopf.on.delete("kubetune.io", "v1alpha1", "finetunejobs", registry=registry)
-    def release(name: str, namespace: str | None, **_: Any) -> None:
+    def release(name: str, namespace: str | None, uid: str, **_: Any) -> None:
         assert namespace is not None, "FineTuneJobs are namespaced"
+        controller().forget(uid)
         remaining = controller().release(namespace, name)
         if remaining:
             raise kopf.TemporaryError(f"waiting for {remaining} NodeClaims to be released", delay=2)

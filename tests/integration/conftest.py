@@ -8,7 +8,10 @@ binaries (about 11 minutes); later ones start in seconds.
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import time
+import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -18,7 +21,7 @@ import pytest
 from kubernetes import client
 
 from kubetune_local import cluster
-from kubetune_local.controlplane import pid_alive
+from kubetune_local.controlplane import free_port, pid_alive
 from kubetune_local.kube import api_client
 
 T = TypeVar("T")
@@ -62,3 +65,78 @@ def namespace(api: client.ApiClient) -> Iterator[str]:
     wait_for(lambda: core.list_namespaced_service_account(name).items, what=f"default ServiceAccount in {name}")
     yield name
     core.delete_namespace(name)
+
+
+CRD = Path(__file__).resolve().parents[2] / "crds" / "kubetune.io_finetunejobs.yaml"
+
+
+class OperatorProcess:
+    """``kubetune operator`` as a real process against the local cluster (killable, restartable)."""
+
+    def __init__(self, kubeconfig: Path, log: Path) -> None:
+        self.kubeconfig = kubeconfig
+        self.log = log
+        self.metrics_port = free_port()
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        env = {**os.environ, "KUBECONFIG": str(self.kubeconfig)}
+        with open(self.log, "ab") as out:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "kubetune_cli.main", "operator", "--metrics-port", str(self.metrics_port)],
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+        wait_for(self._serving, timeout=60, what="the operator's metrics endpoint")
+
+    def _serving(self) -> bool:
+        assert self.process is not None
+        if self.process.poll() is not None:
+            pytest.fail(f"the operator exited with {self.process.returncode}:\n{self.log.read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=2):
+                return True
+        except OSError:
+            return False
+
+    def metrics(self) -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as response:
+            return str(response.read().decode())
+
+    def kill(self) -> None:
+        """SIGKILL: no cleanup, no goodbye, as a crashed or evicted operator."""
+        assert self.process is not None
+        self.process.kill()
+        self.process.wait()
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+
+@pytest.fixture(scope="session")
+def crd(local_cluster: cluster.Cluster) -> None:
+    result = local_cluster.kubectl("apply", "--server-side", "-f", str(CRD), check=False)
+    assert result.returncode == 0, result.stderr
+    extensions = client.ApiextensionsV1Api(api_client(local_cluster.kubeconfig))
+
+    def established() -> bool:
+        found = extensions.read_custom_resource_definition("finetunejobs.kubetune.io")
+        return any(c.type == "Established" and c.status == "True" for c in found.status.conditions or [])
+
+    wait_for(established, what="the FineTuneJob CRD to be established")
+
+
+@pytest.fixture(scope="session")
+def operator(
+    local_cluster: cluster.Cluster, crd: None, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[OperatorProcess]:
+    running = OperatorProcess(local_cluster.kubeconfig, tmp_path_factory.mktemp("operator") / "operator.log")
+    running.start()
+    yield running
+    running.stop()

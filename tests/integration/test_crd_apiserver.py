@@ -12,25 +12,10 @@ from kubernetes.client.exceptions import ApiException
 
 from kubetune_local import cluster
 from tests.conftest import EXAMPLES, REPO, BadManifest, load_bad_input, load_yaml
-from tests.integration.conftest import wait_for
 
 pytestmark = pytest.mark.integration
 
-CRD = REPO / "crds" / "kubetune.io_finetunejobs.yaml"
 GROUP, VERSION, PLURAL = "kubetune.io", "v1alpha1", "finetunejobs"
-
-
-@pytest.fixture(scope="module")
-def crd_installed(local_cluster: cluster.Cluster, api: client.ApiClient) -> None:
-    result = local_cluster.kubectl("apply", "--server-side", "-f", str(CRD), check=False)
-    assert result.returncode == 0, f"the apiserver refused the CRD:\n{result.stderr}"
-    extensions = client.ApiextensionsV1Api(api)
-
-    def established() -> bool:
-        crd = extensions.read_custom_resource_definition(f"{PLURAL}.{GROUP}")
-        return any(c.type == "Established" and c.status == "True" for c in crd.status.conditions or [])
-
-    wait_for(established, what="the FineTuneJob CRD to be established")
 
 
 def apply(
@@ -54,7 +39,7 @@ def apply(
     )
 
 
-@pytest.mark.usefixtures("crd_installed")
+@pytest.mark.usefixtures("crd")
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
 def test_examples_are_admitted(local_cluster: cluster.Cluster, namespace: str, path: object) -> None:
     manifest = load_yaml(path)  # type: ignore[arg-type]
@@ -63,7 +48,7 @@ def test_examples_are_admitted(local_cluster: cluster.Cluster, namespace: str, p
     assert result.returncode == 0, result.stderr
 
 
-@pytest.mark.usefixtures("crd_installed")
+@pytest.mark.usefixtures("crd")
 @pytest.mark.parametrize("case", load_bad_input(), ids=lambda c: c.name)
 def test_bad_input_is_refused_naming_the_field(
     local_cluster: cluster.Cluster, namespace: str, case: BadManifest
@@ -75,7 +60,7 @@ def test_bad_input_is_refused_naming_the_field(
     assert case.expect in result.stderr, f"{case.expect} not named in: {result.stderr}"
 
 
-@pytest.mark.usefixtures("crd_installed")
+@pytest.mark.usefixtures("crd")
 def test_model_and_method_are_immutable_once_training_started(api: client.ApiClient, namespace: str) -> None:
     custom = client.CustomObjectsApi(api)
     job = load_yaml(REPO / "examples" / "byo-gpu-nodes.yaml")
@@ -111,7 +96,7 @@ def test_model_and_method_are_immutable_once_training_started(api: client.ApiCli
     assert patched["spec"]["training"]["epochs"] == 5
 
 
-@pytest.mark.usefixtures("crd_installed")
+@pytest.mark.usefixtures("crd")
 def test_defaults_are_applied_by_the_apiserver(api: client.ApiClient, namespace: str) -> None:
     custom = client.CustomObjectsApi(api)
     minimal = {

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from pathlib import Path
@@ -348,7 +349,7 @@ def test_termination_message_and_log_fallback_reach_the_container_state(api: cli
     core.create_namespaced_pod(namespace, writes)
     core.create_namespaced_pod(namespace, falls_back)
     for name, expected in (("reason", "dataset is empty"), ("fallback", "no such column: text")):
-        wait_for(lambda name=name: finished(api, namespace, name), what=f"pod {name} to end")
+        wait_for(functools.partial(finished, api, namespace, name), what=f"pod {name} to end")
         terminated = raw_pod(api, namespace, name)["status"]["containerStatuses"][0]["state"]["terminated"]
         assert terminated["exitCode"] == 2
         assert terminated["message"] == expected

@@ -1,0 +1,203 @@
+"""The operator against the local runtime's real apiserver: provisioning, staging, launch, cleanup.
+
+The operator runs as a real process (``kubetune operator``); nothing is mocked.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+from kubernetes import client
+from kubernetes.client.exceptions import ApiException
+
+from kubetune_local.catalog import FAILURES_CONFIGMAP
+from kubetune_local.daemon import DEFAULT_NODE
+from kubetune_operator import names
+from tests.integration.conftest import OperatorProcess, wait_for
+
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("operator")]
+
+GROUP, VERSION, PLURAL = "kubetune.io", "v1alpha1", "finetunejobs"
+
+
+def ftj(name: str, **spec: Any) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "model": {"source": "pvc://models/tiny"},
+        "dataset": {"source": "pvc://models/data/train.jsonl"},
+        "training": {"maxSteps": 4},
+    }
+    body.update(spec)
+    return {"apiVersion": f"{GROUP}/{VERSION}", "kind": "FineTuneJob", "metadata": {"name": name}, "spec": body}
+
+
+def read(api: client.ApiClient, namespace: str, name: str) -> dict[str, Any]:
+    found: dict[str, Any] = client.CustomObjectsApi(api).get_namespaced_custom_object(
+        GROUP, VERSION, namespace, PLURAL, name
+    )
+    return found
+
+
+def condition(api: client.ApiClient, namespace: str, name: str, kind: str) -> dict[str, Any] | None:
+    for found in read(api, namespace, name).get("status", {}).get("conditions", []):
+        if found["type"] == kind:
+            return dict(found)
+    return None
+
+
+def children(api: client.ApiClient, namespace: str, job: str) -> dict[str, list[str]]:
+    """Everything labelled for the job, namespaced and cluster-scoped."""
+    selector = names.selector(namespace, job)
+    core, batch, custom = client.CoreV1Api(api), client.BatchV1Api(api), client.CustomObjectsApi(api)
+    claims = custom.list_cluster_custom_object("karpenter.sh", "v1", "nodeclaims", label_selector=selector)["items"]
+    return {
+        kind: items
+        for kind, items in {
+            "Job": [j.metadata.name for j in batch.list_namespaced_job(namespace, label_selector=selector).items],
+            "Pod": [p.metadata.name for p in core.list_namespaced_pod(namespace, label_selector=selector).items],
+            "Service": [
+                s.metadata.name for s in core.list_namespaced_service(namespace, label_selector=selector).items
+            ],
+            "ConfigMap": [
+                c.metadata.name for c in core.list_namespaced_config_map(namespace, label_selector=selector).items
+            ],
+            "PersistentVolumeClaim": [
+                p.metadata.name
+                for p in core.list_namespaced_persistent_volume_claim(namespace, label_selector=selector).items
+            ],
+            "NodeClaim": [c["metadata"]["name"] for c in claims],
+            "Node": [n.metadata.name for n in core.list_node(label_selector=selector).items],
+        }.items()
+        if items
+    }
+
+
+def delete_and_expect_nothing_left(api: client.ApiClient, namespace: str, name: str) -> None:
+    client.CustomObjectsApi(api).delete_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
+
+    def gone() -> bool:
+        try:
+            read(api, namespace, name)
+        except ApiException as exc:
+            return bool(exc.status == 404)
+        return False
+
+    wait_for(gone, timeout=60, what=f"FineTuneJob {name} to be deleted (finalizer released)")
+    wait_for(lambda: not children(api, namespace, name), timeout=90, what=f"every child of {name} to be gone")
+
+
+def test_byo_waits_for_a_matching_node_then_launches(api: client.ApiClient, namespace: str) -> None:
+    core = client.CoreV1Api(api)
+    pool = {"kubetune.io/test-pool": namespace}
+    client.CustomObjectsApi(api).create_namespaced_custom_object(
+        GROUP,
+        VERSION,
+        namespace,
+        PLURAL,
+        ftj("byo", resources={"provisioner": "byo", "nodeSelector": pool, "gpusPerNode": 0}),
+    )
+
+    def waiting() -> dict[str, Any] | None:
+        found = condition(api, namespace, "byo", "NodesReady")
+        return found if found and found["reason"] == "WaitingForNodes" else None
+
+    message = wait_for(waiting, what="a NodesReady condition saying what it waits for")["message"]
+    assert f"kubetune.io/test-pool={namespace}" in message
+    assert read(api, namespace, "byo")["status"]["phase"] == "Provisioning"
+    assert "Job" not in children(api, namespace, "byo")
+
+    core.patch_node(DEFAULT_NODE, {"metadata": {"labels": pool}})
+    try:
+        wait_for(lambda: "Job" in children(api, namespace, "byo"), what="the training Job once a node matches")
+        found = children(api, namespace, "byo")
+        assert found["Job"] == ["byo-train-0"]
+        assert found["Service"] == ["byo-train"]
+        assert found["ConfigMap"] == ["byo-config"]
+        assert found["PersistentVolumeClaim"] == ["byo-workspace"]
+        config = json.loads(core.read_namespaced_config_map("byo-config", namespace).data["config.json"])
+        assert config["kind"] == "TrainerConfig"
+        assert config["mounts"]["claims"] == {"models": "/var/run/kubetune/sources/pvc/models"}
+        delete_and_expect_nothing_left(api, namespace, "byo")
+    finally:
+        core.patch_node(DEFAULT_NODE, {"metadata": {"labels": {"kubetune.io/test-pool": None}}})
+
+
+def test_a_failing_claim_shows_its_reason_and_deleting_while_provisioning_leaks_nothing(
+    api: client.ApiClient, namespace: str
+) -> None:
+    core = client.CoreV1Api(api)
+    failure = "InsufficientCapacity: no g5.12xlarge capacity in us-east-1a"
+    core.create_namespaced_config_map(
+        "kube-system", {"metadata": {"name": FAILURES_CONFIGMAP}, "data": {"g5.12xlarge": failure}}
+    )
+    try:
+        client.CustomObjectsApi(api).create_namespaced_custom_object(
+            GROUP,
+            VERSION,
+            namespace,
+            PLURAL,
+            ftj(
+                "quota", distributed={"nodes": 2}, resources={"provisioner": "karpenter", "instanceType": "g5.12xlarge"}
+            ),
+        )
+
+        def claim_failed() -> dict[str, Any] | None:
+            found = condition(api, namespace, "quota", "NodesReady")
+            return found if found and found["reason"] == "NodeClaimFailed" else None
+
+        message = wait_for(claim_failed, what="the claim's failure in NodesReady")["message"]
+        assert "InsufficientCapacity" in message
+        assert "us-east-1a" in message
+        assert len(children(api, namespace, "quota")["NodeClaim"]) == 2
+    finally:
+        core.delete_namespaced_config_map(FAILURES_CONFIGMAP, "kube-system")
+    delete_and_expect_nothing_left(api, namespace, "quota")
+
+
+def test_deleting_after_nodes_are_ready_removes_claims_nodes_and_children(
+    api: client.ApiClient, namespace: str
+) -> None:
+    client.CustomObjectsApi(api).create_namespaced_custom_object(
+        GROUP,
+        VERSION,
+        namespace,
+        PLURAL,
+        ftj(
+            "gpus",
+            distributed={"nodes": 2},
+            resources={"provisioner": "karpenter", "instanceType": "Standard_NC24ads_A100_v4"},
+        ),
+    )
+    wait_for(lambda: "Job" in children(api, namespace, "gpus"), what="the training Job on the claimed nodes")
+    found = children(api, namespace, "gpus")
+    assert len(found["Node"]) == 2
+    job = client.BatchV1Api(api).read_namespaced_job("gpus-train-0", namespace)
+    container = job.spec.template.spec.containers[0]
+    assert container.resources.limits["nvidia.com/gpu"] == "1", "GPUs per node read from the claimed nodes"
+    delete_and_expect_nothing_left(api, namespace, "gpus")
+
+
+def test_operator_metrics_count_jobs_and_reconciles(
+    operator: OperatorProcess, api: client.ApiClient, namespace: str
+) -> None:
+    client.CustomObjectsApi(api).create_namespaced_custom_object(
+        GROUP,
+        VERSION,
+        namespace,
+        PLURAL,
+        ftj("counted", resources={"provisioner": "byo", "nodeSelector": {"none": "x"}}),
+    )
+    wait_for(lambda: condition(api, namespace, "counted", "NodesReady"), what="a first reconcile")
+    text = operator.metrics()
+    samples = {
+        line.split(" ")[0]: float(line.split(" ")[1]) for line in text.splitlines() if line and not line.startswith("#")
+    }
+    assert samples["kubetune_jobs_created_total"] >= 1
+    assert samples['kubetune_jobs{phase="Provisioning"}'] >= 1
+    assert samples["kubetune_reconcile_duration_seconds_count"] >= 1
+    assert (
+        0
+        < samples["kubetune_reconcile_duration_seconds_sum"] / samples["kubetune_reconcile_duration_seconds_count"]
+        < 5
+    )
