@@ -32,7 +32,21 @@ class Controller:
         self._scraped: dict[str, tuple[float, Progress | None]] = {}
         self._phases: dict[str, str] = {}
         self._gpu_clock: dict[str, float] = {}
+        self._nodes: dict[str, tuple[float, list[Obj]]] = {}
+        self._written: dict[str, tuple[str, Obj]] = {}
         self._lock = threading.Lock()
+
+    def nodes(self, labels: str | None) -> list[Obj]:
+        """Nodes (by label), cached for a second: many waiting jobs read the same few nodes."""
+        key = labels or ""
+        with self._lock:
+            cached = self._nodes.get(key)
+            if cached is not None and time.monotonic() - cached[0] < 1.0:
+                return cached[1]
+        found = self.kube.list("v1", "Node", labels=labels)
+        with self._lock:
+            self._nodes[key] = (time.monotonic(), found)
+        return found
 
     # ---------------------------------------------------------------------------- observe
 
@@ -44,10 +58,7 @@ class Controller:
         karpenter = spec.resources.provisioner == "karpenter"
         installed = karpenter and self.kube.installed("karpenter.sh/v1", "NodeClaim")
         claims = self.kube.list("karpenter.sh/v1", "NodeClaim", labels=selector) if installed else []
-        if karpenter:
-            nodes = self.kube.list("v1", "Node", labels=f"{names.UID_LABEL}={uid}")
-        else:
-            nodes = self.kube.list("v1", "Node")
+        nodes = self.nodes(f"{names.UID_LABEL}={uid}" if karpenter else None)
         jobs = self.kube.list("batch/v1", "Job", namespace=namespace, labels=selector)
         attempt = max((attempt_of(j) for j in jobs), default=0)
         pods = (
@@ -104,7 +115,11 @@ class Controller:
         status = decision.status.model_dump(mode="json", by_alias=True, exclude_none=True)
         before = previous.model_dump(mode="json", by_alias=True, exclude_none=True) if previous else None
         if status != before:
-            self.kube.write_status(obj["metadata"]["namespace"], obj["metadata"]["name"], status)
+            meta = obj["metadata"]
+            self.kube.write_status(meta["namespace"], meta["name"], status)
+            with self._lock:
+                # Until the watch delivers our own write, a pass would see the object as read here.
+                self._written[meta["uid"]] = (meta.get("resourceVersion", ""), status)
         for event in decision.events:
             self.kube.event(obj, event.type, event.reason, event.message)
         self._count(previous, decision.status)
@@ -127,6 +142,11 @@ class Controller:
     def reconcile(self, obj: Obj) -> Decision | None:
         """One pass for the FineTuneJob ``obj`` (as read from the API)."""
         started = time.perf_counter()
+        meta = obj["metadata"]
+        with self._lock:
+            written = self._written.get(meta["uid"])
+        if written is not None and written[0] == meta.get("resourceVersion"):
+            obj = {**obj, "status": written[1]}
         try:
             try:
                 job = load_job(obj)
@@ -179,6 +199,7 @@ class Controller:
             self._phases.pop(uid, None)
             self._gpu_clock.pop(uid, None)
             self._scraped.pop(uid, None)
+            self._written.pop(uid, None)
 
     def _invalid(self, obj: Obj, error: InvalidManifestError) -> None:
         """A job the models refuse (the CRD let it through, e.g. from an older version): Failed, with why."""

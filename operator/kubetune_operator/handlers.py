@@ -9,6 +9,8 @@ out of reach of garbage collection); namespaced children follow their owner refe
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import copy
 import logging
 from collections.abc import Mapping
 from typing import Any
@@ -28,6 +30,8 @@ def build_registry(settings: OperatorSettings, kube: Kube | None = None) -> kopf
     """A kopf registry with kubetune's handlers bound to ``settings``."""
     registry = kopf.OperatorRegistry()
     state: dict[str, Any] = {"controller": None}
+    # The API client is synchronous: reconciles run on their own pool, sized by settings.workers.
+    executor = concurrent.futures.ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix="reconcile")
     pokes: dict[tuple[str, str], asyncio.Event] = {}
 
     def controller() -> Controller:
@@ -64,17 +68,19 @@ def build_registry(settings: OperatorSettings, kube: Kube | None = None) -> kopf
     _settings = settings
 
     @kopf.daemon("kubetune.io", "v1alpha1", "finetunejobs", registry=registry, cancellation_timeout=10)
-    async def run(name: str, namespace: str | None, stopped: kopf.DaemonStopped, **_: Any) -> None:
+    async def run(name: str, namespace: str | None, body: kopf.Body, stopped: kopf.DaemonStopped, **_: Any) -> None:
         assert namespace is not None, "FineTuneJobs are namespaced"
         woken = pokes.setdefault((namespace, name), asyncio.Event())
+        loop = asyncio.get_running_loop()
         try:
             while not stopped:
                 woken.clear()
-                obj = await asyncio.to_thread(controller().get, namespace, name)
-                if obj is None or obj["metadata"].get("deletionTimestamp"):
+                # kopf keeps ``body`` current from its watch: no read per pass.
+                obj = copy.deepcopy(dict(body))
+                if obj["metadata"].get("deletionTimestamp"):
                     return
                 try:
-                    decision = await asyncio.to_thread(controller().reconcile, obj)
+                    decision = await loop.run_in_executor(executor, controller().reconcile, obj)
                     wait = decision.requeue_after if decision and decision.requeue_after else _settings.resync_seconds
                 except Exception:
                     log.exception("reconcile of %s/%s failed; retrying", namespace, name)

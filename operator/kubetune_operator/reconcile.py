@@ -284,11 +284,6 @@ def decide(observed: Observed, settings: OperatorSettings) -> Decision:  # noqa:
         decision.requeue_after = 5.0
     else:
         condition(conditions.NODES_READY, "True", readiness.reason, readiness.message)
-        # Staging: volume, config, DNS.
-        pvc = builders.build_pvc(target)
-        if pvc is not None:
-            decision.apply.append(pvc)
-        decision.apply += [builders.build_config_map(target), builders.build_service(target)]
         if current is None or current_state == "FailedRetryable":
             if current is not None:
                 attempt = attempt + 1
@@ -302,8 +297,13 @@ def decide(observed: Observed, settings: OperatorSettings) -> Decision:  # noqa:
                     )
                 )
             launch = _with_attempt(target, attempt)
-            decision.apply = [
-                m if m["kind"] != "ConfigMap" else builders.build_config_map(launch) for m in decision.apply
+            # Staging (volume, config, DNS) is applied with every launch; pods of a running attempt
+            # have read it already, so steady-state passes cost no writes.
+            pvc = builders.build_pvc(launch)
+            decision.apply += [
+                *([pvc] if pvc else []),
+                builders.build_config_map(launch),
+                builders.build_service(launch),
             ]
             decision.create.append(builders.build_training_job(launch, suspend=spec.run_policy.suspend))
             phase = "Initializing"
