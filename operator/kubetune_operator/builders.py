@@ -258,6 +258,22 @@ def trainer_command(target: Target) -> list[str]:
     ]
 
 
+def _cpus(quantity: str) -> float:
+    return float(quantity[:-1]) / 1000 if quantity.endswith("m") else float(quantity)
+
+
+def _thread_env(target: Target) -> list[Obj]:
+    """OMP_NUM_THREADS from the pod's CPU request shared by its processes.
+
+    torchrun sets it to 1 only with several processes per node; a single process per pod would
+    otherwise start a thread per core of the machine, which oversubscribes shared nodes badly.
+    """
+    if not target.spec.resources.cpu:
+        return []
+    threads = max(1, int(_cpus(target.spec.resources.cpu) // target.processes_per_node))
+    return [{"name": "OMP_NUM_THREADS", "value": str(threads)}]
+
+
 def build_training_job(target: Target, *, suspend: bool = False) -> Obj:
     """The Indexed Job of one gang attempt: one pod per node, torchrun inside, fail-fast as a gang."""
     spec = target.spec
@@ -280,6 +296,7 @@ def build_training_job(target: Target, *, suspend: bool = False) -> Obj:
         "env": [
             {"name": "KUBETUNE_TERMINATION_MESSAGE_PATH", "value": TERMINATION_MESSAGE_PATH},
             {"name": "PYTHONUNBUFFERED", "value": "1"},
+            *_thread_env(target),
         ],
         "ports": [
             {"name": "metrics", "containerPort": target.settings.trainer_metrics_port},

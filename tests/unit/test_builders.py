@@ -122,6 +122,18 @@ class TestTrainingJob:
         assert job["spec"]["suspend"] is True
         assert job["spec"]["activeDeadlineSeconds"] == 86400
 
+    def test_threads_follow_the_cpu_request_per_process(self) -> None:
+        spec = load_yaml(REPO / "examples" / "byo-gpu-nodes.yaml")["spec"]
+        spec["resources"]["cpu"] = "16"
+        spec["distributed"]["processesPerNode"] = 4
+        env = {
+            e["name"]: e["value"]
+            for e in container(build_training_job(target(spec, gpus=4, example="byo-gpu-nodes")))["env"]
+        }
+        assert env["OMP_NUM_THREADS"] == "4"
+        no_cpu = container(build_training_job(target(example="byo-gpu-nodes", gpus=4)))["env"]
+        assert "OMP_NUM_THREADS" not in {e["name"] for e in no_cpu}
+
     def test_cpu_training_requests_no_gpu(self) -> None:
         job = build_training_job(target(example="byo-gpu-nodes", gpus=0))
         assert (
