@@ -297,14 +297,12 @@ def decide(observed: Observed, settings: OperatorSettings) -> Decision:  # noqa:
                     )
                 )
             launch = _with_attempt(target, attempt)
-            # Staging (volume, config, DNS) is applied with every launch; pods of a running attempt
-            # have read it already, so steady-state passes cost no writes.
+            # Staging with every launch (pods of a running attempt have read it already, so steady-state
+            # passes cost no writes): the config is applied (it names the attempt), the volume and the
+            # Service are created once. Pods wait for their volumes, so the Job need not come last.
             pvc = builders.build_pvc(launch)
-            decision.apply += [
-                *([pvc] if pvc else []),
-                builders.build_config_map(launch),
-                builders.build_service(launch),
-            ]
+            decision.apply.append(builders.build_config_map(launch))
+            decision.create += [*([pvc] if pvc else []), builders.build_service(launch)]
             decision.create.append(builders.build_training_job(launch, suspend=spec.run_policy.suspend))
             phase = "Initializing"
             condition(conditions.TRAINING, "False", conditions.STARTING, f"starting attempt {attempt}")
