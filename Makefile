@@ -2,8 +2,8 @@
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
-# Extras installed by `make setup`; the trainer's ML stack joins when its tests exist.
-EXTRAS ?= operator,local,dev
+# Extras installed by `make setup`: everything, so that `make test` runs every suite (the trainer brings torch).
+EXTRAS ?= operator,local,dev,trainer
 CRD    := crds/kubetune.io_finetunejobs.yaml
 comma  := ,
 SOURCES := operator/kubetune_operator trainer/kubetune_trainer local/kubetune_local cli/kubetune_cli
@@ -24,9 +24,10 @@ lint: setup
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy $(SOURCES) tests
 	$(BIN)/lint-imports
+	$(BIN)/hadolint Dockerfile
 
-## unit: the unit tests (no cluster, no torch)
-unit: setup
+## unit: the unit tests (no cluster; the chart's use the helm binary built with the others)
+unit: binaries
 	$(BIN)/pytest -m unit
 
 ## binaries: build the control-plane binaries once (cached in ~/.cache/kubetune; ~11 min the first time)
@@ -44,6 +45,7 @@ test: lint binaries
 ## crds: regenerate the committed CRD from the models
 crds: setup
 	$(BIN)/kubetune crd --output $(CRD)
+	cp $(CRD) charts/kubetune/crds/
 
 ## lock: rewrite constraints.txt from the current environment
 lock: setup

@@ -103,10 +103,94 @@ def _operator(args: argparse.Namespace) -> int:
         namespaces=tuple(args.namespace or ()),
         metrics_port=args.metrics_port,
         peering=args.peering,
+        peering_priority=args.peering_priority,
+        health_port=args.health_port,
+        progress_interval_seconds=args.progress_interval,
         node_class=NodeClassRef(group=group, kind=kind, name=name),
     )
     run_operator(settings, standalone=args.peering is None)
     return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    from kubetune_trainer.launch import main as train
+
+    return train(args)
+
+
+def _plan(args: argparse.Namespace) -> int:
+    from kubetune_trainer.planning import main as plan
+
+    return plan(args)
+
+
+def _toy_model(args: argparse.Namespace) -> int:
+    from kubetune_trainer.toy import ToySize, build_toy
+
+    folder = build_toy(
+        Path(args.folder),
+        size=ToySize(hidden=args.hidden, layers=args.layers, intermediate=args.intermediate, heads=args.heads),
+        fmt=args.format,
+    )
+    print(f"wrote {folder}/model (tiny Llama + tokenizer), {folder}/data/train.jsonl and {folder}/finetunejob.yaml")
+    print(f"try: kubetune train --config {folder}/finetunejob.yaml --output {folder}/out")
+    return 0
+
+
+def _add_trainer_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """``train``, ``plan`` and ``toy-model``: the trainer's subcommands."""
+    train = commands.add_parser(
+        "train",
+        help="fine-tune as the config says (one process, or torchrun for several); exit 2 on bad config or data",
+    )
+    train.add_argument(
+        "--config",
+        required=True,
+        metavar="FILE",
+        help="a TrainerConfig (rendered by the operator) or a FineTuneJob manifest with local paths",
+    )
+    train.add_argument(
+        "--output", metavar="DIR", help="folder for checkpoints, adapter and summary (required with a FineTuneJob)"
+    )
+    train.add_argument("--nnodes", type=int, help="nodes in the gang (default 1)")
+    train.add_argument("--node-rank", type=int, default=0, help="this node's rank (default 0)")
+    train.add_argument(
+        "--nproc-per-node",
+        type=int,
+        help="processes per node (default: spec.distributed.processesPerNode, else one per GPU, else 1)",
+    )
+    train.add_argument("--master-addr", default="127.0.0.1", help="address of node 0 (default 127.0.0.1)")
+    train.add_argument(
+        "--master-port", type=int, help="rendezvous port on node 0 (default spec.distributed.masterPort)"
+    )
+    train.add_argument("--metrics-port", type=int, help="port of rank 0's Prometheus metrics (default: the config's)")
+    train.set_defaults(run=_train)
+
+    plan = commands.add_parser("plan", help="estimate each device's peak memory for a job and suggest what would fit")
+    plan.add_argument("file", metavar="FILE", help="a FineTuneJob manifest or TrainerConfig")
+    plan.add_argument(
+        "--model-config",
+        metavar="CONFIG_JSON",
+        help="the model's config.json (default: read from the model source when it is a local folder)",
+    )
+    plan.add_argument("--gpu-memory", type=float, metavar="GiB", help="memory of one device in GiB (default 80)")
+    plan.set_defaults(run=_plan)
+
+    toy = commands.add_parser(
+        "toy-model", help="write a tiny Llama, its tokenizer and a learnable toy dataset (for demos and tests)"
+    )
+    toy.add_argument("folder", metavar="DIR", help="where to write model/, data/train.jsonl and finetunejob.yaml")
+    toy.add_argument("--hidden", type=int, default=64, help="hidden size (default 64)")
+    toy.add_argument("--layers", type=int, default=2, help="decoder layers (default 2)")
+    toy.add_argument("--intermediate", type=int, default=128, help="MLP width (default 128)")
+    toy.add_argument("--heads", type=int, default=4, help="attention heads (default 4)")
+    toy.add_argument(
+        "--format",
+        default="prompt-completion",
+        choices=["prompt-completion", "text", "instruction", "messages"],
+        help="record format of the toy data (default prompt-completion)",
+    )
+    toy.set_defaults(run=_toy_model)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -152,10 +236,25 @@ def build_parser() -> argparse.ArgumentParser:
     operator.add_argument("--metrics-port", type=int, default=8080, help="port of the operator's /metrics")
     operator.add_argument("--peering", help="kopf peering name for several replicas (one active); standalone if unset")
     operator.add_argument(
+        "--peering-priority",
+        type=int,
+        help="this replica's peering priority (the highest live one works); random by default",
+    )
+    operator.add_argument(
+        "--health-port", type=int, default=8081, help="port of kopf's /healthz liveness endpoint; 0 for none"
+    )
+    operator.add_argument(
+        "--progress-interval",
+        type=float,
+        default=5.0,
+        help="seconds between reads of a training job's rank-0 metrics into status.progress",
+    )
+    operator.add_argument(
         "--node-class", help="Karpenter NodeClass as GROUP/KIND/NAME (default karpenter.azure.com/AKSNodeClass/default)"
     )
     operator.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     operator.set_defaults(run=_operator)
+    _add_trainer_commands(commands)
     return parser
 
 

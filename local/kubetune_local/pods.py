@@ -376,6 +376,7 @@ class PodRunner(threading.Thread):
 
     def _prepare_volumes(self) -> None:
         base = self.root / "volumes"
+        written: dict[str, dict[str, bytes]] = {}
         for volume in self.spec.get("volumes", []):
             name = volume["name"]
             if "persistentVolumeClaim" in volume:
@@ -393,12 +394,26 @@ class PodRunner(threading.Thread):
             else:
                 directory = base / name
             directory.mkdir(parents=True, exist_ok=True)
-            files = self._volume_files(volume)
-            for relative, content in (files or {}).items():
-                target = directory / relative
-                target.parent.mkdir(parents=True, exist_ok=True)
-                target.write_bytes(content)
+            written[name] = self._volume_files(volume) or {}
             self.volumes[name] = directory
+        # Files are written once every volume has its folder: text files get their mount paths
+        # rewritten like args and env, so a config file naming /workspace or a claim's mount path
+        # (the operator's rendered trainer config does) points at the right folders here too.
+        mounts: dict[str, Path] = {}
+        for container in [*self.spec.get("initContainers", []), *self.spec.get("containers", [])]:
+            mounts.update(self._mounts_of(container))
+        for name, files in written.items():
+            for relative, content in files.items():
+                target = self.volumes[name] / relative
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_bytes(self._rewrite_file(content, mounts))
+
+    def _rewrite_file(self, content: bytes, mounts: dict[str, Path]) -> bytes:
+        try:
+            text = content.decode("utf-8")
+        except UnicodeDecodeError:
+            return content  # binary data stays as it is
+        return self.rewrite_paths(text, mounts).encode("utf-8")
 
     def _termination_file(self, container: Obj) -> Path:
         return self.root / f"termination-{container['name']}.log"

@@ -12,6 +12,7 @@ import asyncio
 import concurrent.futures
 import copy
 import logging
+import random
 from collections.abc import Mapping
 from typing import Any
 
@@ -134,13 +135,18 @@ async def _sleep(seconds: float, woken: asyncio.Event, stopped: kopf.DaemonStopp
 def run_operator(settings: OperatorSettings, *, standalone: bool) -> None:
     """Run until interrupted (``kubetune operator``)."""
     registry = build_registry(settings)
+    priority = settings.peering_priority
+    if settings.peering is not None and priority is None:
+        # Replicas of equal priority all pause (kopf calls it a conflict): give each its own.
+        priority = random.SystemRandom().randint(1, 2**31 - 1)
     asyncio.run(
         kopf.operator(
             registry=registry,
             standalone=standalone or settings.peering is None,
             peering_name=settings.peering,
+            priority=priority,
             clusterwide=not settings.namespaces,
             namespaces=settings.namespaces,
-            liveness_endpoint="http://0.0.0.0:8081/healthz",
+            liveness_endpoint=f"http://0.0.0.0:{settings.health_port}/healthz" if settings.health_port else None,
         )
     )

@@ -358,7 +358,9 @@ def decide(observed: Observed, settings: OperatorSettings) -> Decision:  # noqa:
     first = jobs[0] if jobs else None
     progress = observed.progress or previous.progress
     if terminal_success and progress is not None:
-        progress = progress.model_copy(update={"percent": 100, "eta_seconds": 0})
+        # The last read may predate the last steps: a succeeded Job ran all of them.
+        final_step = progress.total_steps or progress.step
+        progress = progress.model_copy(update={"percent": 100, "eta_seconds": 0, "step": final_step})
     status = FineTuneJobStatus(
         phase=phase,
         observed_generation=generation,

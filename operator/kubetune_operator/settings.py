@@ -44,6 +44,11 @@ class OperatorSettings:
     """Concurrent reconciles."""
     peering: str | None = None
     """kopf peering name for several replicas with one active; standalone when unset."""
+    peering_priority: int | None = None
+    """This replica's kopf peering priority: the live replica with the highest works, the others wait.
+    Random when unset, because kopf pauses every replica that sees a live peer of its own priority."""
+    health_port: int = 8081
+    """Port of kopf's /healthz (the liveness probe), on 0.0.0.0; 0 serves none."""
     node_class: NodeClassRef = field(default_factory=NodeClassRef)
     """NodeClass for provisioner karpenter."""
     gpu_taint_value: str = "true"

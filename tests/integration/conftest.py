@@ -77,13 +77,25 @@ class OperatorProcess:
         self.kubeconfig = kubeconfig
         self.log = log
         self.metrics_port = free_port()
+        self.health_port = free_port()
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
         env = {**os.environ, "KUBECONFIG": str(self.kubeconfig)}
         with open(self.log, "ab") as out:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "kubetune_cli.main", "operator", "--metrics-port", str(self.metrics_port)],
+                [
+                    sys.executable,
+                    "-m",
+                    "kubetune_cli.main",
+                    "operator",
+                    "--metrics-port",
+                    str(self.metrics_port),
+                    "--health-port",
+                    str(self.health_port),
+                    "--progress-interval",
+                    "1",
+                ],
                 env=env,
                 stdout=out,
                 stderr=subprocess.STDOUT,

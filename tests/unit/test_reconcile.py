@@ -177,7 +177,11 @@ class TestLaunch:
 
 class TestEndings:
     def test_success_completes_releases_claims_and_names_the_adapter(self) -> None:
-        decision = run(job(), training_jobs=[training_job(0, "complete")], **ready_nodes())
+        last_read = Progress(step=53, total_steps=60, percent=88, loss=0.2)
+        ftj = job(status={"phase": "Training", "progress": last_read.model_dump(by_alias=True, exclude_none=True)})
+        decision = run(ftj, training_jobs=[training_job(0, "complete")], **ready_nodes())
+        assert decision.status.progress is not None
+        assert (decision.status.progress.step, decision.status.progress.percent) == (60, 100)
         assert decision.status.phase == "Complete"
         assert sorted(d[3] for d in decision.delete) == ["ml-support-bot-0", "ml-support-bot-1"]
         assert decision.status.adapter is not None
@@ -185,6 +189,7 @@ class TestEndings:
         assert decision.status.completion_time is not None
         assert condition(decision, conditions.COMPLETE)[0] == "True"
         assert [e.reason for e in decision.events] == ["Complete"]
+        assert decision.status.progress.loss == pytest.approx(0.2)
 
     def test_release_on_delete_keeps_the_claims(self) -> None:
         decision = run(

@@ -1,0 +1,258 @@
+"""The operator driving real training on the local runtime: a 2-node ZeRO-2 LoRA job end to end,
+a killed trainer resuming from its checkpoint, a bad dataset failing once, and an operator
+SIGKILLed throughout a job's life without duplicating anything.
+
+Training pods are real processes running ``kubetune train`` on a tiny Llama the test writes into
+a PersistentVolumeClaim (nothing is downloaded).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from kubernetes import client, watch
+
+from kubetune_local import cluster
+from tests.integration.conftest import OperatorProcess, wait_for
+
+pytestmark = [pytest.mark.integration, pytest.mark.trainer]
+
+GROUP, VERSION, PLURAL = "kubetune.io", "v1alpha1", "finetunejobs"
+
+
+def toy_claim(api: client.ApiClient, namespace: str, *, bad_data: bool = False) -> Path:
+    """A ReadWriteMany claim `models` holding the toy base model and data; returns its folder."""
+    from kubetune_trainer.toy import build_toy  # noqa: PLC0415 - torch only where training is tested
+
+    core = client.CoreV1Api(api)
+    core.create_namespaced_persistent_volume_claim(
+        namespace,
+        {
+            "metadata": {"name": "models"},
+            "spec": {"accessModes": ["ReadWriteMany"], "resources": {"requests": {"storage": "1Gi"}}},
+        },
+    )
+
+    def bound() -> str | None:
+        claim = core.read_namespaced_persistent_volume_claim("models", namespace)
+        return claim.spec.volume_name if claim.status.phase == "Bound" else None
+
+    volume = core.read_persistent_volume(wait_for(bound, what="the models claim to bind"))
+    folder = Path(volume.spec.host_path.path)
+    build_toy(folder)
+    if bad_data:
+        (folder / "data" / "train.jsonl").write_text('{"question": "q", "answer": "a"}\n' * 20, encoding="utf-8")
+    return folder
+
+
+def finetunejob(name: str, *, steps: int, nodes: int = 2, zero: int = 2, every: int = 10) -> dict[str, Any]:
+    return {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": "FineTuneJob",
+        "metadata": {"name": name},
+        "spec": {
+            "model": {"source": "pvc://models/model"},
+            "dataset": {"source": "pvc://models/data/train.jsonl", "maxSeqLength": 32},
+            "method": {"type": "lora", "lora": {"r": 16, "alpha": 32, "dropout": 0.0}},
+            "training": {
+                "maxSteps": steps,
+                "learningRate": 3.0e-3,
+                "lrScheduler": "constant",
+                "warmupRatio": 0,
+                "batchSizePerDevice": 8,
+                "precision": "fp32",
+                "gradientCheckpointing": False,
+                "checkpointEverySteps": every,
+                "loggingEverySteps": 2,
+            },
+            "distributed": {"nodes": nodes, "processesPerNode": 1, "deepspeed": {"zeroStage": zero}},
+            "resources": {"provisioner": "karpenter", "instanceType": "local-cpu", "gpusPerNode": 0, "cpu": "1"},
+            "runPolicy": {"maxRestarts": 2},
+        },
+    }
+
+
+def read(api: client.ApiClient, namespace: str, name: str) -> dict[str, Any]:
+    found: dict[str, Any] = client.CustomObjectsApi(api).get_namespaced_custom_object(
+        GROUP, VERSION, namespace, PLURAL, name
+    )
+    return found
+
+
+def phase(api: client.ApiClient, namespace: str, name: str) -> str:
+    return str(read(api, namespace, name).get("status", {}).get("phase", ""))
+
+
+def ended(api: client.ApiClient, namespace: str, name: str) -> str | None:
+    current = phase(api, namespace, name)
+    return current if current in ("Complete", "Failed") else None
+
+
+def create(api: client.ApiClient, namespace: str, body: dict[str, Any]) -> None:
+    client.CustomObjectsApi(api).create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, body)
+
+
+@pytest.mark.usefixtures("operator")
+def test_two_node_zero2_lora_job_completes_with_progress_and_releases_its_claims(
+    api: client.ApiClient, namespace: str
+) -> None:
+    folder = toy_claim(api, namespace)
+    create(api, namespace, finetunejob("lora2", steps=120, every=40))
+    seen_progress: list[dict[str, Any]] = []
+
+    def finished_while_watching() -> str | None:
+        status = read(api, namespace, "lora2").get("status", {})
+        if status.get("phase") == "Training" and status.get("progress", {}).get("step"):
+            seen_progress.append(status["progress"])
+        return ended(api, namespace, "lora2")
+
+    result = wait_for(finished_while_watching, timeout=600, what="the 2-node job to end")
+    status = read(api, namespace, "lora2")["status"]
+    assert result == "Complete", json.dumps(status, indent=1)
+    assert seen_progress, "status.progress showed steps while training"
+    assert any(p.get("loss") is not None for p in seen_progress)
+    assert status["progress"]["percent"] == 100
+    jobs = client.BatchV1Api(api).list_namespaced_job(namespace).items
+    assert [j.metadata.name for j in jobs] == ["lora2-train-0"]
+    assert jobs[0].spec.completions == 2
+    workspace = client.CoreV1Api(api).read_namespaced_persistent_volume_claim("lora2-workspace", namespace)
+    output = Path(client.CoreV1Api(api).read_persistent_volume(workspace.spec.volume_name).spec.host_path.path)
+    assert (output / "adapter" / "adapter_model.safetensors").exists()
+    assert (output / "adapter" / "adapter_config.json").exists()
+    summary = json.loads((output / "summary.json").read_text())
+    assert summary["steps"] == 120
+    assert status["adapter"]["uri"] == "pvc://lora2-workspace/adapter"
+    assert folder.exists()
+
+    def released() -> bool:
+        claims = client.CustomObjectsApi(api).list_cluster_custom_object("karpenter.sh", "v1", "nodeclaims")["items"]
+        return not [c for c in claims if c["metadata"]["labels"].get("kubetune.io/namespace") == namespace]
+
+    wait_for(released, what="the job's NodeClaims to be released after completion")
+
+
+def _kill_trainer(local_cluster: cluster.Cluster, api: client.ApiClient, namespace: str, pod_name: str) -> None:
+    uid = client.CoreV1Api(api).read_namespaced_pod(pod_name, namespace).metadata.uid
+    marker = f"KUBETUNE_LOCAL_POD={uid}".encode()
+    killed = 0
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if marker in (entry / "environ").read_bytes().split(b"\0"):
+                    os.kill(int(entry.name), signal.SIGKILL)
+                    killed += 1
+            except OSError:
+                continue
+    assert killed, f"no process of pod {pod_name} found"
+
+
+@pytest.mark.usefixtures("operator")
+def test_a_killed_trainer_pod_restarts_the_gang_from_its_checkpoint(
+    local_cluster: cluster.Cluster, api: client.ApiClient, namespace: str
+) -> None:
+    toy_claim(api, namespace)
+    create(api, namespace, finetunejob("resume", steps=60, every=10))
+
+    def past_a_checkpoint() -> bool:
+        progress = read(api, namespace, "resume").get("status", {}).get("progress") or {}
+        return int(progress.get("step") or 0) >= 15
+
+    wait_for(past_a_checkpoint, timeout=600, what="training to pass its first checkpoint")
+    pods = client.CoreV1Api(api).list_namespaced_pod(namespace, label_selector="kubetune.io/attempt=0").items
+    _kill_trainer(
+        local_cluster,
+        api,
+        namespace,
+        next(p.metadata.name for p in pods if p.metadata.name.startswith("resume-train-0-1")),
+    )
+    assert wait_for(lambda: ended(api, namespace, "resume"), timeout=900, what="the job to end") == "Complete"
+    status = read(api, namespace, "resume")["status"]
+    assert status["restarts"] == 1
+    assert status["progress"]["step"] == 60
+    jobs = sorted(j.metadata.name for j in client.BatchV1Api(api).list_namespaced_job(namespace).items)
+    assert jobs == ["resume-train-0", "resume-train-1"]
+    log = cluster.pod_log(
+        local_cluster.home,
+        next(
+            p.metadata.name
+            for p in client.CoreV1Api(api).list_namespaced_pod(namespace, label_selector="kubetune.io/attempt=1").items
+            if p.metadata.name.startswith("resume-train-1-0")
+        ),
+        namespace=namespace,
+    )
+    assert "checkpoint-" in log, "the second attempt resumed from a checkpoint"
+    assert "resum" in log.lower(), "the second attempt resumed from a checkpoint"
+
+
+@pytest.mark.usefixtures("operator")
+def test_a_bad_dataset_fails_once_with_a_dataset_reason(api: client.ApiClient, namespace: str) -> None:
+    toy_claim(api, namespace, bad_data=True)
+    create(api, namespace, finetunejob("baddata", steps=10, nodes=1))
+    assert wait_for(lambda: ended(api, namespace, "baddata"), timeout=300, what="the job to fail") == "Failed"
+    status = read(api, namespace, "baddata")["status"]
+    failed = next(c for c in status["conditions"] if c["type"] == "Failed")
+    assert failed["reason"] == "PermanentFailure"
+    assert "question" in failed["message"], "names the columns it found"
+    assert "answer" in failed["message"], "names the columns it found"
+    assert status["restarts"] == 0
+    time.sleep(5)
+    jobs = client.BatchV1Api(api).list_namespaced_job(namespace).items
+    assert [j.metadata.name for j in jobs] == ["baddata-train-0"], "no restart loop"
+
+
+def test_operator_sigkilled_ten_times_duplicates_nothing(
+    operator: OperatorProcess, api: client.ApiClient, namespace: str
+) -> None:
+    toy_claim(api, namespace)
+    created: dict[str, set[str]] = {"Job": set(), "NodeClaim": set()}
+    counts = {"Job": 0, "NodeClaim": 0}
+    stop = threading.Event()
+
+    def count(kind: str, lister: Any, *args: Any) -> None:
+        while not stop.is_set():
+            for event in watch.Watch().stream(lister, *args, timeout_seconds=3):
+                name = (
+                    event["object"]["metadata"]["name"]
+                    if isinstance(event["object"], dict)
+                    else event["object"].metadata.name
+                )
+                if event["type"] == "ADDED" and name not in created[kind]:
+                    created[kind].add(name)
+                    counts[kind] += 1
+                if stop.is_set():
+                    return
+
+    custom, batch = client.CustomObjectsApi(api), client.BatchV1Api(api)
+    watchers = [
+        threading.Thread(target=count, args=("Job", batch.list_namespaced_job, namespace), daemon=True),
+        threading.Thread(
+            target=count,
+            args=("NodeClaim", custom.list_cluster_custom_object, "karpenter.sh", "v1", "nodeclaims"),
+            daemon=True,
+        ),
+    ]
+    for thread in watchers:
+        thread.start()
+    create(api, namespace, finetunejob("chaos", steps=40))
+    rng = random.Random(7)
+    try:
+        for _ in range(10):
+            time.sleep(rng.uniform(0.5, 4.0))
+            operator.kill()
+            time.sleep(rng.uniform(0.0, 1.0))
+            operator.start()
+        result = wait_for(lambda: ended(api, namespace, "chaos"), timeout=900, what="the job to end despite the kills")
+    finally:
+        stop.set()
+    assert result == "Complete"
+    ours = {name for name in created["NodeClaim"] if name.startswith(f"{namespace}-chaos-")}
+    assert sorted(ours) == [f"{namespace}-chaos-0", f"{namespace}-chaos-1"], "one NodeClaim per node"
+    assert sorted(created["Job"]) == ["chaos-train-0"], "exactly one Job per attempt"

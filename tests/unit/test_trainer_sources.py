@@ -1,0 +1,195 @@
+"""Where the trainer finds its model and data: mounts, URL safety, Hub tokens; nothing leaves this machine."""
+
+from __future__ import annotations
+
+import http.server
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import huggingface_hub
+import pytest
+
+from kubetune_trainer import sources
+from kubetune_trainer.config import ALLOW_LOCAL_PATHS, TrainerConfig
+from kubetune_trainer.errors import ProblemList
+
+pytestmark = pytest.mark.unit
+
+
+def config(tmp_path: Path, *, model: str = "/m", dataset: str = "/d", **extra: Any) -> TrainerConfig:
+    body = {
+        "jobName": "t",
+        "spec": {"model": {"source": model, "secretRef": extra.pop("secret", None)}, "dataset": {"source": dataset}},
+        "mounts": {"output": str(tmp_path / "out"), **extra.pop("mounts", {})},
+        **extra,
+    }
+    return TrainerConfig.model_validate(body, context={ALLOW_LOCAL_PATHS: True})
+
+
+def locate(cfg: TrainerConfig, uri: str, kind: str = "dataset", secret: str | None = None) -> tuple[Any, list[str]]:
+    problems = ProblemList()
+    found = sources.locate(uri, kind=kind, secret_ref=secret, config=cfg, problems=problems)  # type: ignore[arg-type]
+    return found, [str(p) for p in problems.problems]
+
+
+def test_pvc_and_configmap_sources_map_to_their_mounts(tmp_path: Path) -> None:
+    (tmp_path / "claim" / "data").mkdir(parents=True)
+    (tmp_path / "claim" / "data" / "train.jsonl").write_text("{}")
+    (tmp_path / "cm").mkdir()
+    (tmp_path / "cm" / "train.jsonl").write_text("{}")
+    cfg = config(
+        tmp_path, mounts={"claims": {"models": str(tmp_path / "claim")}, "configMaps": {"small": str(tmp_path / "cm")}}
+    )
+    assert locate(cfg, "pvc://models/data/train.jsonl") == (
+        sources.LocalSource(tmp_path / "claim/data/train.jsonl"),
+        [],
+    )
+    assert locate(cfg, "configmap://small/train.jsonl") == (sources.LocalSource(tmp_path / "cm/train.jsonl"), [])
+    found, problems = locate(cfg, "pvc://other/x.jsonl")
+    assert found is None
+    assert "claim 'other' is not mounted" in problems[0]
+    assert "spec.dataset.source" in problems[0]
+    found, problems = locate(cfg, "pvc://models/data/missing.jsonl")
+    assert found is None
+    assert "does not exist" in problems[0]
+
+
+def test_s3_and_oci_are_refused_as_not_supported_yet(tmp_path: Path) -> None:
+    cfg = config(tmp_path)
+    for uri in ("s3://bucket/key.jsonl", "oci://registry.example/data/x:v1"):
+        found, problems = locate(cfg, uri)
+        assert found is None
+        assert "not supported by this trainer yet" in problems[0]
+
+
+@pytest.mark.parametrize(
+    ("address", "why"),
+    [
+        ("127.0.0.1", "loopback"),
+        ("::1", "loopback"),
+        ("10.1.2.3", "private"),
+        ("192.168.0.10", "private"),
+        ("172.16.5.4", "private"),
+        ("169.254.169.254", "link-local"),
+        ("fd00:ec2::254", "private"),
+        ("100.100.100.200", "not globally routable"),
+        ("::ffff:127.0.0.1", "loopback"),
+        ("0.0.0.0", "unspecified"),
+    ],
+)
+def test_internal_addresses_are_refused(address: str, why: str) -> None:
+    reason = sources.refused_address(address)
+    assert reason is not None
+    assert why in reason
+
+
+def test_public_addresses_are_allowed() -> None:
+    assert sources.refused_address("93.184.216.34") is None
+    assert sources.refused_address("2606:2800:220:1:248:1893:25c8:1946") is None
+
+
+def test_a_url_whose_host_resolves_to_any_internal_address_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sources, "_resolve", lambda host, port: ["93.184.216.34", "10.0.0.7"])
+    found, problems = locate(config(tmp_path), "https://data.example.org/train.jsonl")
+    assert found is None
+    assert "resolves to 10.0.0.7, a private address" in problems[0]
+    found, problems = locate(config(tmp_path, allowPrivateAddresses=True), "https://data.example.org/train.jsonl")
+    assert problems == []
+    assert found == sources.UrlSource("https://data.example.org/train.jsonl", allow_private=True)
+
+
+def test_localhost_is_refused_unless_allowed(tmp_path: Path) -> None:
+    _, problems = locate(config(tmp_path), "http://localhost:8000/train.jsonl")
+    assert "loopback" in problems[0]
+    assert "allowPrivateAddresses" in problems[0]
+
+
+def test_a_model_over_https_must_be_an_archive(tmp_path: Path) -> None:
+    _, problems = locate(config(tmp_path), "https://example.org/model", kind="model")
+    assert ".tar" in problems[0]
+
+
+@pytest.fixture
+def http_server(tmp_path: Path) -> Iterator[str]:
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site" / "train.jsonl").write_text('{"text": "hello"}\n')
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, directory=str(tmp_path / "site"), **kwargs)
+
+        def do_GET(self) -> None:
+            if self.path == "/moved":
+                self.send_response(302)
+                self.send_header("Location", "/train.jsonl")
+                self.end_headers()
+                return
+            super().do_GET()
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def test_download_follows_redirects_and_is_cached(http_server: str, tmp_path: Path) -> None:
+    located = sources.UrlSource(f"{http_server}/moved", allow_private=True)
+    path = sources.fetch(located, cache=tmp_path / "cache")
+    assert path.read_text() == '{"text": "hello"}\n'
+    assert sources.fetch(located, cache=tmp_path / "cache") == path
+    with pytest.raises(sources.FetchError) as refused:
+        sources.download(f"{http_server}/train.jsonl", tmp_path / "x", allow_private=False)
+    assert refused.value.permanent
+    assert "loopback" in str(refused.value)
+    with pytest.raises(sources.FetchError) as missing:
+        sources.download(f"{http_server}/nothing.jsonl", tmp_path / "y", allow_private=True)
+    assert missing.value.permanent
+    assert "404" in str(missing.value)
+
+
+def test_hub_token_comes_from_the_mounted_secret_then_the_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "secret").mkdir()
+    (tmp_path / "secret" / "token").write_text("hf_from_secret\n")
+    cfg = config(
+        tmp_path,
+        model="hf://org/model@v2",
+        secret="hf-token",
+        mounts={"secrets": {"hf-token": str(tmp_path / "secret")}},
+    )
+    found, problems = locate(cfg, "hf://org/model@v2", kind="model", secret="hf-token")
+    assert problems == []
+    assert found == sources.HubSource(repo_id="org/model", revision="v2", repo_type="model", token="hf_from_secret")
+
+    monkeypatch.setenv("HF_TOKEN", "hf_from_env")
+    found, _ = locate(cfg, "hf://org/data", kind="dataset")
+    assert found == sources.HubSource(repo_id="org/data", revision=None, repo_type="dataset", token="hf_from_env")
+
+    _, problems = locate(cfg, "hf://org/model", kind="model", secret="not-mounted")
+    assert "Secret 'not-mounted' is not mounted" in problems[0]
+    assert problems[0].startswith("spec.model.secretRef")
+
+
+def test_hub_sources_are_fetched_with_snapshot_download(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[tuple[str, dict[str, Any]]] = []
+
+    def fake_snapshot_download(repo_id: str, **kwargs: Any) -> str:
+        calls.append((repo_id, kwargs))
+        return str(tmp_path / "snapshot")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    located = sources.HubSource(repo_id="org/model", revision="main", repo_type="model", token="t")
+    assert sources.fetch(located, cache=tmp_path / "cache") == tmp_path / "snapshot"
+    assert calls == [
+        ("org/model", {"repo_type": "model", "revision": "main", "cache_dir": tmp_path / "cache" / "hf", "token": "t"})
+    ]
