@@ -22,6 +22,7 @@ from kubernetes import client, watch
 
 from kubetune_local import cluster
 from tests.integration.conftest import OperatorProcess, wait_for
+from tests.integration.test_operator import delete_and_expect_nothing_left
 
 pytestmark = [pytest.mark.integration, pytest.mark.trainer]
 
@@ -137,6 +138,20 @@ def test_two_node_zero2_lora_job_completes_with_progress_and_releases_its_claims
         return not [c for c in claims if c["metadata"]["labels"].get("kubetune.io/namespace") == namespace]
 
     wait_for(released, what="the job's NodeClaims to be released after completion")
+    delete_and_expect_nothing_left(api, namespace, "lora2")
+
+
+@pytest.mark.usefixtures("operator")
+def test_deleting_while_training_stops_the_gang_and_leaks_nothing(api: client.ApiClient, namespace: str) -> None:
+    toy_claim(api, namespace)
+    create(api, namespace, finetunejob("midway", steps=2000, every=500))
+
+    def training() -> bool:
+        status = read(api, namespace, "midway").get("status", {})
+        return status.get("phase") == "Training" and bool((status.get("progress") or {}).get("step"))
+
+    wait_for(training, timeout=300, what="the job to be training")
+    delete_and_expect_nothing_left(api, namespace, "midway")
 
 
 def _kill_trainer(local_cluster: cluster.Cluster, api: client.ApiClient, namespace: str, pod_name: str) -> None:
