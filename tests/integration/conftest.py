@@ -73,9 +73,10 @@ CRD = Path(__file__).resolve().parents[2] / "crds" / "kubetune.io_finetunejobs.y
 class OperatorProcess:
     """``kubetune operator`` as a real process against the local cluster (killable, restartable)."""
 
-    def __init__(self, kubeconfig: Path, log: Path) -> None:
+    def __init__(self, kubeconfig: Path, log: Path, *extra_args: str) -> None:
         self.kubeconfig = kubeconfig
         self.log = log
+        self.extra_args = extra_args
         self.metrics_port = free_port()
         self.health_port = free_port()
         self.process: subprocess.Popen[bytes] | None = None
@@ -95,6 +96,7 @@ class OperatorProcess:
                     str(self.health_port),
                     "--progress-interval",
                     "1",
+                    *self.extra_args,
                 ],
                 env=env,
                 stdout=out,
