@@ -17,7 +17,7 @@ from typing import Any
 
 from kubetune_operator import conditions, metrics, names, progress
 from kubetune_operator.api import PHASES, FineTuneJob, FineTuneJobStatus, Progress, load_job
-from kubetune_operator.kube import FTJ_API, Kube
+from kubetune_operator.kube import Kube
 from kubetune_operator.reconcile import Decision, Observed, attempt_of, decide
 from kubetune_operator.settings import OperatorSettings
 from kubetune_trainer.config import InvalidManifestError
@@ -235,6 +235,3 @@ class Controller:
             if not claim["metadata"].get("deletionTimestamp"):
                 self.kube.delete("karpenter.sh/v1", "NodeClaim", claim["metadata"]["name"])
         return len(claims)
-
-    def get(self, namespace: str, name: str) -> Obj | None:
-        return self.kube.get(*FTJ_API, name=name, namespace=namespace)

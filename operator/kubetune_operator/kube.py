@@ -59,14 +59,6 @@ class Kube:
 
     # ----------------------------------------------------------------------------- reads
 
-    def get(self, api_version: str, kind: str, name: str, namespace: str | None = None) -> Obj | None:
-        try:
-            found = self.resource(api_version, kind).get(name=name, namespace=namespace)
-        except NotFoundError:
-            return None
-        result: Obj = found.to_dict()
-        return result
-
     def list(
         self, api_version: str, kind: str, *, namespace: str | None = None, labels: str | None = None
     ) -> list[Obj]:

@@ -35,9 +35,6 @@ class Observed:
     nodes: list[Obj] = field(default_factory=list)
     """Nodes of the job's claims (karpenter) or every node (byo)."""
     karpenter_installed: bool = True
-    pvc: Obj | None = None
-    config_map: Obj | None = None
-    service: Obj | None = None
     training_jobs: list[Obj] = field(default_factory=list)
     pods: list[Obj] = field(default_factory=list)
     """Pods of the current attempt."""
