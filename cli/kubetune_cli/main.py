@@ -124,6 +124,12 @@ def _plan(args: argparse.Namespace) -> int:
     return plan(args)
 
 
+def _serve(args: argparse.Namespace) -> int:
+    from kubetune_trainer.serve import main as serve
+
+    return serve(args)
+
+
 def _toy_model(args: argparse.Namespace) -> int:
     from kubetune_trainer.toy import ToySize, build_toy
 
@@ -137,8 +143,29 @@ def _toy_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve_arguments(parser: argparse.ArgumentParser) -> None:
+    """``serve``'s flags, declared here so that ``kubetune --help`` needs no ML stack."""
+    parser.add_argument("--model", required=True, metavar="PATH", help="folder of the base model and its tokenizer")
+    parser.add_argument(
+        "--adapter",
+        action="append",
+        metavar="NAME=PATH",
+        help="a PEFT adapter folder, served as model NAME (repeatable)",
+    )
+    parser.add_argument("--base-name", default="base", help="model name of the base without adapters (default base)")
+    parser.add_argument("--host", default="0.0.0.0", help="address to listen on (default 0.0.0.0)")  # noqa: S104
+    parser.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
+    parser.add_argument(
+        "--max-new-tokens-limit",
+        type=int,
+        default=1024,
+        help="the most tokens one request may generate (default 1024; also chat's default max_tokens)",
+    )
+    parser.add_argument("--device", help="torch device (default cuda when there is a GPU, else cpu)")
+
+
 def _add_trainer_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """``train``, ``plan`` and ``toy-model``: the trainer's subcommands."""
+    """``train``, ``plan``, ``serve`` and ``toy-model``: the trainer's subcommands."""
     train = commands.add_parser(
         "train",
         help="fine-tune as the config says (one process, or torchrun for several); exit 2 on bad config or data",
@@ -175,6 +202,12 @@ def _add_trainer_commands(commands: argparse._SubParsersAction[argparse.Argument
     )
     plan.add_argument("--gpu-memory", type=float, metavar="GiB", help="memory of one device in GiB (default 80)")
     plan.set_defaults(run=_plan)
+
+    serve = commands.add_parser(
+        "serve", help="answer OpenAI-style completion and chat calls with a base model and its PEFT adapters"
+    )
+    _serve_arguments(serve)
+    serve.set_defaults(run=_serve)
 
     toy = commands.add_parser(
         "toy-model", help="write a tiny Llama, its tokenizer and a learnable toy dataset (for demos and tests)"

@@ -35,6 +35,7 @@ class Controller:
         self._scraped: dict[str, tuple[float, Progress | None]] = {}
         self._phases: dict[str, str] = {}
         self._gpu_clock: dict[str, float] = {}
+        self._restarts: dict[str, int] = {}
         self._nodes: dict[str, tuple[float, list[Obj]]] = {}
         self._written: dict[str, tuple[str, Obj]] = {}
         self._writers = concurrent.futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="write")
@@ -130,20 +131,6 @@ class Controller:
                 self._written[meta["uid"]] = (meta.get("resourceVersion", ""), status)
         for event in decision.events:
             self.kube.event(obj, event.type, event.reason, event.message)
-        self._count(previous, decision.status)
-
-    @staticmethod
-    def _count(previous: FineTuneJobStatus | None, status: FineTuneJobStatus) -> None:
-        before = previous.phase if previous else None
-        if before is None:
-            metrics.JOBS_CREATED.inc()
-        if status.phase != before:
-            if status.phase == "Complete":
-                metrics.JOBS_SUCCEEDED.inc()
-            elif status.phase == "Failed":
-                metrics.JOBS_FAILED.inc()
-        if previous is not None and status.restarts > previous.restarts:
-            metrics.JOBS_RESTARTED.inc(status.restarts - previous.restarts)
 
     # ------------------------------------------------------------------------- reconcile
 
@@ -183,7 +170,11 @@ class Controller:
         if status.progress and (status.progress.step or 0) > 0 and step_before == 0:
             metrics.FIRST_STEP_SECONDS.observe(age)
         with self._lock:
+            # What this process decided last beats the object's status, which can lag our own write.
+            phase_before = self._phases.get(uid, previous.phase if previous else None)
+            restarts_before = self._restarts.get(uid, previous.restarts if previous else 0)
             self._phases[uid] = status.phase
+            self._restarts[uid] = status.restarts
             counts: dict[str, int] = dict.fromkeys(PHASES, 0)
             for phase in self._phases.values():
                 counts[phase] += 1
@@ -192,6 +183,12 @@ class Controller:
             self._gpu_clock[uid] = now
         for phase, count in counts.items():
             metrics.JOBS_BY_PHASE.labels(phase=phase).set(count)
+        if phase_before is None:
+            metrics.JOBS_CREATED.inc()
+        if status.phase != phase_before and status.phase in ("Complete", "Failed"):
+            (metrics.JOBS_SUCCEEDED if status.phase == "Complete" else metrics.JOBS_FAILED).inc()
+        if status.restarts > restarts_before:
+            metrics.JOBS_RESTARTED.inc(status.restarts - restarts_before)
         if status.phase == "Training" and last is not None:
             running = [p for p in observed.pods if (p.get("status") or {}).get("phase") == "Running"]
             gpus = sum(
@@ -205,6 +202,7 @@ class Controller:
         """Drop a deleted job from the in-memory gauges."""
         with self._lock:
             self._phases.pop(uid, None)
+            self._restarts.pop(uid, None)
             self._gpu_clock.pop(uid, None)
             self._scraped.pop(uid, None)
             self._written.pop(uid, None)

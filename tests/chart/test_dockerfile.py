@@ -255,7 +255,6 @@ def test_trainer_image_alone_prints_the_help(found: dict[str, Stage], capsys: py
     assert "train" in capsys.readouterr().out
 
 
-@pytest.mark.xfail(strict=True, reason="`kubetune serve` is not written yet (DESIGN §4); drop this mark when it is")
 def test_trainer_image_runs_serve() -> None:
     commands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
     assert "serve" in commands.choices

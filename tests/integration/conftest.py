@@ -146,10 +146,11 @@ def crd(local_cluster: cluster.Cluster) -> None:
     wait_for(established, what="the FineTuneJob CRD to be established")
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def operator(
     local_cluster: cluster.Cluster, crd: None, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[OperatorProcess]:
+    """One operator per test module: a module that runs its own (peered replicas) sees no other."""
     running = OperatorProcess(local_cluster.kubeconfig, tmp_path_factory.mktemp("operator") / "operator.log")
     running.start()
     yield running

@@ -95,7 +95,7 @@ def test_one_replica_works_and_another_takes_over(
     assert last_peering_word(low) == "Pausing", "the lower-priority replica stayed paused"
 
     high.kill()
-    custom.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, job("second"))
     # The dead replica's keep-alive expires (kopf's peering lifetime, 60 s); the survivor resumes.
-    wait_for(lambda: handled(api, namespace, "second"), timeout=150, what="the surviving replica to take over")
-    assert last_peering_word(low) == "Resuming"
+    wait_for(lambda: last_peering_word(low) == "Resuming", timeout=150, what="the surviving replica to resume")
+    custom.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, job("second"))
+    wait_for(lambda: handled(api, namespace, "second"), what="the surviving replica to handle a new job")

@@ -1,0 +1,357 @@
+"""``kubetune serve`` as a real process: the toy base plus two LoRA adapters trained here, over HTTP.
+
+One adapter learns the toy facts as prompt-completion records (asked through ``/v1/completions``),
+the other as chat messages (asked through ``/v1/chat/completions`` and the chat template); the base
+knows none of them. Both are trained at once, then served by one server for the whole module.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from kubetune_trainer.serve import Sampling, parse_adapters, parse_sampling
+from kubetune_trainer.toy import greedy_answers, toy_facts, toy_prompt, toy_records, write_jsonl
+from tests.trainer.conftest import finetunejob, free_port, start_train, train_env, wait_until, write_manifest
+
+pytestmark = pytest.mark.trainer
+
+#: Share of the toy facts an adapter must answer exactly.
+MIN_MATCH = 0.9
+FACTS = toy_facts()
+
+
+@dataclass
+class Reply:
+    status: int
+    headers: dict[str, str]
+    raw: bytes
+
+    @property
+    def json(self) -> Any:
+        return json.loads(self.raw)
+
+
+class Client:
+    def __init__(self, port: int) -> None:
+        self.base = f"http://127.0.0.1:{port}"
+
+    def request(self, method: str, path: str, body: Any = None, *, raw: bytes | None = None) -> Reply:
+        data = raw if raw is not None else None if body is None else json.dumps(body).encode()
+        request = urllib.request.Request(self.base + path, data=data, method=method)
+        if data is not None:
+            request.add_header("Content-Type", "application/json")
+        try:
+            with urllib.request.urlopen(request, timeout=60) as response:
+                return Reply(response.status, dict(response.headers), response.read())
+        except urllib.error.HTTPError as error:
+            return Reply(error.code, dict(error.headers), error.read())
+
+    def get(self, path: str) -> Reply:
+        return self.request("GET", path)
+
+    def post(self, path: str, body: Any = None, *, raw: bytes | None = None) -> Reply:
+        return self.request("POST", path, body, raw=raw)
+
+
+@pytest.fixture(scope="module")
+def adapters(toy_model: Path, toy_data: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """``facts`` (prompt-completion) and ``chat`` (messages) LoRA adapters, trained side by side."""
+    folder = tmp_path_factory.mktemp("serve")
+    chats = write_jsonl(toy_records("messages"), folder / "chats" / "train.jsonl")
+    runs = {}
+    # The chat prompts are shorter, and slower to learn from (as in test_methods).
+    for name, data, steps in (("facts", toy_data, 150), ("chat", chats, 250)):
+        config = write_manifest(folder / name, finetunejob(toy_model, data, training={"maxSteps": steps}))
+        runs[name] = start_train(
+            config, folder / name / "out", "--metrics-port", str(free_port()), log=folder / f"{name}.log"
+        )
+    for name, process in runs.items():
+        assert process.wait(timeout=300) == 0, (folder / f"{name}.log").read_text()
+    return {name: folder / name / "out" / "adapter" for name in runs}
+
+
+@pytest.fixture(scope="module")
+def server(toy_model: Path, adapters: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Client]:
+    port = free_port()
+    log = tmp_path_factory.mktemp("serve-log") / "serve.log"
+    command = [sys.executable, "-m", "kubetune_cli.main", "serve", "--model", str(toy_model)]
+    for name, path in adapters.items():
+        command += ["--adapter", f"{name}={path}"]
+    command += ["--host", "127.0.0.1", "--port", str(port), "--max-new-tokens-limit", "64"]
+    with open(log, "wb") as out:
+        process = subprocess.Popen(command, env=train_env(), stdout=out, stderr=subprocess.STDOUT)
+    client = Client(port)
+
+    def ready() -> bool:
+        if process.poll() is not None:
+            pytest.fail(f"kubetune serve exited with {process.returncode}:\n{log.read_text()}")
+        try:
+            return client.get("/readyz").status == 200
+        except OSError:
+            return False
+
+    try:
+        wait_until(ready, timeout=60, what="kubetune serve to be ready")
+        yield client
+    finally:
+        process.terminate()
+        try:
+            assert process.wait(timeout=15) == 0, log.read_text()
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+
+
+def complete(server: Client, model: str, obj: str, **extra: Any) -> dict[str, Any]:
+    body = {"model": model, "prompt": toy_prompt(obj), "max_tokens": 3, "temperature": 0, **extra}
+    reply = server.post("/v1/completions", body)
+    assert reply.status == 200, reply.raw
+    result: dict[str, Any] = reply.json
+    return result
+
+
+def chat(server: Client, model: str, obj: str, **extra: Any) -> dict[str, Any]:
+    body = {
+        "model": model,
+        "messages": [{"role": "user", "content": f"what is the color and size of {obj} ?"}],
+        "max_tokens": 3,
+        "temperature": 0,
+        **extra,
+    }
+    reply = server.post("/v1/chat/completions", body)
+    assert reply.status == 200, reply.raw
+    result: dict[str, Any] = reply.json
+    return result
+
+
+def events(reply: Reply) -> list[Any]:
+    """The JSON chunks of a Server-Sent Events answer, which must end with ``data: [DONE]``."""
+    assert reply.status == 200, reply.raw
+    assert reply.headers["Content-Type"].startswith("text/event-stream")
+    lines = [line for line in reply.raw.decode().split("\n\n") if line.strip()]
+    assert all(line.startswith("data: ") for line in lines), lines
+    assert lines[-1] == "data: [DONE]"
+    return [json.loads(line.removeprefix("data: ")) for line in lines[:-1]]
+
+
+def assert_usage(result: dict[str, Any]) -> None:
+    usage = result["usage"]
+    assert usage["prompt_tokens"] > 0
+    assert usage["completion_tokens"] > 0
+    assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+
+
+def test_health_and_readiness(server: Client) -> None:
+    assert server.get("/healthz").status == 200
+    assert server.get("/readyz").status == 200
+
+
+def test_models_lists_the_base_and_every_adapter(server: Client) -> None:
+    reply = server.get("/v1/models")
+    assert reply.status == 200
+    listing = reply.json
+    assert listing["object"] == "list"
+    assert [m["id"] for m in listing["data"]] == ["base", "facts", "chat"]
+    assert all(m["object"] == "model" for m in listing["data"])
+
+
+@pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")  # transformers' own, via peft
+def test_completions_answer_with_the_adapter_and_not_the_base(
+    server: Client, toy_model: Path, adapters: dict[str, Path]
+) -> None:
+    adapter = [complete(server, "facts", obj) for obj in FACTS]
+    base = [complete(server, "base", obj) for obj in FACTS]
+    adapter_rate = sum(r["choices"][0]["text"].strip() == FACTS[o] for r, o in zip(adapter, FACTS, strict=True))
+    base_rate = sum(r["choices"][0]["text"].strip() == FACTS[o] for r, o in zip(base, FACTS, strict=True))
+    assert adapter_rate / len(FACTS) >= MIN_MATCH
+    assert base_rate == 0
+    for result in adapter + base:
+        assert result["object"] == "text_completion"
+        assert_usage(result)
+    assert {r["model"] for r in adapter} == {"facts"}
+    # The server's answers are exactly those of the adapter loaded in this process.
+    from peft import PeftModel  # noqa: PLC0415
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: PLC0415
+
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(toy_model), adapters["facts"])
+    expected = greedy_answers(model, AutoTokenizer.from_pretrained(toy_model), [toy_prompt(o) for o in FACTS])
+    assert [r["choices"][0]["text"].strip() for r in adapter] == expected
+
+
+def test_chat_answers_with_the_chat_adapter_and_not_the_base(server: Client) -> None:
+    adapter = [chat(server, "chat", obj) for obj in FACTS]
+    base = [chat(server, "base", obj) for obj in FACTS]
+    right = sum(r["choices"][0]["message"]["content"].strip() == FACTS[o] for r, o in zip(adapter, FACTS, strict=True))
+    wrong = sum(r["choices"][0]["message"]["content"].strip() == FACTS[o] for r, o in zip(base, FACTS, strict=True))
+    assert right / len(FACTS) >= MIN_MATCH
+    assert wrong == 0
+    first = adapter[0]
+    assert first["object"] == "chat.completion"
+    assert first["choices"][0]["message"]["role"] == "assistant"
+    assert first["choices"][0]["finish_reason"] == "stop"  # the adapter learned to end its answer
+    for result in adapter:
+        assert_usage(result)
+
+
+def test_streamed_chat_is_the_same_text(server: Client) -> None:
+    for obj in list(FACTS)[:5]:
+        for model in ("chat", "base"):
+            whole = chat(server, model, obj, max_tokens=6)
+            body = {
+                "model": model,
+                "messages": [{"role": "user", "content": f"what is the color and size of {obj} ?"}],
+                "max_tokens": 6,
+                "temperature": 0,
+                "stream": True,
+                "stream_options": {"include_usage": True},
+            }
+            chunks = events(server.post("/v1/chat/completions", body))
+            assert all(c["object"] == "chat.completion.chunk" for c in chunks)
+            text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"])
+            assert text == whole["choices"][0]["message"]["content"]
+            finish = [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]]
+            assert finish[-1] == whole["choices"][0]["finish_reason"]
+            assert chunks[-1]["usage"] == whole["usage"]
+
+
+def test_streamed_completion_with_a_stop_sequence_is_the_same_text(server: Client) -> None:
+    obj = next(iter(FACTS))
+    color, size = FACTS[obj].split()
+    whole = complete(server, "facts", obj, stop=[size])
+    assert whole["choices"][0]["text"].strip() == color
+    assert whole["choices"][0]["finish_reason"] == "stop"
+    body = {"model": "facts", "prompt": toy_prompt(obj), "max_tokens": 3, "temperature": 0, "stop": [size]}
+    chunks = events(server.post("/v1/completions", body | {"stream": True}))
+    assert "".join(c["choices"][0]["text"] for c in chunks) == whole["choices"][0]["text"]
+
+
+def test_sampling_with_a_seed_repeats(server: Client) -> None:
+    obj = next(iter(FACTS))
+    first = complete(server, "base", obj, temperature=1.0, seed=7, max_tokens=8)
+    second = complete(server, "base", obj, temperature=1.0, seed=7, max_tokens=8)
+    assert first["choices"][0]["text"] == second["choices"][0]["text"]
+    assert first["usage"]["completion_tokens"] == 8
+
+
+def test_concurrent_requests_are_answered_one_at_a_time_and_right(server: Client) -> None:
+    objects = list(FACTS)[:12]
+    answers: dict[str, str] = {}
+
+    def ask(obj: str) -> None:
+        answers[obj] = complete(server, "facts", obj)["choices"][0]["text"].strip()
+
+    threads = [threading.Thread(target=ask, args=(obj,)) for obj in objects]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert answers == {obj: complete(server, "facts", obj)["choices"][0]["text"].strip() for obj in objects}
+
+
+def assert_openai_error(reply: Reply, status: int) -> dict[str, Any]:
+    assert reply.status == status, reply.raw
+    assert reply.headers["Content-Type"] == "application/json"
+    error: dict[str, Any] = reply.json["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert isinstance(error["message"], str)
+    assert error["message"]
+    assert "Traceback" not in reply.raw.decode()
+    return error
+
+
+def test_unknown_model_is_404(server: Client) -> None:
+    reply = server.post("/v1/chat/completions", {"model": "nope", "messages": [{"role": "user", "content": "hi"}]})
+    error = assert_openai_error(reply, 404)
+    assert error["code"] == "model_not_found"
+    assert error["param"] == "model"
+    assert_openai_error(server.post("/v1/completions", {"model": "nope", "prompt": "hi"}), 404)
+
+
+MESSAGES = [{"role": "user", "content": "hi"}]
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "param"),
+    [
+        ("/v1/chat/completions", b"{not json", None),
+        ("/v1/chat/completions", b"[1, 2]", None),
+        ("/v1/chat/completions", b"\xff\xfe", None),
+        ("/v1/chat/completions", {"model": "chat"}, "messages"),
+        ("/v1/chat/completions", {"model": "chat", "messages": "hi"}, "messages"),
+        (
+            "/v1/chat/completions",
+            {"model": "chat", "messages": [{"role": "user", "content": 3}]},
+            "messages[0].content",
+        ),
+        ("/v1/chat/completions", {"model": "chat", "messages": MESSAGES, "max_tokens": -1}, "max_tokens"),
+        ("/v1/chat/completions", {"model": "chat", "messages": MESSAGES, "max_tokens": "5"}, "max_tokens"),
+        ("/v1/chat/completions", {"model": "chat", "messages": MESSAGES, "max_tokens": 65}, "max_tokens"),
+        ("/v1/chat/completions", {"model": "chat", "messages": MESSAGES, "temperature": "hot"}, "temperature"),
+        ("/v1/chat/completions", {"model": "chat", "messages": MESSAGES, "temperature": -1}, "temperature"),
+        ("/v1/chat/completions", {"model": "chat", "messages": MESSAGES, "stream": "yes"}, "stream"),
+        ("/v1/chat/completions", {"model": "chat", "messages": MESSAGES, "stop": 5}, "stop"),
+        ("/v1/chat/completions", {"model": "chat", "messages": MESSAGES, "n": 2}, "n"),
+        ("/v1/chat/completions", {"messages": MESSAGES}, "model"),
+        ("/v1/chat/completions", {"model": 1, "messages": MESSAGES}, "model"),
+        ("/v1/completions", {"model": "facts"}, "prompt"),
+        ("/v1/completions", {"model": "facts", "prompt": ["a", "b"]}, "prompt"),
+    ],
+)
+def test_bad_requests_are_400(server: Client, path: str, body: Any, param: str | None) -> None:
+    reply = server.post(path, raw=body) if isinstance(body, bytes) else server.post(path, body)
+    assert assert_openai_error(reply, 400)["param"] == param
+
+
+def test_unknown_endpoint_and_method(server: Client) -> None:
+    assert_openai_error(server.get("/v1/nothing"), 404)
+    assert_openai_error(server.get("/v1/chat/completions"), 405)
+
+
+def test_metrics_count_requests_and_tokens(server: Client) -> None:
+    complete(server, "facts", next(iter(FACTS)))
+    server.post("/v1/completions", {"model": "nope", "prompt": "hi"})
+    reply = server.get("/metrics")
+    assert reply.status == 200
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(reply.raw.decode())
+        for s in family.samples
+    }
+
+    def value(name: str, **labels: str) -> float:
+        return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+    assert value("kubetune_serve_requests_total", endpoint="/v1/completions", model="facts", status="200") >= 1
+    assert value("kubetune_serve_requests_total", endpoint="/v1/completions", model="", status="404") >= 1
+    assert value("kubetune_serve_generated_tokens_total", model="facts") >= 2
+    assert value("kubetune_serve_request_duration_seconds_count", endpoint="/v1/completions") >= 2
+
+
+def test_adapters_flag_is_checked(tmp_path: Path) -> None:
+    adapter = tmp_path / "a"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{}")
+    assert parse_adapters([f"x={adapter}"], "base") == {"x": adapter}
+    for bad in (["x"], [f"base={adapter}"], [f"x={adapter}", f"x={adapter}"], [f"y={tmp_path}"], [f"={adapter}"]):
+        with pytest.raises(ValueError, match="--adapter"):
+            parse_adapters(bad, "base")
+
+
+def test_chat_takes_the_limit_as_its_default_max_tokens() -> None:
+    assert parse_sampling({}, default_max_tokens=64, limit=64) == Sampling(max_tokens=64)
+    assert (
+        parse_sampling({"max_completion_tokens": 3, "max_tokens": 9}, default_max_tokens=16, limit=64).max_tokens == 3
+    )
