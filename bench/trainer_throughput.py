@@ -18,7 +18,6 @@ import argparse
 import json
 import os
 import random
-import socket
 import subprocess
 import sys
 import tempfile
@@ -28,7 +27,9 @@ from typing import Any
 
 import yaml
 
+from kubetune_local.controlplane import free_port
 from kubetune_trainer.toy import NUMBERS, ToySize, build_model, build_tokenizer, write_jsonl
+from tests.trainer.conftest import train_command
 
 BENCH_SIZE = ToySize(hidden=256, layers=4, intermediate=704, heads=8)
 
@@ -70,12 +71,6 @@ PLAIN_SCRIPT = textwrap.dedent(
                       "tokens_per_second": trainer.state.num_input_tokens_seen / seconds}))
     '''
 )
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _env() -> dict[str, str]:
@@ -136,18 +131,7 @@ def kubetune_run(
     config.write_text(yaml.safe_dump(manifest))
     output = folder / name
     result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "kubetune_cli.main",
-            "train",
-            "--config",
-            str(config),
-            "--output",
-            str(output),
-            "--metrics-port",
-            str(_free_port()),
-        ],
+        train_command(config, output, "--metrics-port", str(free_port())),
         env=_env(),
         capture_output=True,
         text=True,

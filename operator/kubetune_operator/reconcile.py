@@ -9,6 +9,7 @@ restarted at any moment reaches the same decision and never duplicates a child.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal
@@ -293,7 +294,7 @@ def decide(observed: Observed, settings: OperatorSettings) -> Decision:  # noqa:
                         f"(restart {attempt} of at most {spec.run_policy.max_restarts})",
                     )
                 )
-            launch = _with_attempt(target, attempt)
+            launch = dataclasses.replace(target, attempt=attempt)
             # Staging with every launch (pods of a running attempt have read it already, so steady-state
             # passes cost no writes): the config is applied (it names the attempt), the volume and the
             # Service are created once. Pods wait for their volumes, so the Job need not come last.
@@ -402,18 +403,6 @@ def _waiting(pods: list[Obj]) -> str:
             if waiting.get("message"):
                 reasons.append(f"pod {pod['metadata']['name']}: {waiting.get('reason')}: {waiting['message']}")
     return "; " + "; ".join(reasons[:3]) if reasons else ""
-
-
-def _with_attempt(target: builders.Target, attempt: int) -> builders.Target:
-    return builders.Target(
-        name=target.name,
-        namespace=target.namespace,
-        uid=target.uid,
-        spec=target.spec,
-        settings=target.settings,
-        gpus_per_node=target.gpus_per_node,
-        attempt=attempt,
-    )
 
 
 def _result_uri(target: builders.Target) -> str:

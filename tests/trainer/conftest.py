@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -22,6 +21,7 @@ from typing import Any
 import pytest
 import yaml
 
+from kubetune_local.controlplane import free_port
 from kubetune_trainer.toy import ToySize, build_toy
 
 #: Settings under which the toy facts are learned in 150 steps by every method.
@@ -36,12 +36,6 @@ TOY_TRAINING: dict[str, Any] = {
     "checkpointEverySteps": 1000,
     "loggingEverySteps": 10,
 }
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def train_env(**extra: str) -> dict[str, str]:
@@ -84,21 +78,16 @@ class Run:
         return loaded
 
 
+def train_command(config: Path, output: Path, *args: str) -> list[str]:
+    """``kubetune train --config CONFIG --output OUTPUT ARGS`` as this interpreter runs it."""
+    return [sys.executable, "-m", "kubetune_cli.main", "train", "--config", str(config), "--output", str(output), *args]
+
+
 def kubetune_train(
     config: Path, output: Path, *args: str, env: dict[str, str] | None = None, timeout: float = 300
 ) -> Run:
     """Run ``kubetune train --config CONFIG --output OUTPUT ARGS`` to the end."""
-    command = [
-        sys.executable,
-        "-m",
-        "kubetune_cli.main",
-        "train",
-        "--config",
-        str(config),
-        "--output",
-        str(output),
-        *args,
-    ]
+    command = train_command(config, output, *args)
     if "--metrics-port" not in args:
         command += ["--metrics-port", str(free_port())]
     result = subprocess.run(
@@ -111,17 +100,7 @@ def start_train(
     config: Path, output: Path, *args: str, log: Path, env: dict[str, str] | None = None
 ) -> subprocess.Popen[bytes]:
     """Start ``kubetune train`` in the background (its own process group), logging to ``log``."""
-    command = [
-        sys.executable,
-        "-m",
-        "kubetune_cli.main",
-        "train",
-        "--config",
-        str(config),
-        "--output",
-        str(output),
-        *args,
-    ]
+    command = train_command(config, output, *args)
     with open(log, "wb") as out:
         return subprocess.Popen(
             command, env=env or train_env(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True
@@ -169,6 +148,7 @@ __all__ = [
     "free_port",
     "kubetune_train",
     "start_train",
+    "train_command",
     "train_env",
     "wait_until",
     "write_manifest",

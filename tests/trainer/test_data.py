@@ -12,7 +12,6 @@ import csv
 import io
 import json
 import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -24,7 +23,7 @@ from kubetune_trainer.config import ALLOW_LOCAL_PATHS, DatasetSpec
 from kubetune_trainer.errors import EXIT_PERMANENT, PermanentError
 from kubetune_trainer.launch import main as train_main
 from kubetune_trainer.toy import toy_facts, toy_records, write_jsonl
-from tests.trainer.conftest import finetunejob, train_env, write_manifest
+from tests.trainer.conftest import finetunejob, train_command, train_env, write_manifest
 
 pytestmark = pytest.mark.trainer
 
@@ -247,16 +246,7 @@ def test_bad_data_exit_code_of_the_real_command(toy_model: Path, tmp_path: Path)
     config = write_manifest(tmp_path, finetunejob(toy_model, dataset))
     env = train_env(KUBETUNE_TERMINATION_MESSAGE_PATH=str(tmp_path / "termination-log"))
     result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "kubetune_cli.main",
-            "train",
-            "--config",
-            str(config),
-            "--output",
-            str(tmp_path / "out"),
-        ],
+        train_command(config, tmp_path / "out"),
         env=env,
         capture_output=True,
         text=True,
