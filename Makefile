@@ -8,7 +8,7 @@ CRD    := crds/kubetune.io_finetunejobs.yaml
 comma  := ,
 SOURCES := operator/kubetune_operator trainer/kubetune_trainer local/kubetune_local cli/kubetune_cli
 
-.PHONY: setup lint test unit binaries integration crds lock clean
+.PHONY: setup lint test unit binaries registry integration crds lock clean demo demo-down
 
 ## setup: create .venv and install kubetune with its pinned dependencies (quick when done already)
 setup: $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
@@ -34,18 +34,33 @@ unit: binaries
 binaries: setup
 	$(BIN)/kubetune local build
 
+## registry: Debian's docker-registry, the real OCI registry of the publish tests (apt-get; sudo unless root)
+registry:
+	@test -x /usr/bin/docker-registry || { \
+		SUDO=$$(test "$$(id -u)" = 0 || echo sudo); \
+		$$SUDO apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends docker-registry; }
+
 ## integration: the tests against the local runtime's real control plane
-integration: binaries
+integration: binaries registry
 	$(BIN)/pytest -m integration
 
 ## test: everything CI runs: lint, unit and integration tests
-test: lint binaries
+test: lint binaries registry
 	$(BIN)/pytest
+
+## demo: start the local runtime and the operator, train and serve examples/local.yaml, ask the adapter
+demo: binaries
+	$(BIN)/kubetune demo
+
+## demo-down: stop the demo's cluster, operator and pods
+demo-down: setup
+	$(BIN)/kubetune local down
 
 ## crds: regenerate the committed CRD from the models
 crds: setup
 	$(BIN)/kubetune crd --output $(CRD)
 	cp $(CRD) charts/kubetune/crds/
+	$(BIN)/kubetune crd --reference --output docs/reference.md
 
 ## lock: rewrite constraints.txt from the current environment
 lock: setup

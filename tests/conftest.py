@@ -1,12 +1,18 @@
-"""Shared test data: the repository's paths, the example manifests and the bad-input corpus."""
+"""Shared test data and services: the repository's paths, the example manifests, the bad-input corpus,
+and a real OCI registry (``oci_registry``)."""
 
 from __future__ import annotations
 
+import base64
+import json
 import re
+import secrets
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
+import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parent.parent
@@ -39,3 +45,33 @@ def load_yaml(path: Path) -> dict[str, Any]:
     data = yaml.safe_load(path.read_text(encoding="utf-8"))
     assert isinstance(data, dict)
     return data
+
+
+class OciRegistry(NamedTuple):
+    """A running registry: ``host`` (``127.0.0.1:PORT``, plain HTTP) and the one user it accepts."""
+
+    host: str
+    user: str
+    password: str
+
+    def docker_config(self, folder: Path, *, password: str | None = None, name: str = ".dockerconfigjson") -> Path:
+        """Write a Docker config for this registry (``password`` overrides the right one) as ``folder/name``."""
+        folder.mkdir(parents=True, exist_ok=True)
+        auth = base64.b64encode(f"{self.user}:{password or self.password}".encode()).decode()
+        path = folder / name
+        path.write_text(json.dumps({"auths": {self.host: {"auth": auth}}}), encoding="utf-8")
+        return path
+
+
+@pytest.fixture(scope="session")
+def oci_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OciRegistry]:
+    """A real registry (Debian's docker-registry, htpasswd auth) on loopback for the session; `make registry` installs it."""
+    from kubetune_local.registry import LocalRegistry  # noqa: PLC0415 - only the tests that use a registry need it
+
+    registry = LocalRegistry()
+    user, password = "kubetune", secrets.token_urlsafe(16)
+    host = registry.start(tmp_path_factory.mktemp("oci-registry"), user, password)
+    try:
+        yield OciRegistry(host, user, password)
+    finally:
+        registry.stop()

@@ -14,7 +14,12 @@ EXIT_INVALID = 2
 def _crd(args: argparse.Namespace) -> int:
     from kubetune_operator.crd import render_crd
 
-    text = render_crd()
+    if args.reference:
+        from kubetune_operator.reference import render_reference
+
+        text = render_reference()
+    else:
+        text = render_crd()
     if args.output:
         Path(args.output).write_text(text, encoding="utf-8")
         print(f"wrote {args.output}", file=sys.stderr)
@@ -86,6 +91,17 @@ def _local(args: argparse.Namespace) -> int:
     return 0
 
 
+def _demo(args: argparse.Namespace) -> int:
+    from kubetune_cli.demo import DemoError, run_demo
+    from kubetune_local.controlplane import default_home
+
+    try:
+        return run_demo(Path(args.home) if args.home else default_home())
+    except DemoError as exc:
+        print(f"demo: {exc}", file=sys.stderr)
+        return 1
+
+
 def _operator(args: argparse.Namespace) -> int:
     import logging
 
@@ -100,6 +116,7 @@ def _operator(args: argparse.Namespace) -> int:
     )
     settings = OperatorSettings(
         trainer_image=args.trainer_image,
+        vllm_image=args.vllm_image,
         namespaces=tuple(args.namespace or ()),
         metrics_port=args.metrics_port,
         peering=args.peering,
@@ -128,6 +145,24 @@ def _serve(args: argparse.Namespace) -> int:
     from kubetune_trainer.serve import main as serve
 
     return serve(args)
+
+
+def _publish(args: argparse.Namespace) -> int:
+    from kubetune_trainer.publish import main as publish
+
+    return publish(args)
+
+
+def _pull(args: argparse.Namespace) -> int:
+    from kubetune_trainer.publish import pull_main
+
+    return pull_main(args)
+
+
+def _fetch_model(args: argparse.Namespace) -> int:
+    from kubetune_trainer.publish import fetch_model_main
+
+    return fetch_model_main(args)
 
 
 def _toy_model(args: argparse.Namespace) -> int:
@@ -165,7 +200,7 @@ def _serve_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_trainer_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """``train``, ``plan``, ``serve`` and ``toy-model``: the trainer's subcommands."""
+    """``train``, ``plan``, ``serve``, ``publish``, ``pull``, ``fetch-model`` and ``toy-model``: the trainer's subcommands."""
     train = commands.add_parser(
         "train",
         help="fine-tune as the config says (one process, or torchrun for several); exit 2 on bad config or data",
@@ -209,6 +244,36 @@ def _add_trainer_commands(commands: argparse._SubParsersAction[argparse.Argument
     _serve_arguments(serve)
     serve.set_defaults(run=_serve)
 
+    publish = commands.add_parser(
+        "publish",
+        help="publish the trained adapter (or model) to spec.output.destination (pvc:// or oci://); JSON result last",
+    )
+    publish.add_argument(
+        "--config", required=True, metavar="FILE", help="the TrainerConfig, or a FineTuneJob manifest with --output"
+    )
+    publish.add_argument("--output", metavar="DIR", help="the training's output folder (required with a FineTuneJob)")
+    publish.add_argument(
+        "--default-uri",
+        metavar="URI",
+        help="the result's uri when spec.output.destination is unset (the operator's pvc://<claim>/adapter)",
+    )
+    publish.set_defaults(run=_publish)
+
+    pull = commands.add_parser("pull", help="pull an adapter image (oci://) so that its files land directly in DIR")
+    pull.add_argument("reference", metavar="oci://REGISTRY/REPOSITORY:TAG", help="the image or artifact to pull")
+    pull.add_argument("folder", metavar="DIR", help="where the adapter's files go (data/ is stripped)")
+    pull.add_argument(
+        "--docker-config",
+        metavar="FILE",
+        help="a Docker config.json with credentials (default: $DOCKER_CONFIG/config.json or ~/.docker/config.json)",
+    )
+    pull.set_defaults(run=_pull)
+
+    fetch = commands.add_parser("fetch-model", help="fetch spec.model.source into DIR (for the serving pod)")
+    fetch.add_argument("--config", required=True, metavar="FILE", help="a TrainerConfig or FineTuneJob manifest")
+    fetch.add_argument("--into", required=True, metavar="DIR", help="the folder that will hold the model's files")
+    fetch.set_defaults(run=_fetch_model)
+
     toy = commands.add_parser(
         "toy-model", help="write a tiny Llama, its tokenizer and a learnable toy dataset (for demos and tests)"
     )
@@ -232,6 +297,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     crd = commands.add_parser("crd", help="print the FineTuneJob CustomResourceDefinition")
     crd.add_argument("-o", "--output", metavar="FILE", help="write to FILE instead of standard output")
+    crd.add_argument(
+        "--reference", action="store_true", help="print the FineTuneJob reference (Markdown) rendered from the CRD"
+    )
     crd.set_defaults(run=_crd)
 
     validate = commands.add_parser(
@@ -259,13 +327,25 @@ def build_parser() -> argparse.ArgumentParser:
     local.add_argument("--home", help="state folder (default $KUBETUNE_LOCAL_HOME or ~/.kubetune/local)")
     local.set_defaults(run=_local)
 
-    from kubetune_operator.settings import DEFAULT_TRAINER_IMAGE
+    demo = commands.add_parser(
+        "demo",
+        help="start the local runtime, run the operator, train examples/local.yaml, serve it and ask it (make demo)",
+    )
+    demo.add_argument("--home", help="state folder (default $KUBETUNE_LOCAL_HOME or ~/.kubetune/local)")
+    demo.set_defaults(run=_demo)
+
+    from kubetune_operator.settings import DEFAULT_TRAINER_IMAGE, DEFAULT_VLLM_IMAGE
 
     operator = commands.add_parser(
         "operator", help="run the operator (kopf) against the current kubeconfig or in-cluster"
     )
     operator.add_argument("--namespace", action="append", help="watch only this namespace (repeatable); all by default")
-    operator.add_argument("--trainer-image", default=DEFAULT_TRAINER_IMAGE, help="image of the training pods")
+    operator.add_argument(
+        "--trainer-image",
+        default=DEFAULT_TRAINER_IMAGE,
+        help="image of the training, publish and built-in serving pods",
+    )
+    operator.add_argument("--vllm-image", default=DEFAULT_VLLM_IMAGE, help="image of serving pods with runtime vllm")
     operator.add_argument("--metrics-port", type=int, default=8080, help="port of the operator's /metrics")
     operator.add_argument("--peering", help="kopf peering name for several replicas (one active); standalone if unset")
     operator.add_argument(

@@ -38,6 +38,13 @@ RESTARTS_EXHAUSTED: Final = "RestartsExhausted"
 DEADLINE_EXCEEDED: Final = "DeadlineExceeded"
 SUSPENDED_BY_USER: Final = "SuspendedByUser"
 NOT_SUSPENDED: Final = "NotSuspended"
+PUBLISHING: Final = "Publishing"
+PUBLISHED: Final = "Published"
+PUBLISH_FAILED: Final = "PublishFailed"
+SERVING_STARTING: Final = "ServingStarting"
+SERVING: Final = "Serving"
+SERVING_DISABLED: Final = "ServingDisabled"
+SCALED_TO_ZERO: Final = "ScaledToZero"
 
 Status = Literal["True", "False", "Unknown"]
 

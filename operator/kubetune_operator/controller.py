@@ -26,6 +26,26 @@ Obj = dict[str, Any]
 log = logging.getLogger("kubetune.controller")
 
 
+def merge_patch(before: Obj, after: Obj) -> Obj:
+    """A JSON merge patch (RFC 7386) from ``before`` to ``after``: keys that are gone are set to null."""
+    patch: Obj = {}
+    for key, value in after.items():
+        old = before.get(key)
+        if isinstance(value, dict) and isinstance(old, dict):
+            nested = merge_patch(old, value)
+            if nested:
+                patch[key] = nested
+        elif value != old:
+            patch[key] = value
+    patch.update((key, None) for key in before if key not in after)
+    return patch
+
+
+def _role(obj: Obj) -> str | None:
+    role: str | None = (obj["metadata"].get("labels") or {}).get(names.ROLE_LABEL)
+    return role
+
+
 class Controller:
     """Reconciles FineTuneJobs; safe to call concurrently for different jobs."""
 
@@ -63,24 +83,48 @@ class Controller:
         karpenter = spec.resources.provisioner == "karpenter"
         installed = karpenter and self.kube.installed("karpenter.sh/v1", "NodeClaim")
         claims = self.kube.list("karpenter.sh/v1", "NodeClaim", labels=selector) if installed else []
+        serving_claims = [c for c in claims if _role(c) == names.ROLE_SERVER]
         nodes = self.nodes(f"{names.UID_LABEL}={uid}" if karpenter else None)
-        jobs = self.kube.list("batch/v1", "Job", namespace=namespace, labels=selector)
+        children = self.kube.list("batch/v1", "Job", namespace=namespace, labels=selector)
+        jobs = [j for j in children if _role(j) != names.ROLE_PUBLISH]
+        publish = next((j for j in children if _role(j) == names.ROLE_PUBLISH), None)
         attempt = max((attempt_of(j) for j in jobs), default=0)
         pods = (
             self.kube.list("v1", "Pod", namespace=namespace, labels=f"{selector},{names.ATTEMPT_LABEL}={attempt}")
             if jobs
             else []
         )
+        publish_pods = (
+            self.kube.list(
+                "v1", "Pod", namespace=namespace, labels=f"{selector},{names.ROLE_LABEL}={names.ROLE_PUBLISH}"
+            )
+            if publish is not None
+            else []
+        )
+        deployment = None
+        serving_pods: list[Obj] = []
+        if spec.serving.enabled or (job.status and job.status.phase == "Serving"):
+            found = self.kube.list("apps/v1", "Deployment", namespace=namespace, labels=selector)
+            deployment = found[0] if found else None
+            if deployment is not None and not (deployment.get("status") or {}).get("readyReplicas"):
+                serving_pods = self.kube.list(
+                    "v1", "Pod", namespace=namespace, labels=f"{selector},{names.ROLE_LABEL}={names.ROLE_SERVER}"
+                )
         return Observed(
             job=job,
             generation=int(meta.get("generation", 1)),
             uid=uid,
-            node_claims=claims,
+            node_claims=[c for c in claims if _role(c) != names.ROLE_SERVER],
             nodes=nodes,
             karpenter_installed=installed or not karpenter,
             training_jobs=jobs,
             pods=pods,
             progress=self._progress(uid, pods),
+            publish_job=publish,
+            publish_pods=publish_pods,
+            serving_claims=serving_claims,
+            deployment=deployment,
+            serving_pods=serving_pods,
         )
 
     def _progress(self, uid: str, pods: list[Obj]) -> Progress | None:
@@ -125,7 +169,7 @@ class Controller:
         before = previous.model_dump(mode="json", by_alias=True, exclude_none=True) if previous else None
         if status != before:
             meta = obj["metadata"]
-            self.kube.write_status(meta["namespace"], meta["name"], status)
+            self.kube.write_status(meta["namespace"], meta["name"], merge_patch(before or {}, status))
             with self._lock:
                 # Until the watch delivers our own write, a pass would see the object as read here.
                 self._written[meta["uid"]] = (meta.get("resourceVersion", ""), status)

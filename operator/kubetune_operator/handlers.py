@@ -1,7 +1,7 @@
 """kopf wiring: thin handlers that only trigger the level-triggered reconcile.
 
 Each FineTuneJob gets a daemon that reconciles it, then sleeps until a child event pokes it or
-its requeue time comes. Child watches (Jobs, Pods, NodeClaims, Nodes) only poke. Deletion runs
+its requeue time comes. Child watches (Jobs, Pods, Deployments, NodeClaims, Nodes) only poke. Deletion runs
 one handler, behind the operator's finalizer, that releases the job's NodeClaims (cluster-scoped,
 out of reach of garbage collection); namespaced children follow their owner reference.
 """
@@ -100,6 +100,7 @@ def build_registry(settings: OperatorSettings, kube: Kube | None = None) -> kopf
 
     managed = {"app.kubernetes.io/managed-by": "kubetune"}
 
+    @kopf.on.event("apps", "v1", "deployments", labels=managed, registry=registry)
     @kopf.on.event("batch", "v1", "jobs", labels=managed, registry=registry)
     @kopf.on.event("v1", "pods", labels=managed, registry=registry)
     def child_changed(labels: Mapping[str, str], **_: Any) -> None:

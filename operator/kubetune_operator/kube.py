@@ -114,7 +114,7 @@ class Kube:
         )
 
     def write_status(self, namespace: str, name: str, status: Obj) -> None:
-        """Replace the FineTuneJob's status through its subresource (merge patch: fields absent now are nulled)."""
+        """Merge-patch the FineTuneJob's status through its subresource (``status`` is an RFC 7386 merge patch)."""
         resource = self.resource(*FTJ_API)
         resource.status.patch(
             body={"status": status}, name=name, namespace=namespace, content_type="application/merge-patch+json"

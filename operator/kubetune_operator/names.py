@@ -21,6 +21,12 @@ GPU_TAINT_KEY: Final = "nvidia.com/gpu"
 FINALIZER: Final = f"{GROUP_PREFIX}/release-nodes"
 FIELD_MANAGER: Final = "kubetune-operator"
 TRAINER_CONTAINER: Final = "trainer"
+PUBLISH_CONTAINER: Final = "publish"
+SERVER_CONTAINER: Final = "server"
+#: Values of ROLE_LABEL.
+ROLE_TRAINER: Final = "trainer"
+ROLE_PUBLISH: Final = "publish"
+ROLE_SERVER: Final = "server"
 
 
 def pvc(job: str) -> str:
@@ -50,6 +56,21 @@ def rank_zero_host(job: str, attempt: int, namespace: str) -> str:
 def node_claim(namespace: str, job: str, index: int) -> str:
     """NodeClaims are cluster-scoped: the namespace is part of the name."""
     return f"{namespace}-{job}-{index}"
+
+
+def serving_node_claim(namespace: str, job: str, index: int) -> str:
+    """A NodeClaim for one serving replica."""
+    return f"{namespace}-{job}-serve-{index}"
+
+
+def publish_job(job: str) -> str:
+    """The Job that publishes the trained adapter to spec.output.destination and measures it."""
+    return f"{job}-publish"
+
+
+def serving(job: str) -> str:
+    """The serving Deployment and its Service (the endpoint's host name)."""
+    return f"{job}-serve"
 
 
 def job_labels(namespace: str, job: str) -> dict[str, str]:

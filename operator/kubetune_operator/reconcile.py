@@ -11,11 +11,22 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal
 
 from kubetune_operator import builders, conditions, names
-from kubetune_operator.api import Adapter, FineTuneJob, FineTuneJobStatus, Phase, Progress, Workload
+from kubetune_operator.api import (
+    Adapter,
+    Condition,
+    Endpoint,
+    FineTuneJob,
+    FineTuneJobStatus,
+    Phase,
+    Progress,
+    Workload,
+)
 from kubetune_operator.settings import OperatorSettings
 
 Obj = dict[str, Any]
@@ -33,6 +44,7 @@ class Observed:
     generation: int
     uid: str
     node_claims: list[Obj] = field(default_factory=list)
+    """The training NodeClaims."""
     nodes: list[Obj] = field(default_factory=list)
     """Nodes of the job's claims (karpenter) or every node (byo)."""
     karpenter_installed: bool = True
@@ -41,6 +53,13 @@ class Observed:
     """Pods of the current attempt."""
     progress: Progress | None = None
     """Freshly read from the rank-0 trainer, when it was read."""
+    publish_job: Obj | None = None
+    publish_pods: list[Obj] = field(default_factory=list)
+    serving_claims: list[Obj] = field(default_factory=list)
+    """NodeClaims of the serving replicas (karpenter)."""
+    deployment: Obj | None = None
+    """The serving Deployment, when it exists."""
+    serving_pods: list[Obj] = field(default_factory=list)
     now: datetime.datetime = field(default_factory=lambda: datetime.datetime.now(datetime.UTC).replace(microsecond=0))
 
 
@@ -227,9 +246,14 @@ def decide(observed: Observed, settings: OperatorSettings) -> Decision:  # noqa:
         readiness = _karpenter_nodes(observed, settings)
     else:
         readiness = _byo_nodes(observed)
-    terminal_success = current_state == "Succeeded"
-    terminal_failure = current_state == "FailedPermanent" or (
-        current_state == "FailedRetryable" and failures > spec.run_policy.max_restarts
+    trained = current_state == "Succeeded"
+    publish_state = job_state(observed.publish_job) if trained and observed.publish_job is not None else None
+    terminal_success = publish_state == "Succeeded"
+    publish_failed = publish_state in ("FailedPermanent", "FailedRetryable")
+    terminal_failure = (
+        current_state == "FailedPermanent"
+        or (current_state == "FailedRetryable" and failures > spec.run_policy.max_restarts)
+        or publish_failed
     )
     terminal = terminal_success or terminal_failure
     target = builders.Target(
@@ -254,15 +278,48 @@ def decide(observed: Observed, settings: OperatorSettings) -> Decision:  # noqa:
             decision.create += [c for c in builders.build_node_claims(target) if c["metadata"]["name"] not in existing]
 
     phase: Phase
+    adapter = previous.adapter
+    endpoint: Endpoint | None = None
     if terminal_success:
         phase = "Complete"
+        if adapter is None or adapter.digest is None:
+            adapter = _publish_result(observed.publish_pods) or adapter or Adapter(uri=_result_uri(target))
         condition(conditions.TRAINING, "False", conditions.TRAINING_SUCCEEDED, "training finished")
-        condition(conditions.COMPLETE, "True", conditions.TRAINING_SUCCEEDED, f"attempt {attempt} completed")
+        condition(
+            conditions.COMPLETE,
+            "True",
+            conditions.PUBLISHED,
+            f"attempt {attempt} completed; published to {adapter.uri}",
+        )
         condition(conditions.FAILED, "False", conditions.TRAINING_SUCCEEDED, "")
+        if spec.serving.enabled:
+            phase = "Serving"
+            endpoint = _serve(observed, target, adapter, decision, condition)
+        elif observed.deployment is not None or observed.serving_claims or _was_serving(conds):
+            _stop_serving(observed, target, decision)
+            condition(conditions.SERVING_READY, "False", conditions.SERVING_DISABLED, "serving.enabled is false")
+    elif trained and not terminal_failure:
+        phase = "Publishing"
+        destination = spec.output.destination or _result_uri(target)
+        if observed.publish_job is None:
+            decision.create.append(builders.build_publish_job(target))
+        condition(conditions.TRAINING, "False", conditions.TRAINING_SUCCEEDED, "training finished")
+        condition(conditions.COMPLETE, "False", conditions.PUBLISHING, f"publishing the result to {destination}")
+        decision.requeue_after = 5.0
     elif terminal_failure:
         phase = "Failed"
         assert current is not None
-        if current_state == "FailedPermanent":
+        if publish_failed:
+            assert observed.publish_job is not None
+            why = conditions.PUBLISH_FAILED
+            detail = _failure_message(observed.publish_pods) or (
+                _conditions(observed.publish_job).get("Failed", {}).get("message") or "the publish Job failed"
+            )
+            message = (
+                f"training succeeded but publishing to {spec.output.destination or _result_uri(target)} failed "
+                f"(the trained files stay in volume {builders.workspace_claim(target)}): {detail}"
+            )
+        elif current_state == "FailedPermanent":
             reason = _conditions(current).get("Failed", {}).get("reason", "")
             why = conditions.DEADLINE_EXCEEDED if reason == "DeadlineExceeded" else conditions.PERMANENT_FAILURE
             detail = _failure_message(observed.pods) or (_conditions(current).get("Failed", {}).get("message") or "")
@@ -355,7 +412,7 @@ def decide(observed: Observed, settings: OperatorSettings) -> Decision:  # noqa:
     # Status, recomputed.
     first = jobs[0] if jobs else None
     progress = observed.progress or previous.progress
-    if terminal_success and progress is not None:
+    if trained and progress is not None:
         # The last read may predate the last steps: a succeeded Job ran all of them.
         final_step = progress.total_steps or progress.step
         progress = progress.model_copy(update={"percent": 100, "eta_seconds": 0, "step": final_step})
@@ -371,11 +428,12 @@ def decide(observed: Observed, settings: OperatorSettings) -> Decision:  # noqa:
             nodes=sorted({p["spec"]["nodeName"] for p in observed.pods if p.get("spec", {}).get("nodeName")}),
         ),
         restarts=attempt,  # every attempt after the first is a gang restart
-        adapter=Adapter(uri=_result_uri(target)) if terminal_success else previous.adapter,
-        endpoint=previous.endpoint,
+        adapter=adapter,
+        endpoint=endpoint,
         start_time=_time((first or {}).get("status", {}).get("startTime")) or previous.start_time,
         completion_time=(
-            _time((current or {}).get("status", {}).get("completionTime")) or observed.now.replace(microsecond=0)
+            _time(((observed.publish_job if publish_state else current) or {}).get("status", {}).get("completionTime"))
+            or observed.now.replace(microsecond=0)
             if terminal
             else None
         ),
@@ -391,7 +449,86 @@ def decide(observed: Observed, settings: OperatorSettings) -> Decision:  # noqa:
     decision.status = status
     if decision.requeue_after is None and not terminal:
         decision.requeue_after = settings.resync_seconds
+    if terminal_failure and (observed.deployment is not None or observed.serving_claims):
+        _stop_serving(observed, target, decision)
     return decision
+
+
+ConditionSetter = Callable[[str, conditions.Status, str, str], None]
+
+
+def _serve(
+    observed: Observed, target: builders.Target, adapter: Adapter, decision: Decision, condition: ConditionSetter
+) -> Endpoint:
+    """Keep the serving Deployment, Service and nodes as the spec says; set ServingReady from the Deployment."""
+    serving = target.spec.serving
+    if target.spec.resources.provisioner == "karpenter" and observed.karpenter_installed:
+        wanted = builders.build_serving_node_claims(target)
+        names_wanted = {c["metadata"]["name"] for c in wanted}
+        existing = {c["metadata"]["name"] for c in observed.serving_claims}
+        decision.create += [c for c in wanted if c["metadata"]["name"] not in existing]
+        decision.delete += [("karpenter.sh/v1", "NodeClaim", None, name) for name in sorted(existing - names_wanted)]
+    decision.apply += [builders.build_serving_deployment(target, adapter.uri), builders.build_serving_service(target)]
+    endpoint = Endpoint(url=builders.endpoint_url(target), model_name=builders.serving_model_name(target))
+    status = (observed.deployment or {}).get("status") or {}
+    ready = int(status.get("readyReplicas") or 0)
+    if serving.replicas == 0:
+        condition(conditions.SERVING_READY, "False", conditions.SCALED_TO_ZERO, "serving.replicas is 0")
+    elif ready > 0:
+        condition(
+            conditions.SERVING_READY,
+            "True",
+            conditions.SERVING,
+            f"{ready}/{serving.replicas} replicas ready; model {endpoint.model_name} at {endpoint.url}",
+        )
+    else:
+        claims = ""
+        if observed.serving_claims:
+            pending = [c for c in observed.serving_claims if _conditions(c).get("Ready", {}).get("status") != "True"]
+            failed = [
+                f"NodeClaim {c['metadata']['name']}: {launched.get('reason')}: {launched.get('message', '')}"
+                for c in observed.serving_claims
+                if (launched := _conditions(c).get("Launched")) and launched.get("status") == "False"
+            ]
+            claims = "; " + "; ".join(failed) if failed else f"; {len(pending)} serving node(s) not ready yet"
+        condition(
+            conditions.SERVING_READY,
+            "False",
+            conditions.SERVING_STARTING,
+            f"0/{serving.replicas} replicas ready{claims}{_waiting(observed.serving_pods)}",
+        )
+        decision.requeue_after = 5.0
+    return endpoint
+
+
+def _was_serving(conds: list[Condition]) -> bool:
+    ready = conditions.get(conds, conditions.SERVING_READY)
+    return ready is not None and ready.reason != conditions.SERVING_DISABLED
+
+
+def _stop_serving(observed: Observed, target: builders.Target, decision: Decision) -> None:
+    """Remove the serving Deployment, Service and nodes (serving turned off, or the job failed)."""
+    name = names.serving(target.name)
+    decision.delete += [("apps/v1", "Deployment", target.namespace, name), ("v1", "Service", target.namespace, name)]
+    decision.delete += [("karpenter.sh/v1", "NodeClaim", None, c["metadata"]["name"]) for c in observed.serving_claims]
+
+
+def _publish_result(pods: list[Obj]) -> Adapter | None:
+    """The URI, digest and size the publish container left in its termination message."""
+    for pod in pods:
+        for status in (pod.get("status") or {}).get("containerStatuses") or []:
+            terminated = (status.get("state") or {}).get("terminated") or {}
+            if terminated.get("exitCode") != 0:
+                continue
+            lines = str(terminated.get("message") or "").strip().splitlines()
+            if not lines:
+                continue
+            try:
+                result: Obj = json.loads(lines[-1])
+                return Adapter(uri=result["uri"], digest=result.get("digest"), size_bytes=result.get("sizeBytes"))
+            except (ValueError, TypeError, KeyError):
+                continue
+    return None
 
 
 def _waiting(pods: list[Obj]) -> str:
@@ -406,8 +543,7 @@ def _waiting(pods: list[Obj]) -> str:
 
 
 def _result_uri(target: builders.Target) -> str:
-    kind = "model" if target.spec.method.type == "full" else "adapter"
-    return f"pvc://{builders.workspace_claim(target)}/{kind}"
+    return target.spec.output.destination or builders.default_result_uri(target)
 
 
 def _time(value: str | None) -> datetime.datetime | None:

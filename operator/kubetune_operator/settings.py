@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Final
 
 DEFAULT_TRAINER_IMAGE: Final = "ghcr.io/kubetune/trainer:0.1.0"
+DEFAULT_VLLM_IMAGE: Final = "vllm/vllm-openai:v0.11.0"
 
 
 @dataclass(frozen=True, slots=True)
@@ -25,7 +26,9 @@ class OperatorSettings:
     """How the operator runs."""
 
     trainer_image: str = DEFAULT_TRAINER_IMAGE
-    """Image of the training pods (the Dockerfile's `trainer` target)."""
+    """Image of the training pods (the Dockerfile's `trainer` target); also publishes and runs `kubetune serve`."""
+    vllm_image: str = DEFAULT_VLLM_IMAGE
+    """Image of serving pods with runtime vllm."""
     namespaces: tuple[str, ...] = ()
     """Namespaces to watch; every namespace when empty."""
     metrics_port: int = 8080

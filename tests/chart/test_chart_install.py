@@ -304,6 +304,8 @@ ALLOWED = [
     ("list", "nodes", "cluster"),
     ("create", "nodeclaims.karpenter.sh", "cluster"),
     ("delete", "nodeclaims.karpenter.sh", "cluster"),
+    ("patch", "deployments.apps", "watched"),
+    ("delete", "deployments.apps", "watched"),
 ]
 REFUSED = [
     ("get", "secrets", "watched"),
@@ -323,7 +325,8 @@ REFUSED = [
     ("create", "jobs.batch", "elsewhere"),
     ("list", "finetunejobs.kubetune.io", "elsewhere"),
     ("list", "finetunejobs.kubetune.io", "cluster"),
-    ("create", "deployments.apps", "watched"),
+    ("create", "deployments.apps", "elsewhere"),
+    ("delete", "services", "elsewhere"),
     ("patch", "clusterkopfpeerings.kopf.dev", "cluster"),
 ]
 

@@ -50,12 +50,16 @@ def children(api: client.ApiClient, namespace: str, job: str) -> dict[str, list[
     """Everything labelled for the job, namespaced and cluster-scoped."""
     selector = names.selector(namespace, job)
     core, batch, custom = client.CoreV1Api(api), client.BatchV1Api(api), client.CustomObjectsApi(api)
+    apps = client.AppsV1Api(api)
     claims = custom.list_cluster_custom_object("karpenter.sh", "v1", "nodeclaims", label_selector=selector)["items"]
     return {
         kind: items
         for kind, items in {
             "Job": [j.metadata.name for j in batch.list_namespaced_job(namespace, label_selector=selector).items],
             "Pod": [p.metadata.name for p in core.list_namespaced_pod(namespace, label_selector=selector).items],
+            "Deployment": [
+                d.metadata.name for d in apps.list_namespaced_deployment(namespace, label_selector=selector).items
+            ],
             "Service": [
                 s.metadata.name for s in core.list_namespaced_service(namespace, label_selector=selector).items
             ],

@@ -29,7 +29,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.trainer]
 GROUP, VERSION, PLURAL = "kubetune.io", "v1alpha1", "finetunejobs"
 
 
-def toy_claim(api: client.ApiClient, namespace: str, *, bad_data: bool = False) -> Path:
+def toy_claim(api: client.ApiClient, namespace: str, *, bad_data: bool = False, fmt: str = "prompt-completion") -> Path:
     """A ReadWriteMany claim `models` holding the toy base model and data; returns its folder."""
     from kubetune_trainer.toy import build_toy  # noqa: PLC0415 - torch only where training is tested
 
@@ -48,7 +48,7 @@ def toy_claim(api: client.ApiClient, namespace: str, *, bad_data: bool = False) 
 
     volume = core.read_persistent_volume(wait_for(bound, what="the models claim to bind"))
     folder = Path(volume.spec.host_path.path)
-    build_toy(folder)
+    build_toy(folder, fmt=fmt)
     if bad_data:
         (folder / "data" / "train.jsonl").write_text('{"question": "q", "answer": "a"}\n' * 20, encoding="utf-8")
     return folder
@@ -122,8 +122,8 @@ def test_two_node_zero2_lora_job_completes_with_progress_and_releases_its_claims
     assert any(p.get("loss") is not None for p in seen_progress)
     assert status["progress"]["percent"] == 100
     jobs = client.BatchV1Api(api).list_namespaced_job(namespace).items
-    assert [j.metadata.name for j in jobs] == ["lora2-train-0"]
-    assert jobs[0].spec.completions == 2
+    assert sorted(j.metadata.name for j in jobs) == ["lora2-publish", "lora2-train-0"]
+    assert next(j for j in jobs if j.metadata.name == "lora2-train-0").spec.completions == 2
     workspace = client.CoreV1Api(api).read_namespaced_persistent_volume_claim("lora2-workspace", namespace)
     output = Path(client.CoreV1Api(api).read_persistent_volume(workspace.spec.volume_name).spec.host_path.path)
     assert (output / "adapter" / "adapter_model.safetensors").exists()
@@ -131,6 +131,9 @@ def test_two_node_zero2_lora_job_completes_with_progress_and_releases_its_claims
     summary = json.loads((output / "summary.json").read_text())
     assert summary["steps"] == 120
     assert status["adapter"]["uri"] == "pvc://lora2-workspace/adapter"
+    sizes = sum(f.stat().st_size for f in (output / "adapter").rglob("*") if f.is_file())
+    assert status["adapter"]["sizeBytes"] == sizes
+    assert status["adapter"]["digest"].startswith("sha256:")
     assert folder.exists()
 
     def released() -> bool:
@@ -193,7 +196,7 @@ def test_a_killed_trainer_pod_restarts_the_gang_from_its_checkpoint(
     assert status["restarts"] == 1
     assert status["progress"]["step"] == 60
     jobs = sorted(j.metadata.name for j in client.BatchV1Api(api).list_namespaced_job(namespace).items)
-    assert jobs == ["resume-train-0", "resume-train-1"]
+    assert jobs == ["resume-publish", "resume-train-0", "resume-train-1"]
     log = cluster.pod_log(
         local_cluster.home,
         next(
@@ -270,4 +273,4 @@ def test_operator_sigkilled_ten_times_duplicates_nothing(
     assert result == "Complete"
     ours = {name for name in created["NodeClaim"] if name.startswith(f"{namespace}-chaos-")}
     assert sorted(ours) == [f"{namespace}-chaos-0", f"{namespace}-chaos-1"], "one NodeClaim per node"
-    assert sorted(created["Job"]) == ["chaos-train-0"], "exactly one Job per attempt"
+    assert sorted(created["Job"]) == ["chaos-publish", "chaos-train-0"], "exactly one Job per attempt, one publish Job"

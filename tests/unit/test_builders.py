@@ -13,12 +13,18 @@ from kubetune_operator.builders import (
     Target,
     build_config_map,
     build_node_claims,
+    build_publish_job,
     build_pvc,
     build_service,
+    build_serving_deployment,
+    build_serving_node_claims,
+    build_serving_service,
     build_training_job,
+    endpoint_url,
+    max_lora_rank,
 )
 from kubetune_operator.settings import OperatorSettings
-from kubetune_trainer.config import TrainerConfig
+from kubetune_trainer.config import InvalidManifestError, TrainerConfig
 from tests.conftest import REPO, load_yaml
 
 pytestmark = pytest.mark.unit
@@ -104,7 +110,7 @@ class TestTrainingJob:
         job = build_training_job(target(gpus=8))
         pod = job["spec"]["template"]["spec"]
         assert container(job)["resources"]["limits"] == {"nvidia.com/gpu": "8"}
-        assert pod["nodeSelector"] == {names.UID_LABEL: "0000-uid"}
+        assert pod["nodeSelector"] == {names.UID_LABEL: "0000-uid", names.ROLE_LABEL: "trainer"}
         assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"]
         shm = next(v for v in pod["volumes"] if v["name"] == "shm")
         assert shm["emptyDir"] == {"medium": "Memory", "sizeLimit": "8Gi"}
@@ -177,3 +183,153 @@ class TestStaging:
         assert service["spec"]["clusterIP"] == "None"
         assert service["spec"]["publishNotReadyAddresses"] is True
         assert service["spec"]["selector"][names.ROLE_LABEL] == "trainer"
+
+
+def serving_target(**patch: Any) -> Target:
+    """The AKS example with sections patched (``method={"type": "dora"}`` and so on)."""
+    manifest = load_yaml(REPO / "examples" / "karpenter-aks.yaml")
+    for section, values in patch.items():
+        manifest["spec"][section] = {**manifest["spec"].get(section, {}), **values}
+    return target(manifest["spec"])
+
+
+def pod_spec(deployment: dict[str, Any]) -> dict[str, Any]:
+    spec: dict[str, Any] = deployment["spec"]["template"]["spec"]
+    return spec
+
+
+ADAPTER = "oci://registry.example/adapters/support-bot:v1"
+
+
+class TestPublishJob:
+    def test_publishes_from_the_workspace_on_the_training_nodes_with_the_push_secret(self) -> None:
+        job = build_publish_job(target())
+        assert job["metadata"]["name"] == "support-bot-publish"
+        assert job["metadata"]["labels"][names.ROLE_LABEL] == "publish"
+        main = container(job)
+        assert main["command"] == [
+            "kubetune",
+            "publish",
+            "--config",
+            "/etc/kubetune/config.json",
+            "--default-uri",
+            "pvc://support-bot-workspace/adapter",
+        ]
+        mounts = {m["mountPath"]: m for m in main["volumeMounts"]}
+        assert "/workspace" in mounts
+        assert "/var/run/kubetune/secrets/push-creds" in mounts
+        assert "nvidia.com/gpu" not in str(main["resources"])
+        spec = job["spec"]["template"]["spec"]
+        assert spec["nodeSelector"] == {names.UID_LABEL: "0000-uid", names.ROLE_LABEL: "trainer"}
+        assert spec["automountServiceAccountToken"] is False
+        rule = job["spec"]["podFailurePolicy"]["rules"][0]
+        assert rule["onExitCodes"]["values"] == [2]
+        assert rule["action"] == "FailJob"
+
+    def test_full_fine_tuning_publishes_the_model_folder(self) -> None:
+        job = build_publish_job(serving_target(method={"type": "full", "lora": None}))
+        assert container(job)["command"][-1] == "pvc://support-bot-workspace/model"
+
+
+class TestServingDeployment:
+    def test_vllm_serves_the_base_with_the_pulled_adapter_on_a_gpu(self) -> None:
+        deployment = build_serving_deployment(serving_target(), ADAPTER)
+        spec = pod_spec(deployment)
+        server = spec["containers"][0]
+        assert server["image"] == OperatorSettings().vllm_image
+        # The hub token is needed: the base is fetched by an init container, not by vLLM.
+        assert server["command"][:3] == ["vllm", "serve", "/var/run/kubetune/model"]
+        args = server["command"]
+        assert args[args.index("--lora-modules") + 1] == "support-bot=/var/run/kubetune/adapter"
+        assert args[args.index("--max-lora-rank") + 1] == "16"
+        assert args[args.index("--port") + 1] == "8000"
+        assert server["resources"]["limits"]["nvidia.com/gpu"] == "1"
+        assert server["readinessProbe"]["httpGet"]["path"] == "/health"
+        inits = {c["name"]: c for c in spec["initContainers"]}
+        assert inits["pull-adapter"]["command"] == [
+            "kubetune",
+            "pull",
+            ADAPTER,
+            "/var/run/kubetune/adapter",
+            "--docker-config",
+            "/var/run/kubetune/secrets/push-creds/.dockerconfigjson",
+        ]
+        assert inits["fetch-model"]["command"][:2] == ["kubetune", "fetch-model"]
+        fetch_mounts = {m["mountPath"] for m in inits["fetch-model"]["volumeMounts"]}
+        assert "/var/run/kubetune/secrets/hf-token" in fetch_mounts
+        assert spec["nodeSelector"] == {names.UID_LABEL: "0000-uid", names.ROLE_LABEL: "server"}
+        assert spec["automountServiceAccountToken"] is False
+        assert spec["securityContext"]["runAsNonRoot"] is True
+
+    def test_a_public_hub_base_is_downloaded_by_vllm_itself(self) -> None:
+        deployment = build_serving_deployment(serving_target(model={"secretRef": None}), ADAPTER)
+        args = pod_spec(deployment)["containers"][0]["command"]
+        assert args[2] == "microsoft/Phi-3-mini-4k-instruct"
+        assert [c["name"] for c in pod_spec(deployment)["initContainers"]] == ["pull-adapter"]
+
+    def test_rank_is_rounded_up_to_a_rank_vllm_accepts(self) -> None:
+        deployment = build_serving_deployment(serving_target(method={"lora": {"r": 24}}), ADAPTER)
+        args = pod_spec(deployment)["containers"][0]["command"]
+        assert args[args.index("--max-lora-rank") + 1] == "32"
+        assert max_lora_rank(8) == 8
+        with pytest.raises(ValueError, match="512"):
+            max_lora_rank(1024)
+
+    def test_dora_with_vllm_serves_the_merged_model(self) -> None:
+        deployment = build_serving_deployment(serving_target(method={"type": "dora"}, output={"merge": True}), ADAPTER)
+        args = pod_spec(deployment)["containers"][0]["command"]
+        assert "--enable-lora" not in args
+        assert args[2] == "/var/run/kubetune/sources/pvc/support-bot-workspace/merged"
+        assert args[args.index("--served-model-name") + 1] == "support-bot"
+
+    def test_dora_with_vllm_without_merge_is_refused_naming_the_alternative(self) -> None:
+        with pytest.raises(InvalidManifestError, match=r"output\.merge"):
+            serving_target(method={"type": "dora"})
+
+    def test_transformers_serves_base_and_adapter_from_volumes_on_the_cpu(self) -> None:
+        deployment = build_serving_deployment(
+            serving_target(
+                model={"source": "pvc://models/toy/model", "secretRef": None},
+                output={"destination": None, "secretRef": None},
+                serving={"runtime": "transformers", "modelName": "toy", "port": 8123},
+                resources={"cpu": "2", "memory": "4Gi"},
+            ),
+            "pvc://support-bot-workspace/adapter",
+        )
+        spec = pod_spec(deployment)
+        server = spec["containers"][0]
+        assert server["image"] == OperatorSettings().trainer_image
+        assert server["command"] == [
+            "kubetune",
+            "serve",
+            "--model",
+            "/var/run/kubetune/sources/pvc/models/toy/model",
+            "--port",
+            "8123",
+            "--adapter",
+            "toy=/var/run/kubetune/sources/pvc/support-bot-workspace/adapter",
+        ]
+        assert "initContainers" not in spec
+        assert server["resources"] == {"requests": {"cpu": "2", "memory": "4Gi"}, "limits": {"memory": "4Gi"}}
+        assert server["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
+        assert server["livenessProbe"]["httpGet"]["path"] == "/healthz"
+        claims = {v["persistentVolumeClaim"]["claimName"]: v for v in spec["volumes"] if "persistentVolumeClaim" in v}
+        assert set(claims) == {"models", "support-bot-workspace"}
+        assert all(v["persistentVolumeClaim"]["readOnly"] for v in claims.values())
+        assert {"name": "OMP_NUM_THREADS", "value": "2"} in server["env"]
+
+    def test_service_and_endpoint_name_the_same_host_and_port(self) -> None:
+        t = serving_target(serving={"port": 8123})
+        service = build_serving_service(t)
+        assert service["metadata"]["name"] == "support-bot-serve"
+        assert service["spec"]["ports"] == [{"name": "http", "port": 8123, "targetPort": "http"}]
+        assert service["spec"]["selector"][names.ROLE_LABEL] == "server"
+        assert endpoint_url(t) == "http://support-bot-serve.ml.svc:8123/v1"
+
+    def test_serving_claims_one_per_replica_of_the_serving_instance_type(self) -> None:
+        claims = build_serving_node_claims(
+            serving_target(serving={"replicas": 2, "instanceType": "Standard_NC24ads_A100_v4"})
+        )
+        assert [c["metadata"]["name"] for c in claims] == ["ml-support-bot-serve-0", "ml-support-bot-serve-1"]
+        assert claims[0]["metadata"]["labels"][names.ROLE_LABEL] == "server"
+        assert claims[0]["spec"]["requirements"][0]["values"] == ["Standard_NC24ads_A100_v4"]

@@ -175,21 +175,84 @@ class TestLaunch:
         assert second.create == []
 
 
+def publish_job(state: str, reason: str = "") -> dict[str, Any]:
+    found = training_job(0, state, reason)
+    found["metadata"] = {"name": "support-bot-publish", "namespace": "ml", "labels": {names.ROLE_LABEL: "publish"}}
+    return found
+
+
+RESULT = '{"uri": "oci://registry.example/adapters/support-bot:v1", "digest": "sha256:abc", "sizeBytes": 1234}'
+
+
+def published(**observed: Any) -> dict[str, Any]:
+    """Observations of a job whose training and publishing both succeeded."""
+    return {
+        "training_jobs": [training_job(0, "complete")],
+        "publish_job": publish_job("complete"),
+        "publish_pods": [pod(0, "Succeeded", exit_code=0, message=f"pushed\n{RESULT}")],
+        **ready_nodes(),
+        **observed,
+    }
+
+
 class TestEndings:
-    def test_success_completes_releases_claims_and_names_the_adapter(self) -> None:
+    def test_trained_publishes_before_releasing_the_nodes(self) -> None:
         last_read = Progress(step=53, total_steps=60, percent=88, loss=0.2)
         ftj = job(status={"phase": "Training", "progress": last_read.model_dump(by_alias=True, exclude_none=True)})
         decision = run(ftj, training_jobs=[training_job(0, "complete")], **ready_nodes())
+        assert decision.status.phase == "Publishing"
+        assert [m["metadata"]["name"] for m in decision.create] == ["support-bot-publish"]
+        assert decision.delete == [], "the publish pod runs on the training nodes"
         assert decision.status.progress is not None
         assert (decision.status.progress.step, decision.status.progress.percent) == (60, 100)
+        status, reason, message = condition(decision, conditions.COMPLETE)
+        assert (status, reason) == ("False", conditions.PUBLISHING)
+        assert "oci://registry.example/adapters/support-bot:v1" in message
+        assert decision.status.completion_time is None
+        again = run(
+            ftj, training_jobs=[training_job(0, "complete")], publish_job=publish_job("active"), **ready_nodes()
+        )
+        assert again.create == []
+        assert again.status.phase == "Publishing"
+
+    def test_published_completes_releases_claims_and_records_uri_digest_and_size(self) -> None:
+        decision = run(job(status={"phase": "Publishing"}, serving={"enabled": False}), **published())
         assert decision.status.phase == "Complete"
         assert sorted(d[3] for d in decision.delete) == ["ml-support-bot-0", "ml-support-bot-1"]
+        adapter = decision.status.adapter
+        assert adapter is not None
+        assert (adapter.uri, adapter.digest, adapter.size_bytes) == (
+            "oci://registry.example/adapters/support-bot:v1",
+            "sha256:abc",
+            1234,
+        )
+        assert decision.status.completion_time is not None
+        assert condition(decision, conditions.COMPLETE)[:2] == ("True", conditions.PUBLISHED)
+        assert [e.reason for e in decision.events] == ["Complete"]
+        assert decision.status.endpoint is None
+
+    def test_without_a_destination_the_result_is_the_jobs_volume(self) -> None:
+        ftj = job(status={"phase": "Publishing"}, output={"destination": None, "secretRef": None})
+        decision = run(ftj, **published(publish_pods=[]))
         assert decision.status.adapter is not None
         assert decision.status.adapter.uri == "pvc://support-bot-workspace/adapter"
-        assert decision.status.completion_time is not None
-        assert condition(decision, conditions.COMPLETE)[0] == "True"
-        assert [e.reason for e in decision.events] == ["Complete"]
-        assert decision.status.progress.loss == pytest.approx(0.2)
+
+    def test_a_failed_publish_fails_the_job_and_keeps_the_volume(self) -> None:
+        message = "oci://registry.example/adapters/support-bot:v1: the registry refused the credentials (401)"
+        decision = run(
+            job(status={"phase": "Publishing"}),
+            training_jobs=[training_job(0, "complete")],
+            publish_job=publish_job("failed", "PodFailurePolicy"),
+            publish_pods=[pod(0, "Failed", exit_code=2, message=message)],
+            **ready_nodes(),
+        )
+        assert decision.status.phase == "Failed"
+        status, reason, text = condition(decision, conditions.FAILED)
+        assert (status, reason) == ("True", conditions.PUBLISH_FAILED)
+        assert "401" in text
+        assert "support-bot-workspace" in text
+        assert not any(d[1] == "PersistentVolumeClaim" for d in decision.delete)
+        assert sorted(d[3] for d in decision.delete) == ["ml-support-bot-0", "ml-support-bot-1"]
 
     def test_release_on_delete_keeps_the_claims(self) -> None:
         decision = run(
@@ -258,3 +321,66 @@ class TestSuspendAndQueue:
         assert decision.status.phase == "Pending"
         assert condition(decision, conditions.TRAINING)[1] == conditions.QUEUED
         assert decision.patch == [], "Kueue owns suspend"
+
+
+def deployment(ready: int) -> dict[str, Any]:
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": "support-bot-serve", "namespace": "ml"},
+        "status": {"readyReplicas": ready} if ready else {},
+    }
+
+
+class TestServing:
+    def serving_job(self, **serving: Any) -> FineTuneJob:
+        return job(status={"phase": "Complete"}, serving={"enabled": True, "runtime": "transformers", **serving})
+
+    def test_published_with_serving_deploys_the_server_and_says_it_is_starting(self) -> None:
+        decision = run(self.serving_job(), **published())
+        assert decision.status.phase == "Serving"
+        kinds = sorted((m["kind"], m["metadata"]["name"]) for m in decision.apply)
+        assert kinds == [("Deployment", "support-bot-serve"), ("Service", "support-bot-serve")]
+        claims = [m["metadata"]["name"] for m in decision.create if m["kind"] == "NodeClaim"]
+        assert claims == ["ml-support-bot-serve-0"]
+        status, reason, _ = condition(decision, conditions.SERVING_READY)
+        assert (status, reason) == ("False", conditions.SERVING_STARTING)
+        assert decision.status.endpoint is not None
+        assert decision.status.endpoint.url == "http://support-bot-serve.ml.svc:8000/v1"
+        assert decision.status.endpoint.model_name == "support-bot"
+        assert decision.requeue_after == 5.0
+        deployed = next(m for m in decision.apply if m["kind"] == "Deployment")
+        inits = {c["name"]: c["command"] for c in deployed["spec"]["template"]["spec"]["initContainers"]}
+        command = inits["pull-adapter"]
+        assert command[:3] == ["kubetune", "pull", "oci://registry.example/adapters/support-bot:v1"]
+
+    def test_a_ready_replica_makes_serving_ready(self) -> None:
+        decision = run(self.serving_job(modelName="bot"), **published(deployment=deployment(1)))
+        status, reason, message = condition(decision, conditions.SERVING_READY)
+        assert (status, reason) == ("True", conditions.SERVING)
+        assert "model bot at http://support-bot-serve.ml.svc:8000/v1" in message
+        assert decision.status.phase == "Serving"
+
+    def test_a_failing_serving_claim_is_explained(self) -> None:
+        failing = claim("ml-support-bot-serve-0", failed="InsufficientCapacity")
+        failing["metadata"]["labels"] = {names.ROLE_LABEL: "server"}
+        decision = run(self.serving_job(), **published(deployment=deployment(0), serving_claims=[failing]))
+        message = condition(decision, conditions.SERVING_READY)[2]
+        assert "ml-support-bot-serve-0: InsufficientCapacity" in message
+        assert not any(m["kind"] == "NodeClaim" for m in decision.create)
+
+    def test_turning_serving_off_removes_server_and_nodes(self) -> None:
+        serving_claim = claim("ml-support-bot-serve-0")
+        ftj = job(status={"phase": "Serving"}, serving={"enabled": False})
+        decision = run(ftj, **published(deployment=deployment(1), serving_claims=[serving_claim]))
+        assert decision.status.phase == "Complete"
+        deleted = {(d[1], d[3]) for d in decision.delete}
+        assert {("Deployment", "support-bot-serve"), ("Service", "support-bot-serve")} <= deleted
+        assert ("NodeClaim", "ml-support-bot-serve-0") in deleted
+        assert decision.status.endpoint is None
+        assert condition(decision, conditions.SERVING_READY)[:2] == ("False", conditions.SERVING_DISABLED)
+
+    def test_fewer_replicas_release_their_nodes(self) -> None:
+        claims = [claim("ml-support-bot-serve-0"), claim("ml-support-bot-serve-1")]
+        decision = run(self.serving_job(replicas=1), **published(deployment=deployment(1), serving_claims=claims))
+        assert [d[3] for d in decision.delete if d[1] == "NodeClaim" and "serve" in d[3]] == ["ml-support-bot-serve-1"]

@@ -143,13 +143,13 @@ kubetune_operator/kube.py (every API call), controller.py and handlers.py (what 
 - apiGroups: [kubetune.io]
   resources: [finetunejobs/finalizers]
   verbs: [update]
-# Training Jobs (Indexed, one per gang attempt): created once, listed by label, patched to toggle
-# spec.suspend (runPolicy.suspend, Kueue); kopf watches them to wake the job's reconcile.
+# Training Jobs (Indexed, one per gang attempt) and the publish Job: created once, listed by label,
+# patched to toggle spec.suspend (runPolicy.suspend, Kueue); kopf watches them to wake the job.
 - apiGroups: [batch]
   resources: [jobs]
   verbs: [list, watch, create, patch]
-# Pods of the training Jobs: listed for the current attempt (phase, rank-0 address, exit codes)
-# and watched by kopf; never created, changed or deleted (the Job controller owns them).
+# Pods of the Jobs and of the serving Deployment: listed (phase, rank-0 address, exit codes,
+# termination messages) and watched by kopf; never created, changed or deleted.
 - apiGroups: [""]
   resources: [pods]
   verbs: [list, watch]
@@ -157,8 +157,18 @@ kubetune_operator/kube.py (every API call), controller.py and handlers.py (what 
 # a patch that creates the object when it is missing (so create too); never read back or deleted
 # (owner references hand them to garbage collection).
 - apiGroups: [""]
-  resources: [persistentvolumeclaims, configmaps, services]
+  resources: [persistentvolumeclaims, configmaps]
   verbs: [create, patch]
+# Services: the training one (headless) as above, and the serving one, which is also deleted when
+# spec.serving.enabled turns false.
+- apiGroups: [""]
+  resources: [services]
+  verbs: [create, patch, delete]
+# The serving Deployment (serving.enabled): server-side applied on every pass, listed by label
+# for its ready replicas, watched by kopf to wake the job, deleted when serving is turned off.
+- apiGroups: [apps]
+  resources: [deployments]
+  verbs: [list, watch, create, patch, delete]
 # Events on FineTuneJobs: phase changes and restarts from the controller, handler errors from kopf.
 - apiGroups: [""]
   resources: [events]
