@@ -81,7 +81,7 @@ def run_demo(home: Path) -> int:
     answer, usage = _chat(host, port, endpoint["modelName"], question)
     base, _ = _chat(host, port, "base", question)
     say("")
-    say(f"  question:              {question}")
+    say(f"  question:               {question}")
     say(f"  the fine-tuned adapter: {answer!r}   ({usage['total_tokens']} tokens)")
     say(f"  the base model:         {base!r}")
     say(f"  what the data taught:   {taught!r}")
@@ -91,7 +91,8 @@ def run_demo(home: Path) -> int:
     say(f"  {local.binaries.kubectl} -n {namespace} get finetunejobs")
     say(f"  {local.binaries.kubectl} -n {namespace} get finetunejob {name} -o yaml   # status: adapter, endpoint")
     say(f"  curl -s http://{host}:{port}/v1/chat/completions -H 'Content-Type: application/json' \\")
-    say(f'    -d \'{{"model": "{endpoint["modelName"]}", "messages": [{{"role": "user", "content": "{question}"}}]}}\'')
+    body = {"model": endpoint["modelName"], "messages": [{"role": "user", "content": question}], "temperature": 0}
+    say(f"    -d '{json.dumps(body)}'")
     say("clean up: make demo-down   (kubetune local down: stops the cluster, the operator and every pod)")
     return 0 if answer.strip() == taught else 1
 

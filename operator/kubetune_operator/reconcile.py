@@ -490,7 +490,10 @@ def _serve(
                 for c in observed.serving_claims
                 if (launched := _conditions(c).get("Launched")) and launched.get("status") == "False"
             ]
-            claims = "; " + "; ".join(failed) if failed else f"; {len(pending)} serving node(s) not ready yet"
+            if failed:
+                claims = "; " + "; ".join(failed)
+            elif pending:
+                claims = f"; {len(pending)} serving node(s) not ready yet"
         condition(
             conditions.SERVING_READY,
             "False",
