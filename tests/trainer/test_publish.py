@@ -415,12 +415,15 @@ def test_a_finetunejob_manifest_with_output_is_published_too(tmp_path: Path) -> 
 # ---------------------------------------------------------------------------- permanent errors
 
 
-def test_s3_is_refused_permanently(tmp_path: Path) -> None:
+def test_s3_is_refused_permanently_naming_the_schemes_that_work(tmp_path: Path) -> None:
     config = trainer_config(tmp_path, fake_output(tmp_path / "out"), destination="s3://bucket/adapters/toy")
     done = kubetune("publish", "--config", str(config), tmp=tmp_path)
     assert done.code == 2
-    assert "s3:// outputs are not supported yet; use pvc:// or oci://" in done.termination
-    assert "spec.output.destination" in done.termination
+    message = done.termination or done.stderr
+    assert "unsupported scheme 's3://'" in message
+    assert "pvc://claim/path" in message
+    assert "oci://registry/repository:tag" in message
+    assert "spec.output.destination" in message
 
 
 def test_nothing_to_publish_is_permanent(tmp_path: Path) -> None:

@@ -14,7 +14,7 @@ Torch-free (they run in short pods without the ML stack):
   - ``oci://registry[:port]/repository:tag``: pushed as a Kaito-compatible adapter image (see
     :mod:`kubetune_trainer.oci`), with the credentials of ``spec.output.secretRef`` (a
     ``kubernetes.io/dockerconfigjson`` Secret mounted under ``mounts.secrets``);
-  - ``s3://``: not supported yet (a permanent error).
+  - ``s3://`` is not supported yet: the spec refuses it at admission (``OUTPUT_SCHEMES``).
 
 - ``pull oci://… DIR [--docker-config FILE]`` puts an adapter image's files directly in ``DIR``.
 - ``fetch-model --config FILE --into DIR`` fetches ``spec.model.source`` (with :mod:`kubetune_trainer.sources`)
@@ -166,13 +166,7 @@ def publish(config: TrainerConfig, *, default_uri: str | None = None) -> Result:
         raise PermanentError.one("spec.output.destination", str(exc), summary="the destination is invalid") from None
     if parsed.scheme == "pvc":
         return _publish_pvc(config, folder, files, parsed)
-    if parsed.scheme == "oci":
-        return _publish_oci(config, files, destination)
-    raise PermanentError.one(
-        "spec.output.destination",
-        f"s3:// outputs are not supported yet; use pvc:// or oci:// (spec.output.destination is {destination})",
-        summary="the destination is not supported",
-    )
+    return _publish_oci(config, files, destination)
 
 
 def _publish_pvc(config: TrainerConfig, folder: Path, files: dict[str, Path], destination: SourceURI) -> Result:

@@ -50,7 +50,8 @@ SCHEME_FORMS: Final[dict[Scheme, str]] = {
 
 MODEL_SCHEMES: Final[tuple[Scheme, ...]] = ("hf", "https", "http", "pvc", "oci", "s3")
 DATASET_SCHEMES: Final[tuple[Scheme, ...]] = ("hf", "https", "http", "pvc", "oci", "s3", "configmap")
-OUTPUT_SCHEMES: Final[tuple[Scheme, ...]] = ("pvc", "oci", "s3")
+#: s3:// outputs are refused at admission (not supported yet), not after hours of training.
+OUTPUT_SCHEMES: Final[tuple[Scheme, ...]] = ("pvc", "oci")
 
 
 def pattern_for(schemes: tuple[Scheme, ...]) -> str:
