@@ -24,7 +24,7 @@ from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
 from kubetune_local import cluster
-from kubetune_local.controlplane import free_port
+from kubetune_local.controlplane import MARK_ENV, free_port
 from kubetune_local.kube import api_client
 
 REPO: Final = Path(__file__).resolve().parents[2]
@@ -102,7 +102,7 @@ def _start_operator(home: Path, kubeconfig: Path) -> Path:
     log = home / "logs" / "operator.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     # The marker makes the operator part of the cluster: `kubetune local down` sweeps it.
-    env = {**os.environ, "KUBECONFIG": str(kubeconfig), "KUBETUNE_LOCAL_HOME": str(home)}
+    env = {**os.environ, "KUBECONFIG": str(kubeconfig), MARK_ENV: str(home)}
     with open(log, "ab") as out:
         subprocess.Popen(
             [

@@ -24,7 +24,7 @@ from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
 from kubetune_local.binaries import Binaries, ensure_binaries, karpenter_crds
-from kubetune_local.controlplane import COMPONENTS, ControlPlane, State, pid_alive, stop_process
+from kubetune_local.controlplane import COMPONENTS, MARK_ENV, ControlPlane, State, pid_alive, stop_process
 
 __all__ = ["AlreadyRunning", "Cluster", "State", "down", "marked_processes", "pod_log", "status", "up"]
 from kubetune_local.daemon import DEFAULT_NODE
@@ -156,14 +156,28 @@ def _wait_ready(api: client.ApiClient, home: Path, timeout: float) -> None:
 
 def marked_processes(home: Path) -> list[int]:
     """Processes started for this cluster's pods (their environment names its home)."""
-    marker = f"KUBETUNE_LOCAL_HOME={home}".encode()
+    marker = f"{MARK_ENV}={home}".encode()
     found = []
+    spared = _ancestors()
     for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+        if not entry.name.isdigit() or int(entry.name) in spared:
             continue
         with contextlib.suppress(OSError):
             if marker in (entry / "environ").read_bytes().split(b"\0"):
                 found.append(int(entry.name))
+    return found
+
+
+def _ancestors() -> set[int]:
+    """This process and its parents (never swept, whatever their environment holds)."""
+    found, pid = set(), os.getpid()
+    while pid > 1 and pid not in found:
+        found.add(pid)
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text(encoding="utf-8")
+        except OSError:
+            break
+        pid = int(stat.rsplit(")", 1)[1].split()[1])
     return found
 
 

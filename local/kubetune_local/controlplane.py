@@ -31,6 +31,11 @@ SERVICE_CIDR: Final = "10.0.0.0/24"
 SERVICE_ACCOUNT_ISSUER: Final = "https://kubernetes.default.svc.cluster.local"
 
 
+#: Set in the environment of every process started for a cluster's pods (and the demo's operator) to
+#: its home: `down` stops what carries it. Not KUBETUNE_LOCAL_HOME, which users export themselves.
+MARK_ENV: Final = "KUBETUNE_LOCAL_CLUSTER"
+
+
 def default_home() -> Path:
     """``$KUBETUNE_LOCAL_HOME`` or ``~/.kubetune/local``: certificates, data, logs and the kubeconfig."""
     return Path(os.environ.get("KUBETUNE_LOCAL_HOME", Path.home() / ".kubetune" / "local"))

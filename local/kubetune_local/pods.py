@@ -33,6 +33,8 @@ from typing import TYPE_CHECKING, Any, Final
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
+from kubetune_local.controlplane import MARK_ENV
+
 if TYPE_CHECKING:
     from kubetune_local.node import Runtime
 
@@ -459,6 +461,7 @@ class PodRunner(threading.Thread):
                 "HOSTNAME": self.hostname,
                 "PYTHONUNBUFFERED": "1",
                 "KUBETUNE_LOCAL_HOME": str(self.runtime.home),
+                MARK_ENV: str(self.runtime.home),
                 "KUBETUNE_LOCAL_POD": self.uid,
             }
         )

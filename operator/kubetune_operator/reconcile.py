@@ -377,6 +377,8 @@ def decide(observed: Observed, settings: OperatorSettings) -> Decision:  # noqa:
             if any(c.type == conditions.SUSPENDED for c in conds):
                 condition(conditions.SUSPENDED, "False", conditions.NOT_SUSPENDED, "")
             running = [p for p in observed.pods if (p.get("status") or {}).get("phase") == "Running"]
+            # Pods that finished while the Job controller has not yet marked the Job complete.
+            finished = [p for p in observed.pods if (p.get("status") or {}).get("phase") == "Succeeded"]
             if current_state == "Suspended" and spec.run_policy.queue_name:
                 phase = "Pending"
                 condition(
@@ -385,10 +387,14 @@ def decide(observed: Observed, settings: OperatorSettings) -> Decision:  # noqa:
                     conditions.QUEUED,
                     f"waiting for Kueue to admit it from queue {spec.run_policy.queue_name}",
                 )
-            elif len(running) >= spec.distributed.nodes:
+            elif len(running) + len(finished) >= spec.distributed.nodes and (running or finished):
                 phase = "Training"
+                done = f", {len(finished)} finished" if finished else ""
                 condition(
-                    conditions.TRAINING, "True", conditions.RUNNING, f"attempt {attempt}: {len(running)} pods running"
+                    conditions.TRAINING,
+                    "True",
+                    conditions.RUNNING,
+                    f"attempt {attempt}: {len(running)} pods running{done}",
                 )
                 decision.scrape_progress = True
                 decision.requeue_after = settings.progress_interval_seconds

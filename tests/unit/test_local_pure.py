@@ -1,7 +1,11 @@
-"""Pure pieces of the local runtime: DNS-name rewriting, mount-path rewriting, $(VAR) expansion."""
+"""Pieces of the local runtime that need no cluster: DNS-name and mount-path rewriting, $(VAR)
+expansion, and which processes `down` sweeps."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -68,3 +72,25 @@ class TestCatalog:
         instance = CATALOG[requested_instance_type(claim) or ""]
         assert capacity_of(instance)["nvidia.com/gpu"] == "8"
         assert "nvidia.com/gpu" not in capacity_of(CATALOG["local-cpu"])
+
+
+def test_down_sweeps_marked_processes_but_not_the_users_own(tmp_path: Path) -> None:
+    """`kubetune local down` with KUBETUNE_LOCAL_HOME exported must not kill the shell or make that ran it."""
+    from kubetune_local.cluster import _ancestors, marked_processes  # noqa: PLC0415 - only here
+    from kubetune_local.controlplane import MARK_ENV  # noqa: PLC0415 - only here
+
+    home = tmp_path / "home"
+    sleeper = [sys.executable, "-c", "import time; time.sleep(30)"]
+    pod = subprocess.Popen(sleeper, env={**os.environ, MARK_ENV: str(home)})
+    user = subprocess.Popen(sleeper, env={**os.environ, "KUBETUNE_LOCAL_HOME": str(home)})
+    try:
+        found = marked_processes(home)
+        assert pod.pid in found
+        assert user.pid not in found
+        assert os.getpid() in _ancestors()
+        assert os.getppid() in _ancestors()
+    finally:
+        pod.kill()
+        user.kill()
+        pod.wait()
+        user.wait()

@@ -195,6 +195,19 @@ def published(**observed: Any) -> dict[str, Any]:
     }
 
 
+class TestFinishing:
+    def test_pods_that_finished_before_the_job_completes_still_read_as_training(self) -> None:
+        ftj = job(status={"phase": "Training"})
+        decision = run(
+            ftj,
+            training_jobs=[training_job(0, "active")],
+            pods=[pod(0, "Succeeded", exit_code=0), pod(1, "Succeeded", exit_code=0)],
+            **ready_nodes(),
+        )
+        assert decision.status.phase == "Training"
+        assert "2 finished" in condition(decision, conditions.TRAINING)[2]
+
+
 class TestEndings:
     def test_trained_publishes_before_releasing_the_nodes(self) -> None:
         last_read = Progress(step=53, total_steps=60, percent=88, loss=0.2)
