@@ -51,7 +51,7 @@ def run_demo(home: Path) -> int:
     if any(cluster.running(home).values()):
         say(f"demo: stopping the local cluster already running from {home}")
         cluster.down(home, progress=lambda _line: None)
-    say("demo: starting the local runtime (the first run builds the Kubernetes binaries: ~11-15 min)")
+    say("demo: starting the local runtime")
     local = cluster.up(home, progress=lambda line: say(f"demo:   {line}"))
     say(f"demo: cluster ready in {local.seconds_to_ready:.0f}s; export KUBECONFIG={local.kubeconfig}")
     api = api_client(local.kubeconfig)

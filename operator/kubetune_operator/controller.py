@@ -60,6 +60,10 @@ class Controller:
         self._written: dict[str, tuple[str, Obj]] = {}
         self._writers = concurrent.futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="write")
         self._lock = threading.Lock()
+        # One pass at a time per job, and none once its deletion began: a pass in flight when the
+        # job is deleted could otherwise create NodeClaims after the finalizer released them.
+        self._passes: dict[str, threading.Lock] = {}
+        self._deleted: set[str] = set()
 
     def nodes(self, labels: str | None) -> list[Obj]:
         """Nodes (by label), cached for a second: many waiting jobs read the same few nodes."""
@@ -178,8 +182,20 @@ class Controller:
 
     # ------------------------------------------------------------------------- reconcile
 
+    def _pass_lock(self, uid: str) -> threading.Lock:
+        with self._lock:
+            return self._passes.setdefault(uid, threading.Lock())
+
     def reconcile(self, obj: Obj) -> Decision | None:
-        """One pass for the FineTuneJob ``obj`` (as read from the API)."""
+        """One pass for the FineTuneJob ``obj`` (as read from the API); none once its deletion began."""
+        uid = obj["metadata"]["uid"]
+        with self._pass_lock(uid):
+            with self._lock:
+                if uid in self._deleted:
+                    return None
+            return self._reconcile(obj)
+
+    def _reconcile(self, obj: Obj) -> Decision | None:
         started = time.perf_counter()
         meta = obj["metadata"]
         with self._lock:
@@ -268,8 +284,18 @@ class Controller:
         }
         self.kube.write_status(obj["metadata"]["namespace"], obj["metadata"]["name"], status)
 
-    def release(self, namespace: str, name: str) -> int:
-        """Delete the job's NodeClaims (cluster-scoped: no owner reference reaches them); return how many remain."""
+    def release(self, namespace: str, name: str, uid: str) -> int:
+        """Delete the job's NodeClaims (cluster-scoped: no owner reference reaches them); return how many remain.
+
+        Waits for a pass of the job in flight and stops later ones first, so that nothing creates a
+        claim after this ran.
+        """
+        with self._lock:
+            self._deleted.add(uid)
+        with self._pass_lock(uid):
+            pass
+        with self._lock:
+            self._passes.pop(uid, None)
         if not self.kube.installed("karpenter.sh/v1", "NodeClaim"):
             return 0
         claims = self.kube.list("karpenter.sh/v1", "NodeClaim", labels=names.selector(namespace, name))

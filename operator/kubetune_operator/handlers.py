@@ -94,7 +94,7 @@ def build_registry(settings: OperatorSettings, kube: Kube | None = None) -> kopf
     def release(name: str, namespace: str | None, uid: str, **_: Any) -> None:
         assert namespace is not None, "FineTuneJobs are namespaced"
         controller().forget(uid)
-        remaining = controller().release(namespace, name)
+        remaining = controller().release(namespace, name, uid)
         if remaining:
             raise kopf.TemporaryError(f"waiting for {remaining} NodeClaims to be released", delay=2)
 

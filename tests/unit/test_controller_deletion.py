@@ -1,0 +1,92 @@
+"""Deleting a job while one of its passes is in flight: the release waits for the pass, and no pass
+acts afterwards (a pass that listed its Jobs while garbage collection removed them would otherwise
+create NodeClaims after the finalizer released them: cluster-scoped, they would never go away)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+import pytest
+
+from kubetune_operator.controller import Controller
+from kubetune_operator.settings import OperatorSettings
+from tests.conftest import REPO, load_yaml
+
+pytestmark = pytest.mark.unit
+
+Obj = dict[str, Any]
+
+
+class SlowKube:
+    """Stands in for the API module: the first list of Jobs blocks until the test lets it go."""
+
+    def __init__(self) -> None:
+        self.listing = threading.Event()
+        self.go_on = threading.Event()
+        self.created: list[str] = []
+        self.deleted: list[str] = []
+        self.claims: dict[str, Obj] = {}
+
+    def installed(self, api_version: str, kind: str) -> bool:
+        return True
+
+    def list(
+        self, api_version: str, kind: str, *, namespace: str | None = None, labels: str | None = None
+    ) -> list[Obj]:
+        if kind == "Job" and not self.listing.is_set():
+            self.listing.set()
+            assert self.go_on.wait(10)
+        if kind == "NodeClaim":
+            return list(self.claims.values())
+        return []
+
+    def create(self, manifest: Obj) -> bool:
+        self.created.append(f"{manifest['kind']}/{manifest['metadata']['name']}")
+        if manifest["kind"] == "NodeClaim":
+            self.claims[manifest["metadata"]["name"]] = manifest
+        return True
+
+    def apply(self, manifest: Obj) -> Obj:
+        return manifest
+
+    def delete(self, api_version: str, kind: str, name: str, namespace: str | None = None) -> None:
+        self.deleted.append(f"{kind}/{name}")
+        self.claims.pop(name, None)
+
+    def merge_patch(self, obj: Obj, patch: Obj) -> None:
+        pass
+
+    def write_status(self, namespace: str, name: str, status: Obj) -> None:
+        pass
+
+    def event(self, involved: Obj, event_type: str, reason: str, message: str) -> None:
+        pass
+
+
+def test_release_waits_for_the_pass_in_flight_and_no_pass_acts_after_it() -> None:
+    kube = SlowKube()
+    controller = Controller(kube, OperatorSettings())  # type: ignore[arg-type]
+    obj = load_yaml(REPO / "examples" / "karpenter-aks.yaml")
+    obj["metadata"].update(uid="uid-1", generation=1, creationTimestamp="2026-11-29T10:00:00Z", resourceVersion="1")
+
+    in_flight = threading.Thread(target=controller.reconcile, args=(obj,))
+    in_flight.start()
+    assert kube.listing.wait(10), "the pass started"
+    released: list[int] = []
+    release = threading.Thread(target=lambda: released.append(controller.release("ml", "support-bot", "uid-1")))
+    release.start()
+    time.sleep(0.3)
+    assert not released, "the release waits for the pass in flight"
+    kube.go_on.set()
+    in_flight.join(10)
+    release.join(10)
+    assert [c for c in kube.created if c.startswith("NodeClaim/")], "the pass in flight created its claims"
+    assert sorted(d for d in kube.deleted if d.startswith("NodeClaim/")) == [
+        "NodeClaim/ml-support-bot-0",
+        "NodeClaim/ml-support-bot-1",
+    ], "and the release removed them"
+    before = list(kube.created)
+    assert controller.reconcile(obj) is None
+    assert kube.created == before, "no pass acts once the deletion began"
