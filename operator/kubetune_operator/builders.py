@@ -85,32 +85,35 @@ class Target:
 # ------------------------------------------------------------------------------ provisioning
 
 
-def build_node_claims(target: Target) -> list[Obj]:
-    """One Karpenter NodeClaim per training node, of the spec's instance type, GPU-tainted."""
-    spec = target.spec.resources
-    assert spec.instance_type is not None, "provisioner karpenter requires an instance type (CRD rule)"
+def _node_claim(target: Target, name: str, instance_type: str, role: str) -> Obj:
+    """A Karpenter NodeClaim of ``instance_type``, GPU-tainted, labelled with the job and the ``role`` of its pods."""
     node_class = target.settings.node_class
+    return {
+        "apiVersion": "karpenter.sh/v1",
+        "kind": "NodeClaim",
+        "metadata": {
+            "name": name,
+            # Cluster-scoped: no owner reference; the finalizer releases them. Karpenter copies
+            # these labels onto the node, so the job's pods can select exactly these nodes.
+            "labels": {**target.labels, names.UID_LABEL: target.uid, names.ROLE_LABEL: role},
+        },
+        "spec": {
+            "nodeClassRef": {"group": node_class.group, "kind": node_class.kind, "name": node_class.name},
+            "requirements": [
+                {"key": INSTANCE_TYPE_LABEL, "operator": "In", "values": [instance_type]},
+                {"key": "kubernetes.io/os", "operator": "In", "values": ["linux"]},
+            ],
+            "taints": [{"key": names.GPU_TAINT_KEY, "value": target.settings.gpu_taint_value, "effect": "NoSchedule"}],
+        },
+    }
+
+
+def build_node_claims(target: Target) -> list[Obj]:
+    """One Karpenter NodeClaim per training node, of the spec's instance type."""
+    instance_type = target.spec.resources.instance_type
+    assert instance_type is not None, "provisioner karpenter requires an instance type (CRD rule)"
     return [
-        {
-            "apiVersion": "karpenter.sh/v1",
-            "kind": "NodeClaim",
-            "metadata": {
-                "name": names.node_claim(target.namespace, target.name, index),
-                # Cluster-scoped: no owner reference; the finalizer releases them. Karpenter copies
-                # these labels onto the node, so the training pods can select exactly these nodes.
-                "labels": {**target.labels, names.UID_LABEL: target.uid, names.ROLE_LABEL: names.ROLE_TRAINER},
-            },
-            "spec": {
-                "nodeClassRef": {"group": node_class.group, "kind": node_class.kind, "name": node_class.name},
-                "requirements": [
-                    {"key": INSTANCE_TYPE_LABEL, "operator": "In", "values": [spec.instance_type]},
-                    {"key": "kubernetes.io/os", "operator": "In", "values": ["linux"]},
-                ],
-                "taints": [
-                    {"key": names.GPU_TAINT_KEY, "value": target.settings.gpu_taint_value, "effect": "NoSchedule"}
-                ],
-            },
-        }
+        _node_claim(target, names.node_claim(target.namespace, target.name, index), instance_type, names.ROLE_TRAINER)
         for index in range(target.spec.distributed.nodes)
     ]
 
@@ -513,14 +516,12 @@ def build_serving_node_claims(target: Target) -> list[Obj]:
     """One NodeClaim per serving replica, of serving.instanceType (else the training instance type)."""
     instance_type = target.spec.serving.instance_type or target.spec.resources.instance_type
     assert instance_type is not None, "provisioner karpenter requires an instance type (CRD rule)"
-    claims = []
-    for index in range(target.spec.serving.replicas):
-        claim = build_node_claims(target)[0]
-        claim["metadata"]["name"] = names.serving_node_claim(target.namespace, target.name, index)
-        claim["metadata"]["labels"][names.ROLE_LABEL] = names.ROLE_SERVER
-        claim["spec"]["requirements"][0]["values"] = [instance_type]
-        claims.append(claim)
-    return claims
+    return [
+        _node_claim(
+            target, names.serving_node_claim(target.namespace, target.name, index), instance_type, names.ROLE_SERVER
+        )
+        for index in range(target.spec.serving.replicas)
+    ]
 
 
 @dataclass(frozen=True, slots=True)

@@ -18,7 +18,7 @@ from typing import Any
 from kubetune_operator import conditions, metrics, names, progress
 from kubetune_operator.api import PHASES, FineTuneJob, FineTuneJobStatus, Progress, load_job
 from kubetune_operator.kube import Kube
-from kubetune_operator.reconcile import Decision, Observed, attempt_of, decide
+from kubetune_operator.reconcile import Decision, Observed, attempt_of, decide, job_state
 from kubetune_operator.settings import OperatorSettings
 from kubetune_trainer.config import InvalidManifestError
 
@@ -98,16 +98,19 @@ class Controller:
             if jobs
             else []
         )
+        # The publish pods carry its result (read once into status.adapter) or its failure message.
+        recorded = job.status is not None and job.status.adapter is not None and job.status.adapter.digest is not None
         publish_pods = (
             self.kube.list(
                 "v1", "Pod", namespace=namespace, labels=f"{selector},{names.ROLE_LABEL}={names.ROLE_PUBLISH}"
             )
-            if publish is not None
+            if publish is not None and not (recorded and job_state(publish) == "Succeeded")
             else []
         )
         deployment = None
         serving_pods: list[Obj] = []
-        if spec.serving.enabled or (job.status and job.status.phase == "Serving"):
+        # A server exists only once the adapter is published, or while the job still says Serving.
+        if (spec.serving.enabled and publish is not None) or (job.status and job.status.phase == "Serving"):
             found = self.kube.list("apps/v1", "Deployment", namespace=namespace, labels=selector)
             deployment = found[0] if found else None
             if deployment is not None and not (deployment.get("status") or {}).get("readyReplicas"):
