@@ -22,10 +22,11 @@ RUN groupadd --gid 1000 kubetune \
 
 # -------------------------------------------------------------------------------------- sources
 # What `pip install .` needs: the metadata (pyproject.toml names README.md as the readme), the pins,
-# and the four package folders setuptools looks in.
+# and the five package folders setuptools looks in.
 FROM base AS sources
 WORKDIR /src
 COPY pyproject.toml README.md constraints.txt ./
+COPY api/ api/
 COPY operator/ operator/
 COPY trainer/ trainer/
 COPY local/ local/
@@ -34,7 +35,7 @@ COPY cli/ cli/
 # ----------------------------------------------------------------------------------- operator
 FROM sources AS operator-build
 # The operator extra only (kopf, the Kubernetes client, prometheus-client): the operator imports
-# just the trainer's torch-free config module, so the image carries no ML stack.
+# the torch-free kubetune_api and nothing of the trainer, so the image carries no ML stack.
 RUN python -m venv /opt/kubetune \
     && pip install --no-cache-dir --constraint constraints.txt ".[operator]"
 

@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 EXTRAS ?= operator,local,dev,trainer
 CRD    := crds/kubetune.io_finetunejobs.yaml
 comma  := ,
-SOURCES := operator/kubetune_operator trainer/kubetune_trainer local/kubetune_local cli/kubetune_cli
+SOURCES := api/kubetune_api operator/kubetune_operator trainer/kubetune_trainer local/kubetune_local cli/kubetune_cli
 
 .PHONY: setup lint test unit binaries registry integration crds lock clean demo demo-down
 

@@ -27,6 +27,7 @@ from typing import Any
 
 from kubernetes import client, watch
 
+from kubetune_api.resource import API_VERSION, GROUP, KIND, PLURAL, VERSION
 from kubetune_local import cluster
 from kubetune_local.kube import api_client
 from tests.integration.conftest import CRD, OperatorProcess, wait_for
@@ -107,13 +108,13 @@ def main() -> None:
             name = f"ftj-{index}"
             created[f"{name}-train-0"] = time.monotonic()
             custom.create_namespaced_custom_object(
-                "kubetune.io",
-                "v1alpha1",
+                GROUP,
+                VERSION,
                 NAMESPACE,
-                "finetunejobs",
+                PLURAL,
                 {
-                    "apiVersion": "kubetune.io/v1alpha1",
-                    "kind": "FineTuneJob",
+                    "apiVersion": API_VERSION,
+                    "kind": KIND,
                     "metadata": {"name": name},
                     "spec": {
                         "model": {"source": "pvc://models/tiny"},

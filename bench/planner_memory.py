@@ -2,7 +2,7 @@
 
 For each toy size and method, the model is loaded by the trainer's own loader and trained for two
 steps (forward, backward, AdamW) under torch's MemTracker, which counts every live tensor byte;
-its peak is compared with :func:`kubetune_trainer.config.plan.estimate` for the same setup on a
+its peak is compared with :func:`kubetune_api.plan.estimate` for the same setup on a
 CPU (fp32, no CUDA overhead). Target (DESIGN §7): within ±15%.
 
     .venv/bin/python -m bench.planner_memory
@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kubetune_trainer.config import ALLOW_LOCAL_PATHS, FineTuneJobSpec
-from kubetune_trainer.config.plan import ModelShape, Setup, estimate
+from kubetune_api import ALLOW_LOCAL_PATHS, FineTuneJobSpec
+from kubetune_api.plan import ModelShape, Setup, estimate
 from kubetune_trainer.toy import ToySize, build_model, build_tokenizer
 
 SIZES: dict[str, ToySize] = {

@@ -23,6 +23,7 @@ import yaml
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
+from kubetune_api.resource import GROUP, PLURAL, VERSION
 from kubetune_local import cluster
 from kubetune_local.controlplane import MARK_ENV, free_port
 from kubetune_local.kube import api_client
@@ -30,7 +31,6 @@ from kubetune_local.kube import api_client
 REPO: Final = Path(__file__).resolve().parents[2]
 EXAMPLE: Final = REPO / "examples" / "local.yaml"
 CRD: Final = REPO / "crds" / "kubetune.io_finetunejobs.yaml"
-GROUP, VERSION, PLURAL = "kubetune.io", "v1alpha1", "finetunejobs"
 MODELS_CLAIM: Final = "models"
 TIMEOUT_S: Final = 900.0
 

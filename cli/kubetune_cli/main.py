@@ -31,8 +31,8 @@ def _crd(args: argparse.Namespace) -> int:
 def _validate(args: argparse.Namespace) -> int:
     import yaml
 
-    from kubetune_operator.api import load_job
-    from kubetune_trainer.config import InvalidManifestError
+    from kubetune_api import InvalidManifestError
+    from kubetune_api.resource import load_job
 
     failed = 0
     for name in args.files:

@@ -1,4 +1,5 @@
-"""The kubetune control plane: the FineTuneJob API, its CRD, and (later) the reconciler.
+"""The kubetune control plane: the kopf handlers, the reconcile loop, the children's builders, the CRD.
 
-Imports from the trainer are limited to its torch-free :mod:`kubetune_trainer.config`.
+It imports the FineTuneJob API from :mod:`kubetune_api` and nothing of the trainer, so its image
+carries no ML stack.
 """

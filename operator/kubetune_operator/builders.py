@@ -11,9 +11,7 @@ import json
 from dataclasses import dataclass
 from typing import Any, Final
 
-from kubetune_operator import names
-from kubetune_operator.settings import OperatorSettings
-from kubetune_trainer.config import (
+from kubetune_api import (
     CONFIG_MOUNT,
     OUTPUT_MOUNT,
     SECRETS_MOUNT,
@@ -23,7 +21,9 @@ from kubetune_trainer.config import (
     TrainerConfig,
     parse_uri,
 )
-from kubetune_trainer.config.sources import DATASET_SCHEMES, MODEL_SCHEMES, OUTPUT_SCHEMES
+from kubetune_api.uris import DATASET_SCHEMES, MODEL_SCHEMES, OUTPUT_SCHEMES
+from kubetune_operator import names
+from kubetune_operator.settings import OperatorSettings
 
 Obj = dict[str, Any]
 
@@ -397,7 +397,7 @@ def _container_security() -> Obj:
 
 def result_folder(target: Target) -> str:
     """The folder the trainer leaves the result in: ``adapter`` (or ``model`` for full fine-tuning)."""
-    return "model" if target.spec.method.type == "full" else "adapter"
+    return target.spec.method.result_folder
 
 
 def default_result_uri(target: Target) -> str:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import datetime
 from typing import Final, Literal
 
-from kubetune_operator.api import Condition
+from kubetune_api.resource import Condition
 
 # Types
 VALID: Final = "Valid"

@@ -15,12 +15,12 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from kubetune_api import InvalidManifestError
+from kubetune_api.resource import PHASES, FineTuneJob, FineTuneJobStatus, Progress, load_job
 from kubetune_operator import conditions, metrics, names, progress
-from kubetune_operator.api import PHASES, FineTuneJob, FineTuneJobStatus, Progress, load_job
 from kubetune_operator.kube import Kube
 from kubetune_operator.reconcile import Decision, Observed, attempt_of, decide, job_state
 from kubetune_operator.settings import OperatorSettings
-from kubetune_trainer.config import InvalidManifestError
 
 Obj = dict[str, Any]
 log = logging.getLogger("kubetune.controller")

@@ -13,7 +13,8 @@ from typing import Any, Final
 
 import yaml
 
-from kubetune_operator.api import (
+from kubetune_api import IMMUTABLE_ONCE_STARTED, RULES
+from kubetune_api.resource import (
     API_VERSION,
     GROUP,
     KIND,
@@ -24,8 +25,7 @@ from kubetune_operator.api import (
     VERSION,
     FineTuneJob,
 )
-from kubetune_trainer.config import IMMUTABLE_ONCE_STARTED, RULES
-from kubetune_trainer.config.sources import DATASET_SCHEMES, MODEL_SCHEMES, OUTPUT_SCHEMES, Scheme, forms, pattern_for
+from kubetune_api.uris import DATASET_SCHEMES, MODEL_SCHEMES, OUTPUT_SCHEMES, Scheme, forms, pattern_for
 
 Schema = dict[str, Any]
 

@@ -19,6 +19,7 @@ from typing import Any
 import kopf
 from prometheus_client import start_http_server
 
+from kubetune_api.resource import GROUP, PLURAL, VERSION
 from kubetune_operator import names
 from kubetune_operator.controller import Controller
 from kubetune_operator.kube import Kube
@@ -56,9 +57,9 @@ def build_registry(settings: OperatorSettings, kube: Kube | None = None) -> kopf
         settings.watching.client_timeout = _settings.watch_client_timeout_seconds
         settings.watching.connect_timeout = 30
         settings.persistence.finalizer = names.FINALIZER
-        settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="kubetune.io")
+        settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
         settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
-            prefix="kubetune.io", key="last-handled-configuration"
+            prefix=GROUP, key="last-handled-configuration"
         )
         settings.posting.level = logging.WARNING
         settings.execution.max_workers = _settings.workers
@@ -68,7 +69,7 @@ def build_registry(settings: OperatorSettings, kube: Kube | None = None) -> kopf
 
     _settings = settings
 
-    @kopf.daemon("kubetune.io", "v1alpha1", "finetunejobs", registry=registry, cancellation_timeout=10)
+    @kopf.daemon(GROUP, VERSION, PLURAL, registry=registry, cancellation_timeout=10)
     async def run(name: str, namespace: str | None, body: kopf.Body, stopped: kopf.DaemonStopped, **_: Any) -> None:
         assert namespace is not None, "FineTuneJobs are namespaced"
         woken = pokes.setdefault((namespace, name), asyncio.Event())
@@ -90,7 +91,7 @@ def build_registry(settings: OperatorSettings, kube: Kube | None = None) -> kopf
         finally:
             pokes.pop((namespace, name), None)
 
-    @kopf.on.delete("kubetune.io", "v1alpha1", "finetunejobs", registry=registry)
+    @kopf.on.delete(GROUP, VERSION, PLURAL, registry=registry)
     def release(name: str, namespace: str | None, uid: str, **_: Any) -> None:
         assert namespace is not None, "FineTuneJobs are namespaced"
         controller().forget(uid)

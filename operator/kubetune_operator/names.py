@@ -9,7 +9,9 @@ from __future__ import annotations
 
 from typing import Final
 
-GROUP_PREFIX: Final = "kubetune.io"
+from kubetune_api.resource import GROUP
+
+GROUP_PREFIX: Final = GROUP
 MANAGED_BY: Final = {"app.kubernetes.io/managed-by": "kubetune"}
 JOB_LABEL: Final = f"{GROUP_PREFIX}/finetunejob"
 NAMESPACE_LABEL: Final = f"{GROUP_PREFIX}/namespace"

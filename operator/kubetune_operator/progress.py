@@ -14,7 +14,7 @@ from typing import Final
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from kubetune_operator.api import Progress
+from kubetune_api.resource import Progress
 
 log = logging.getLogger("kubetune.progress")
 

@@ -16,8 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal
 
-from kubetune_operator import builders, conditions, names
-from kubetune_operator.api import (
+from kubetune_api.resource import (
     Adapter,
     Condition,
     Endpoint,
@@ -27,6 +26,7 @@ from kubetune_operator.api import (
     Progress,
     Workload,
 )
+from kubetune_operator import builders, conditions, names
 from kubetune_operator.settings import OperatorSettings
 
 Obj = dict[str, Any]

@@ -20,10 +20,10 @@ import yaml
 from kopf._cogs.structs import references as kopf_references
 from prometheus_client.metrics import MetricWrapperBase
 
+from kubetune_api.resource import load_job
 from kubetune_cli.main import build_parser
 from kubetune_operator import builders, names
 from kubetune_operator import metrics as operator_metrics
-from kubetune_operator.api import load_job
 from kubetune_operator.crd import render_crd
 from kubetune_operator.handlers import build_registry
 from kubetune_operator.progress import GAUGES as TRAINER_GAUGES

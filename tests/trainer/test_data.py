@@ -18,8 +18,8 @@ from typing import Any
 
 import pytest
 
+from kubetune_api import ALLOW_LOCAL_PATHS, DatasetSpec
 from kubetune_trainer import data
-from kubetune_trainer.config import ALLOW_LOCAL_PATHS, DatasetSpec
 from kubetune_trainer.errors import EXIT_PERMANENT, PermanentError
 from kubetune_trainer.launch import main as train_main
 from kubetune_trainer.toy import toy_facts, toy_records, write_jsonl

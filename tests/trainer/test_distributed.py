@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from kubetune_trainer.config import ALLOW_LOCAL_PATHS, TrainerConfig
+from kubetune_api import ALLOW_LOCAL_PATHS, TrainerConfig
 from kubetune_trainer.configfile import render
 from kubetune_trainer.errors import EXIT_PERMANENT, EXIT_RETRYABLE
 from kubetune_trainer.launch import Topology, _launch_workers

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from kubetune_operator.api import load_job
+from kubetune_api import RULES, InvalidManifestError
+from kubetune_api.resource import load_job
 from kubetune_operator.crd import openapi_schema
-from kubetune_trainer.config import RULES, InvalidManifestError
 from tests.conftest import BadManifest, load_bad_input
 from tests.unit import schema_check
 

@@ -7,8 +7,9 @@ from typing import Any
 
 import pytest
 
+from kubetune_api import InvalidManifestError, TrainerConfig
+from kubetune_api.resource import load_job
 from kubetune_operator import names
-from kubetune_operator.api import load_job
 from kubetune_operator.builders import (
     Target,
     build_config_map,
@@ -24,7 +25,6 @@ from kubetune_operator.builders import (
     max_lora_rank,
 )
 from kubetune_operator.settings import OperatorSettings
-from kubetune_trainer.config import InvalidManifestError, TrainerConfig
 from tests.conftest import REPO, load_yaml
 
 pytestmark = pytest.mark.unit

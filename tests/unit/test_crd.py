@@ -8,9 +8,9 @@ from typing import Any
 import pytest
 import yaml
 
-from kubetune_operator.api import load_job
+from kubetune_api import RULES
+from kubetune_api.resource import load_job
 from kubetune_operator.crd import build_crd, openapi_schema, render_crd
-from kubetune_trainer.config import RULES
 from tests.conftest import EXAMPLES, REPO, load_yaml
 from tests.unit import schema_check
 

@@ -26,7 +26,7 @@ def test_import_operator_is_the_standard_library() -> None:
 
 def test_operator_api_and_crd_import_no_ml_stack() -> None:
     code = (
-        "import sys, kubetune_operator.crd, kubetune_operator.api, kubetune_cli.main;"
+        "import sys, kubetune_operator.crd, kubetune_api.resource, kubetune_cli.main;"
         "print(sorted(m for m in ('torch','transformers','peft','deepspeed','kopf') if m in sys.modules))"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -6,8 +6,8 @@ from typing import Any
 
 import pytest
 
+from kubetune_api.resource import FineTuneJob, Progress, load_job
 from kubetune_operator import conditions, names
-from kubetune_operator.api import FineTuneJob, Progress, load_job
 from kubetune_operator.reconcile import Decision, Observed, decide
 from kubetune_operator.settings import OperatorSettings
 from tests.conftest import REPO, load_yaml

@@ -6,15 +6,15 @@ from typing import Any
 
 import pytest
 
-from kubetune_operator.api import load_job
-from kubetune_operator.crd import openapi_schema
-from kubetune_trainer.config import (
+from kubetune_api import (
     FineTuneJobSpec,
     InvalidManifestError,
     changed_immutable_fields,
     parse_uri,
 )
-from kubetune_trainer.config.sources import DATASET_SCHEMES, MODEL_SCHEMES, OUTPUT_SCHEMES
+from kubetune_api.resource import load_job
+from kubetune_api.uris import DATASET_SCHEMES, MODEL_SCHEMES, OUTPUT_SCHEMES
+from kubetune_operator.crd import openapi_schema
 from tests.unit.schema_check import apply_defaults
 
 pytestmark = pytest.mark.unit

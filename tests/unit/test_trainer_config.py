@@ -11,10 +11,10 @@ from typing import Any
 import pytest
 import yaml
 
-from kubetune_trainer.config import ALLOW_LOCAL_PATHS, FineTuneJobSpec, TrainerConfig
-from kubetune_trainer.config.plan import GiB, ModelShape, Setup, estimate, plan, plan_job
+from kubetune_api import ALLOW_LOCAL_PATHS, FineTuneJobSpec, TrainerConfig
+from kubetune_api.plan import GiB, ModelShape, Setup, estimate, plan, plan_job
 from kubetune_trainer.configfile import load_config, render
-from kubetune_trainer.deepspeed_config import deepspeed_config, uses_deepspeed
+from kubetune_trainer.deepspeed_config import deepspeed_config
 from kubetune_trainer.errors import PermanentError
 
 pytestmark = pytest.mark.unit
@@ -136,12 +136,12 @@ class TestDeepSpeedConfig:
 
     def test_deepspeed_is_used_only_where_it_helps(self) -> None:
         z2 = job_spec(distributed={"deepspeed": {"zeroStage": 2}})
-        assert not uses_deepspeed(z2, world_size=1)
-        assert uses_deepspeed(z2, world_size=2)
-        assert not uses_deepspeed(job_spec(distributed={"deepspeed": {"zeroStage": 0}}), world_size=8)
-        assert uses_deepspeed(
-            job_spec(distributed={"deepspeed": {"zeroStage": 1, "offloadOptimizer": "cpu"}}), world_size=1
-        )
+        assert not z2.distributed.deepspeed.used_with(1)
+        assert z2.distributed.deepspeed.used_with(2)
+        assert not job_spec(distributed={"deepspeed": {"zeroStage": 0}}).distributed.deepspeed.used_with(8)
+        assert job_spec(
+            distributed={"deepspeed": {"zeroStage": 1, "offloadOptimizer": "cpu"}}
+        ).distributed.deepspeed.used_with(1)
 
 
 class TestPlanner:

@@ -11,8 +11,8 @@ from typing import Any
 import huggingface_hub
 import pytest
 
+from kubetune_api import ALLOW_LOCAL_PATHS, TrainerConfig
 from kubetune_trainer import sources
-from kubetune_trainer.config import ALLOW_LOCAL_PATHS, TrainerConfig
 from kubetune_trainer.errors import ProblemList
 
 pytestmark = pytest.mark.unit

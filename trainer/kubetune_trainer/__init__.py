@@ -1,4 +1,5 @@
-"""What runs in the training and serving pods.
+"""What runs in the trainer image: training, publishing and the built-in server.
 
-Only :mod:`kubetune_trainer.config` is imported by the operator; it stays free of torch.
+The operator imports nothing from here; the spec and the rendered config it shares with the
+trainer live in :mod:`kubetune_api`.
 """

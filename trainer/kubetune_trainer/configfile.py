@@ -16,9 +16,9 @@ from typing import Any, Final
 import yaml
 from pydantic import ValidationError
 
-from kubetune_trainer.config import ALLOW_LOCAL_PATHS, FineTuneJobSpec, Mounts, TrainerConfig, problems_of
-from kubetune_trainer.config.problems import Problem
-from kubetune_trainer.config.trainer import TRAINER_CONFIG_KIND, TRAINER_CONFIG_VERSION
+from kubetune_api import ALLOW_LOCAL_PATHS, FineTuneJobSpec, Mounts, TrainerConfig, problems_of
+from kubetune_api.problems import Problem
+from kubetune_api.trainer_config import TRAINER_CONFIG_KIND, TRAINER_CONFIG_VERSION
 from kubetune_trainer.errors import PermanentError
 
 FINETUNEJOB_KIND: Final = "FineTuneJob"

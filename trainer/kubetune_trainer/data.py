@@ -33,7 +33,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, Literal, Protocol
 
-from kubetune_trainer.config import DatasetSpec
+from kubetune_api import DatasetSpec
 from kubetune_trainer.errors import PermanentError, ProblemList
 
 if TYPE_CHECKING:

@@ -10,21 +10,9 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from kubetune_trainer.config import FineTuneJobSpec
+from kubetune_api import FineTuneJobSpec
 
 Accelerator = Literal["cuda", "cpu"]
-
-
-def uses_deepspeed(spec: FineTuneJobSpec, *, world_size: int) -> bool:
-    """Whether the job runs under DeepSpeed.
-
-    ZeRO shards state across processes, so one process gains nothing from it unless something is
-    offloaded to CPU memory; ZeRO stage 0 is plain data parallelism, which PyTorch's DDP does with
-    less machinery.
-    """
-    ds = spec.distributed.deepspeed
-    offload = ds.offload_optimizer != "none" or ds.offload_parameters != "none"
-    return offload or (world_size > 1 and ds.zero_stage >= 1)
 
 
 def deepspeed_config(spec: FineTuneJobSpec, *, accelerator: Accelerator = "cuda") -> dict[str, Any]:

@@ -15,7 +15,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Final
 
-from kubetune_trainer.config.problems import Problem
+from kubetune_api.problems import Problem
 
 EXIT_OK: Final = 0
 #: A failure that may pass on a retry: the operator restarts the gang from the last checkpoint.

@@ -31,7 +31,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Final
 
-from kubetune_trainer.config import TrainerConfig
+from kubetune_api import TrainerConfig
 from kubetune_trainer.configfile import load_config
 from kubetune_trainer.errors import (
     EXIT_OK,
@@ -85,7 +85,7 @@ def _topology(args: argparse.Namespace, config: TrainerConfig) -> Topology:
     if nproc < 1:
         problems.append(("--nproc-per-node", "must be at least 1"))
     if problems:
-        from kubetune_trainer.config.problems import Problem  # noqa: PLC0415
+        from kubetune_api.problems import Problem  # noqa: PLC0415
 
         raise PermanentError([Problem(f, m) for f, m in problems], summary="the command line is inconsistent")
     return Topology(nnodes, args.node_rank, nproc, args.master_addr, args.master_port or distributed.master_port)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, cast
 
-from kubetune_trainer.config import FineTuneJobSpec
+from kubetune_api import FineTuneJobSpec
 from kubetune_trainer.errors import ProblemList
 
 if TYPE_CHECKING:

@@ -66,7 +66,7 @@ import oras.defaults
 import oras.provider
 import requests
 
-from kubetune_trainer.config import parse_uri
+from kubetune_api import parse_uri
 
 log = logging.getLogger("kubetune.oci")
 

@@ -1,6 +1,6 @@
 """``kubetune plan FILE``: print the memory plan of a FineTuneJob (or TrainerConfig) before running it.
 
-The arithmetic is in :mod:`kubetune_trainer.config.plan` (torch-free, shared with the operator);
+The arithmetic is in :mod:`kubetune_api.plan` (torch-free, shared with the operator);
 this module finds the model's ``config.json`` and prints the result.
 """
 
@@ -15,9 +15,9 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from kubetune_trainer.config import ALLOW_LOCAL_PATHS, FineTuneJobSpec, parse_uri, problems_of
-from kubetune_trainer.config.plan import plan_job
-from kubetune_trainer.config.sources import MODEL_SCHEMES
+from kubetune_api import ALLOW_LOCAL_PATHS, FineTuneJobSpec, parse_uri, problems_of
+from kubetune_api.plan import plan_job
+from kubetune_api.uris import MODEL_SCHEMES
 from kubetune_trainer.errors import EXIT_PERMANENT
 
 

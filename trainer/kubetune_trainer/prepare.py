@@ -16,10 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
+from kubetune_api import TrainerConfig
 from kubetune_trainer import data, sources
-from kubetune_trainer.config import TrainerConfig
 from kubetune_trainer.configfile import render
-from kubetune_trainer.deepspeed_config import uses_deepspeed
 from kubetune_trainer.errors import ProblemList
 
 log = logging.getLogger("kubetune.train")
@@ -64,7 +63,7 @@ def check_combination(config: TrainerConfig, problems: ProblemList, *, world_siz
     """Record combinations the models allow but this trainer cannot run here."""
     spec = config.spec
     quantization = spec.method.effective_quantization
-    zero3 = uses_deepspeed(spec, world_size=world_size) and spec.distributed.deepspeed.zero_stage == 3
+    zero3 = spec.distributed.deepspeed.used_with(world_size) and spec.distributed.deepspeed.zero_stage == 3
     if quantization is not None and quantization.bits == 8 and zero3:
         problems.add(
             "spec.method.quantization.bits",

@@ -50,9 +50,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
+from kubetune_api import SourceURI, TrainerConfig, parse_uri
+from kubetune_api.uris import OUTPUT_SCHEMES
 from kubetune_trainer import oci, sources
-from kubetune_trainer.config import SourceURI, TrainerConfig, parse_uri
-from kubetune_trainer.config.sources import OUTPUT_SCHEMES
 from kubetune_trainer.configfile import load_config
 from kubetune_trainer.errors import (
     EXIT_OK,
@@ -133,7 +133,7 @@ def _copy_hashing(source: Path, target: Path) -> str:
 def published_files(config: TrainerConfig) -> tuple[Path, dict[str, Path]]:
     """The folder training left (``adapter/`` or ``model/``) and the files to publish from it, ``summary.json`` added."""
     output = Path(config.mounts.output)
-    folder = output / ("model" if config.spec.method.type == "full" else "adapter")
+    folder = output / config.spec.method.result_folder
     files = list_files(folder) if folder.is_dir() else {}
     if not files:
         raise PermanentError.one(

@@ -24,8 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final, Literal
 
-from kubetune_trainer.config import TrainerConfig, parse_uri
-from kubetune_trainer.config.sources import DATASET_SCHEMES, MODEL_SCHEMES
+from kubetune_api import TrainerConfig, parse_uri
+from kubetune_api.uris import DATASET_SCHEMES, MODEL_SCHEMES
 from kubetune_trainer.errors import ProblemList
 
 log = logging.getLogger(__name__)

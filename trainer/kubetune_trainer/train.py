@@ -31,9 +31,9 @@ from datasets import load_from_disk
 from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-from kubetune_trainer.config import TrainerConfig
+from kubetune_api import TrainerConfig
 from kubetune_trainer.data import Collator
-from kubetune_trainer.deepspeed_config import deepspeed_config, uses_deepspeed
+from kubetune_trainer.deepspeed_config import deepspeed_config
 from kubetune_trainer.metrics import Throughput, TrainingMetrics, is_tty, peak_memory_bytes, progress_line
 from kubetune_trainer.model import load_model, load_tokenizer, parameter_counts, resolve_precision
 from kubetune_trainer.prepare import PreparedRun
@@ -85,7 +85,7 @@ def run(config: TrainerConfig, prepared: PreparedRun) -> dict[str, Any]:  # noqa
     precision = resolve_precision(spec.training.precision, cuda=cuda)
     if precision.note and rank == 0:
         log.warning("precision: %s", precision.note)
-    deepspeed = uses_deepspeed(spec, world_size=world_size)
+    deepspeed = spec.distributed.deepspeed.used_with(world_size)
     backend = "nccl" if cuda else "gloo"
     if deepspeed:
         _init_deepspeed(backend, cuda=cuda)
@@ -204,10 +204,10 @@ def run(config: TrainerConfig, prepared: PreparedRun) -> dict[str, Any]:  # noqa
             metrics.set("kubetune_train_eval_loss", eval_loss)
 
     # ------------------------------------------------------------------------------------- save
-    target = output / ("model" if spec.method.type == "full" else "adapter")
+    target = output / spec.method.result_folder
     trainer.save_model(str(target))
     if rank == 0:
-        log.info("train: saved the %s to %s", "model" if spec.method.type == "full" else "adapter", target)
+        log.info("train: saved the %s to %s", spec.method.result_folder, target)
     state = trainer.state
     summary: dict[str, Any] = {
         "job": config.job_name,

@@ -28,7 +28,7 @@ from pydantic import (
 from pydantic.alias_generators import to_camel
 from pydantic_core import PydanticCustomError
 
-from kubetune_trainer.config.sources import (
+from kubetune_api.uris import (
     DATASET_SCHEMES,
     MODEL_SCHEMES,
     OUTPUT_SCHEMES,
@@ -58,18 +58,22 @@ ServingRuntime = Literal["transformers", "vllm"]
 ReleaseNodes = Literal["OnCompletion", "OnDelete"]
 
 
-class SpecModel(BaseModel):
-    """Base of every spec section: camelCase in manifests, unknown fields refused."""
+#: How every model of the API reads and writes: camelCase on the wire, unknown fields refused,
+#: attribute docstrings as the CRD's descriptions.
+WIRE_CONFIG: Final = ConfigDict(
+    alias_generator=to_camel,
+    validate_by_name=True,
+    validate_by_alias=True,
+    serialize_by_alias=True,
+    extra="forbid",
+    use_attribute_docstrings=True,
+)
 
-    model_config = ConfigDict(
-        alias_generator=to_camel,
-        validate_by_name=True,
-        validate_by_alias=True,
-        serialize_by_alias=True,
-        extra="forbid",
-        use_attribute_docstrings=True,
-        frozen=True,
-    )
+
+class SpecModel(BaseModel):
+    """Base of every spec section: camelCase in manifests, unknown fields refused, immutable."""
+
+    model_config = ConfigDict(**WIRE_CONFIG, frozen=True)
 
 
 def _check_uri(value: str, schemes: tuple[Scheme, ...], info: ValidationInfo) -> str:
@@ -197,6 +201,11 @@ class MethodSpec(SpecModel):
             return None
         return self.quantization or QuantizationSpec()
 
+    @property
+    def result_folder(self) -> Literal["model", "adapter"]:
+        """The folder of the job's volume the trainer saves its result in: the whole model for full, else the adapter."""
+        return "model" if self.type == "full" else "adapter"
+
 
 # ------------------------------------------------------------------------------------ training
 
@@ -252,6 +261,20 @@ class DeepSpeedSpec(SpecModel):
     """Keep optimizer state in CPU memory (ZeRO stage 1 or more)."""
     offload_parameters: Offload = "none"
     """Keep parameters in CPU memory (ZeRO stage 3 only)."""
+
+    @property
+    def offloads(self) -> bool:
+        """Whether anything is kept in CPU memory."""
+        return self.offload_optimizer != "none" or self.offload_parameters != "none"
+
+    def used_with(self, world_size: int) -> bool:
+        """Whether a job of ``world_size`` processes runs under DeepSpeed (the one place this is decided).
+
+        ZeRO shards state across processes, so one process gains nothing from it unless something is
+        offloaded to CPU memory; ZeRO stage 0 is plain data parallelism, which PyTorch's DDP does with
+        less machinery.
+        """
+        return self.offloads or (world_size > 1 and self.zero_stage >= 1)
 
 
 class DistributedSpec(SpecModel):

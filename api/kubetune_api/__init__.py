@@ -1,12 +1,21 @@
-"""The trainer's torch-free configuration: the FineTuneJob spec and its validation.
+"""The FineTuneJob API, shared by the operator, the trainer and the CLI; free of torch and of kopf.
 
-This is the only part of the trainer that the operator imports; it must never import torch or
-anything that pulls it in.
+- :mod:`kubetune_api.spec`: the spec models and the cross-field :data:`RULES` (Python check + CEL);
+- :mod:`kubetune_api.resource`: the resource's identity (group, version, kind, plural), its status
+  and :func:`load_job` for whole manifests;
+- :mod:`kubetune_api.uris`: the source and destination URIs and their schemes;
+- :mod:`kubetune_api.trainer_config`: the TrainerConfig the operator renders for the pods, and the
+  paths where pods mount what it names;
+- :mod:`kubetune_api.plan`: the memory planner (arithmetic over a model's config.json);
+- :mod:`kubetune_api.problems`: validation problems, each naming its field;
+- :mod:`kubetune_api.objects`: the plain-dict Kubernetes object type and the API's timestamp format.
+
+Nothing here imports torch or anything that pulls it in: the operator image carries this package
+and not the ML stack.
 """
 
-from kubetune_trainer.config.problems import InvalidManifestError, Problem, problems_of
-from kubetune_trainer.config.sources import SourceURI, parse_uri
-from kubetune_trainer.config.spec import (
+from kubetune_api.problems import InvalidManifestError, Problem, problems_of
+from kubetune_api.spec import (
     ALLOW_LOCAL_PATHS,
     IMMUTABLE_ONCE_STARTED,
     RULES,
@@ -29,7 +38,7 @@ from kubetune_trainer.config.spec import (
     ValidationSplit,
     changed_immutable_fields,
 )
-from kubetune_trainer.config.trainer import (
+from kubetune_api.trainer_config import (
     CONFIG_MOUNT,
     DEFAULT_METRICS_PORT,
     OUTPUT_MOUNT,
@@ -38,6 +47,7 @@ from kubetune_trainer.config.trainer import (
     Mounts,
     TrainerConfig,
 )
+from kubetune_api.uris import SourceURI, parse_uri
 
 __all__ = [
     "ALLOW_LOCAL_PATHS",

@@ -11,7 +11,7 @@ from typing import Annotated, Final, Literal
 
 from pydantic import Field
 
-from kubetune_trainer.config.spec import FineTuneJobSpec, SpecModel
+from kubetune_api.spec import FineTuneJobSpec, SpecModel
 
 TRAINER_CONFIG_KIND: Final = "TrainerConfig"
 TRAINER_CONFIG_VERSION: Final = "kubetune.io/v1alpha1"

@@ -23,7 +23,7 @@ import math
 from dataclasses import dataclass, field, replace
 from typing import Any, Final, Literal
 
-from kubetune_trainer.config.spec import FineTuneJobSpec
+from kubetune_api.spec import FineTuneJobSpec
 
 GiB: Final = 1024**3
 #: CUDA context, NCCL buffers and the allocator's fragmentation, per GPU process.
@@ -149,7 +149,6 @@ class Setup:
         ds = spec.distributed.deepspeed
         lora = spec.method.effective_lora
         quantization = spec.method.effective_quantization
-        offload = ds.offload_optimizer != "none" or ds.offload_parameters != "none"
         quant_bytes = 0.0
         if quantization is not None:
             quant_bytes = (
@@ -167,7 +166,7 @@ class Setup:
             seq_length=spec.dataset.max_seq_length,
             gradient_checkpointing=spec.training.gradient_checkpointing,
             precision_bytes=precision_bytes or (4 if spec.training.precision == "fp32" else 2),
-            deepspeed=offload or (world_size > 1 and ds.zero_stage >= 1),
+            deepspeed=ds.used_with(world_size),
             lora_r=lora.r if lora else 0,
             lora_targets=tuple(lora.target_modules) if lora else (),
             lora_dropout=bool(lora and lora.dropout > 0),

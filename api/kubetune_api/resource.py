@@ -1,8 +1,8 @@
-"""The FineTuneJob resource: identity, the spec (from the trainer's config module) and the status.
+"""The FineTuneJob resource: its identity (group, version, kind, plural), the status and whole manifests.
 
-The spec models live in :mod:`kubetune_trainer.config` so that the trainer can read a manifest
-without the operator; this module adds what only the control plane needs: the resource's
-identity, its status and the parsing of whole manifests.
+The spec is :mod:`kubetune_api.spec`; this module adds the rest of the object: the identity every
+component addresses it by, the status the operator writes, and :func:`load_job`, which validates a
+whole manifest and lists every problem.
 """
 
 from __future__ import annotations
@@ -10,15 +10,15 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any, Final, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
-from pydantic.alias_generators import to_camel
+from pydantic import BaseModel, Field, ValidationError, field_validator
 from pydantic_core import PydanticCustomError
 
-from kubetune_trainer.config import ALLOW_LOCAL_PATHS, FineTuneJobSpec, InvalidManifestError, Problem, problems_of
+from kubetune_api.problems import InvalidManifestError, Problem, problems_of
+from kubetune_api.spec import ALLOW_LOCAL_PATHS, WIRE_CONFIG, FineTuneJobSpec
 
 GROUP: Final = "kubetune.io"
 VERSION: Final = "v1alpha1"
-API_VERSION: Final = "kubetune.io/v1alpha1"
+API_VERSION: Final = "kubetune.io/v1alpha1"  # GROUP/VERSION, spelled out for the Literal type below
 KIND: Final = "FineTuneJob"
 PLURAL: Final = "finetunejobs"
 SINGULAR: Final = "finetunejob"
@@ -45,14 +45,7 @@ PHASES: Final[tuple[Phase, ...]] = Phase.__args__  # type: ignore[attr-defined]
 class StatusModel(BaseModel):
     """Base of the status sections: camelCase on the wire, written by the operator only."""
 
-    model_config = ConfigDict(
-        alias_generator=to_camel,
-        validate_by_name=True,
-        validate_by_alias=True,
-        serialize_by_alias=True,
-        extra="forbid",
-        use_attribute_docstrings=True,
-    )
+    model_config = WIRE_CONFIG
 
 
 class Condition(StatusModel):
@@ -162,14 +155,7 @@ class FineTuneJobStatus(StatusModel):
 class FineTuneJob(BaseModel):
     """A FineTuneJob manifest."""
 
-    model_config = ConfigDict(
-        alias_generator=to_camel,
-        validate_by_name=True,
-        validate_by_alias=True,
-        serialize_by_alias=True,
-        extra="forbid",
-        use_attribute_docstrings=True,
-    )
+    model_config = WIRE_CONFIG
 
     api_version: Literal["kubetune.io/v1alpha1"] = API_VERSION
     """kubetune.io/v1alpha1"""
