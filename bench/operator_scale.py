@@ -30,7 +30,8 @@ from kubernetes import client, watch
 from kubetune_api.resource import API_VERSION, GROUP, KIND, PLURAL, VERSION
 from kubetune_local import cluster
 from kubetune_local.kube import api_client
-from tests.integration.conftest import CRD, OperatorProcess, wait_for
+from tests.factories import wait_until
+from tests.integration.conftest import CRD, OperatorProcess
 
 NAMESPACE = "bench"
 
@@ -73,7 +74,7 @@ def measure_peer(batch: client.BatchV1Api, seen: dict[str, float]) -> list[float
         }
         created[name] = time.monotonic()
         batch.create_namespaced_job(NAMESPACE, body)
-    wait_for(lambda: all(n in seen for n in created), what="the peer Jobs")
+    wait_until(lambda: all(n in seen for n in created), what="the peer Jobs")
     return [seen[n] - t for n, t in created.items()]
 
 
@@ -89,7 +90,7 @@ def main() -> None:
         api = api_client(running.kubeconfig)
         core, batch, custom = client.CoreV1Api(api), client.BatchV1Api(api), client.CustomObjectsApi(api)
         core.create_namespace({"metadata": {"name": NAMESPACE}})
-        wait_for(lambda: core.list_namespaced_service_account(NAMESPACE).items, what="the namespace")
+        wait_until(lambda: core.list_namespaced_service_account(NAMESPACE).items, what="the namespace")
         operator = OperatorProcess(running.kubeconfig, home / "operator.log")
         operator.start()
         assert operator.process is not None
@@ -130,7 +131,7 @@ def main() -> None:
         with concurrent.futures.ThreadPoolExecutor(max_workers=8) as pool:
             list(pool.map(create, range(args.jobs)))
         creating = time.monotonic() - started
-        wait_for(lambda: all(n in seen for n in created), timeout=600, what=f"{args.jobs} training Jobs")
+        wait_until(lambda: all(n in seen for n in created), timeout=600, what=f"{args.jobs} training Jobs")
         elapsed = max(seen[n] for n in created) - started
         latency = [seen[n] - t for n, t in created.items()]
         time.sleep(5)

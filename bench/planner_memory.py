@@ -81,7 +81,7 @@ def measure(model_dir: Path, spec: FineTuneJobSpec, *, steps: int = 2) -> float:
     from torch.utils._python_dispatch import TorchDispatchMode  # noqa: PLC0415
     from torch.utils._pytree import tree_flatten  # noqa: PLC0415
 
-    from kubetune_trainer.model import ResolvedPrecision, load_model  # noqa: PLC0415
+    from kubetune_trainer.training.model import ResolvedPrecision, load_model  # noqa: PLC0415
 
     class LiveBytes(TorchDispatchMode):
         def __init__(self) -> None:

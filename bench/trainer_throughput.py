@@ -184,18 +184,14 @@ def main() -> None:
     print(f"          ratio {max(ours) / max(theirs):.2f}× (target ≥ 1.0×)")
 
     short = short_text_data(folder)
-    plain_rates, packed_rates = [], []
+    plain_rates: list[float] = []
+    packed_rates: list[float] = []
     for round_ in range(args.rounds):
-        plain_rates.append(
-            kubetune_run(
-                folder, f"nopack{round_}", model, short, steps=args.steps, batch=args.batch, packing=False, seq=128
-            )["tokens_per_second"]
-        )
-        packed_rates.append(
-            kubetune_run(
-                folder, f"pack{round_}", model, short, steps=args.steps, batch=args.batch, packing=True, seq=128
-            )["tokens_per_second"]
-        )
+        for rates, name, packing in ((plain_rates, "nopack", False), (packed_rates, "pack", True)):
+            run = kubetune_run(
+                folder, f"{name}{round_}", model, short, steps=args.steps, batch=args.batch, packing=packing, seq=128
+            )
+            rates.append(run["tokens_per_second"])
     print(f"packing:  off {max(plain_rates):,.0f} tokens/s, on {max(packed_rates):,.0f} tokens/s")
     print(f"          ratio {max(packed_rates) / max(plain_rates):.2f}× (target ≥ 1.5×)")
 

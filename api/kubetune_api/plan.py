@@ -1,9 +1,9 @@
 """Will it fit? Peak memory per device for a job, estimated from the model's shape and the spec.
 
-The operator calls :func:`plan` before it provisions GPUs, and ``kubetune plan`` prints the same
-numbers, so a job that cannot fit fails in seconds with a suggestion instead of after an hour of
-node provisioning and an out-of-memory crash. It is arithmetic only (no torch): the model is
-described by its ``config.json``.
+``kubetune plan`` prints these numbers and, when a job does not fit, what would (a ZeRO stage,
+offload, QLoRA, more GPUs). It is arithmetic only (no torch; the model is described by its
+``config.json``), so the operator can run it before it provisions GPUs; the operator does not call
+it yet.
 
 Model states follow the ZeRO paper (Rajbhandari et al., 2020, §3): with mixed precision and Adam
 each trained parameter costs 2 bytes (16-bit weight) + 2 (gradient) + K = 12 (fp32 master weight,

@@ -130,37 +130,37 @@ def _operator(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from kubetune_trainer.launch import main as train
+    from kubetune_trainer.training.launch import main as train
 
     return train(args)
 
 
 def _plan(args: argparse.Namespace) -> int:
-    from kubetune_trainer.planning import main as plan
+    from kubetune_trainer.training.plan_command import main as plan
 
     return plan(args)
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from kubetune_trainer.serve import main as serve
+    from kubetune_trainer.serving.serve import main as serve
 
     return serve(args)
 
 
 def _publish(args: argparse.Namespace) -> int:
-    from kubetune_trainer.publish import main as publish
+    from kubetune_trainer.publishing.commands import main as publish
 
     return publish(args)
 
 
 def _pull(args: argparse.Namespace) -> int:
-    from kubetune_trainer.publish import pull_main
+    from kubetune_trainer.publishing.commands import pull_main
 
     return pull_main(args)
 
 
 def _fetch_model(args: argparse.Namespace) -> int:
-    from kubetune_trainer.publish import fetch_model_main
+    from kubetune_trainer.publishing.commands import fetch_model_main
 
     return fetch_model_main(args)
 

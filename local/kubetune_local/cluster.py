@@ -29,7 +29,7 @@ from kubetune_local.controlplane import COMPONENTS, MARK_ENV, ControlPlane, Stat
 __all__ = ["AlreadyRunning", "Cluster", "State", "down", "marked_processes", "pod_log", "status", "up"]
 from kubetune_local.daemon import DEFAULT_NODE
 from kubetune_local.kube import api_client
-from kubetune_local.volumes import storage_class
+from kubetune_local.storage import storage_class
 
 DAEMON = "node-daemon"
 

@@ -19,8 +19,8 @@ from kubetune_local.controlplane import State, free_port
 from kubetune_local.kube import api_client
 from kubetune_local.kubelet_server import KubeletServer
 from kubetune_local.node import NodeAgent, Runtime, default_capacity
-from kubetune_local.provisioner import NodeClaimProvisioner
-from kubetune_local.volumes import LocalPathProvisioner
+from kubetune_local.nodeclaims import NodeClaimProvisioner
+from kubetune_local.storage import LocalPathProvisioner
 
 #: The runtime's own CPU node, for pods that need no GPU (the operator, built-in serving, tests).
 DEFAULT_NODE: Final = "kubetune-local"

@@ -17,27 +17,18 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Final
+from typing import Final
 
 from kubernetes import client, watch
 from kubernetes.client.exceptions import ApiException
 
+from kubetune_local.kube import Obj, stamp
 from kubetune_local.network import AddressBook
 from kubetune_local.pods import PodRunner
-
-Obj = dict[str, Any]
 
 LOCAL_NODE_LABEL: Final = "kubetune.io/local-node"
 LEASE_SECONDS: Final = 40
 HEARTBEAT_SECONDS: Final = 10.0
-
-
-def _utc() -> datetime.datetime:
-    return datetime.datetime.now(datetime.UTC)
-
-
-def _stamp() -> str:
-    return _utc().strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 class Runtime:
@@ -61,7 +52,7 @@ class Runtime:
     # --------------------------------------------------------------------------- helpers
 
     def log(self, message: str) -> None:
-        self._log_file.write(f"{_stamp()} {message}\n")
+        self._log_file.write(f"{stamp()} {message}\n")
 
     def track(self, uid: str, pid: int) -> None:
         with self._lock:
@@ -230,7 +221,7 @@ class NodeAgent:
         self._thread = threading.Thread(target=self._heartbeat, name=f"node-{name}", daemon=True)
 
     def _status(self) -> Obj:
-        stamp = _stamp()
+        now = stamp()
         return {
             "capacity": self.capacity,
             "allocatable": self.capacity,
@@ -240,8 +231,8 @@ class NodeAgent:
                     "status": "True",
                     "reason": "KubeletReady",
                     "message": "kubetune process-backed node is posting ready status",
-                    "lastHeartbeatTime": stamp,
-                    "lastTransitionTime": stamp,
+                    "lastHeartbeatTime": now,
+                    "lastTransitionTime": now,
                 },
                 *(
                     {
@@ -249,8 +240,8 @@ class NodeAgent:
                         "status": "False",
                         "reason": f"KubeletHasSufficient{kind.removesuffix('Pressure')}",
                         "message": "",
-                        "lastHeartbeatTime": stamp,
-                        "lastTransitionTime": stamp,
+                        "lastHeartbeatTime": now,
+                        "lastTransitionTime": now,
                     }
                     for kind in ("MemoryPressure", "DiskPressure", "PIDPressure")
                 ),
@@ -292,7 +283,7 @@ class NodeAgent:
             self.on_ready(self)
 
     def _renew_lease(self) -> None:
-        renew = _utc().strftime("%Y-%m-%dT%H:%M:%S.%fZ")  # a MicroTime
+        renew = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")  # a MicroTime, not a Time
         spec = {"holderIdentity": self.name, "leaseDurationSeconds": LEASE_SECONDS, "renewTime": renew}
         try:
             self.coordination.patch_namespaced_lease(self.name, "kube-node-lease", {"spec": spec})

@@ -1,4 +1,5 @@
-"""Condition types and reasons, as constants in one place, and the pure helper that sets them.
+"""Condition types and reasons, as constants in one place, the pure helper that sets them, and
+:class:`Conditions`, which collects what one pass sets.
 
 Conditions follow the Kubernetes shape: a transition time changes only when the status flips,
 and each carries the generation it was computed from.
@@ -9,6 +10,7 @@ from __future__ import annotations
 import datetime
 from typing import Final, Literal
 
+from kubetune_api.objects import now as _now
 from kubetune_api.resource import Condition
 
 # Types
@@ -49,10 +51,6 @@ SCALED_TO_ZERO: Final = "ScaledToZero"
 Status = Literal["True", "False", "Unknown"]
 
 
-def _now() -> datetime.datetime:
-    return datetime.datetime.now(datetime.UTC).replace(microsecond=0)
-
-
 def set_condition(
     conditions: list[Condition],
     kind: str,
@@ -79,3 +77,23 @@ def set_condition(
 
 def get(conditions: list[Condition], kind: str) -> Condition | None:
     return next((c for c in conditions if c.type == kind), None)
+
+
+class Conditions:
+    """The conditions of one job as a pass sets them, each :meth:`set` through :func:`set_condition`."""
+
+    def __init__(self, items: list[Condition], *, generation: int | None, now: datetime.datetime) -> None:
+        self.items = list(items)
+        self._generation = generation
+        self._now = now
+
+    def set(self, kind: str, status: Status, reason: str, message: str) -> None:
+        self.items = set_condition(
+            self.items, kind, status, reason, message, generation=self._generation, now=self._now
+        )
+
+    def get(self, kind: str) -> Condition | None:
+        return get(self.items, kind)
+
+    def has(self, kind: str) -> bool:
+        return self.get(kind) is not None

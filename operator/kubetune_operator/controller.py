@@ -1,28 +1,46 @@
 """One reconcile pass for one FineTuneJob: observe the cluster, decide, act.
 
-The decision itself is :func:`kubetune_operator.reconcile.decide` (pure); this module gathers
-what it needs through :class:`~kubetune_operator.kube.Kube` and carries out its answer.
+The decision itself is :func:`kubetune_operator.reconcile.decide` (pure), and what to read is
+ruled in :mod:`kubetune_operator.observed`; this module fetches through
+:class:`~kubetune_operator.kube.Kube`, carries out the answer, and remembers a little per job
+(:class:`JobMemory`) between passes.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
-import datetime
 import functools
 import logging
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from dataclasses import dataclass, field
 
 from kubetune_api import InvalidManifestError
+from kubetune_api.objects import Obj, parse_time
 from kubetune_api.resource import PHASES, FineTuneJob, FineTuneJobStatus, Progress, load_job
 from kubetune_operator import conditions, metrics, names, progress
+from kubetune_operator.children.nodes import NODE_CLAIM_API_VERSION, NODE_CLAIM_KIND
+from kubetune_operator.decision import Decision
 from kubetune_operator.kube import Kube
-from kubetune_operator.reconcile import Decision, Observed, attempt_of, decide, job_state
+from kubetune_operator.observed import (
+    Observed,
+    current_attempt,
+    in_phase,
+    node_labels,
+    publish_job,
+    rank_zero,
+    reads_publish_pods,
+    reads_serving,
+    reads_serving_pods,
+    serving_claims,
+    training_claims,
+    training_jobs,
+    uses_karpenter,
+)
+from kubetune_operator.reconcile import decide
 from kubetune_operator.settings import OperatorSettings
 
-Obj = dict[str, Any]
 log = logging.getLogger("kubetune.controller")
 
 
@@ -41,9 +59,25 @@ def merge_patch(before: Obj, after: Obj) -> Obj:
     return patch
 
 
-def _role(obj: Obj) -> str | None:
-    role: str | None = (obj["metadata"].get("labels") or {}).get(names.ROLE_LABEL)
-    return role
+@dataclass
+class JobMemory:
+    """What the controller keeps about one job between passes (the fields under the controller's lock)."""
+
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    """Held by the job's pass in flight: one pass at a time per job."""
+    scraped: tuple[float, Progress | None] | None = None
+    """When rank 0's progress was last read (monotonic clock), and what it said."""
+    phase: str | None = None
+    """The phase this process decided last (the object's status can lag the controller's own write)."""
+    restarts: int | None = None
+    """The restarts this process decided last."""
+    gpu_clock: float | None = None
+    """When GPU-hours were last counted (monotonic clock)."""
+    written: tuple[str, Obj] | None = None
+    """The resourceVersion the last status write was based on, and the status written."""
+
+    def forget(self) -> None:
+        self.scraped = self.phase = self.restarts = self.gpu_clock = self.written = None
 
 
 class Controller:
@@ -52,18 +86,17 @@ class Controller:
     def __init__(self, kube: Kube, settings: OperatorSettings) -> None:
         self.kube = kube
         self.settings = settings
-        self._scraped: dict[str, tuple[float, Progress | None]] = {}
-        self._phases: dict[str, str] = {}
-        self._gpu_clock: dict[str, float] = {}
-        self._restarts: dict[str, int] = {}
+        self._jobs: dict[str, JobMemory] = {}
         self._nodes: dict[str, tuple[float, list[Obj]]] = {}
-        self._written: dict[str, tuple[str, Obj]] = {}
         self._writers = concurrent.futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="write")
         self._lock = threading.Lock()
-        # One pass at a time per job, and none once its deletion began: a pass in flight when the
-        # job is deleted could otherwise create NodeClaims after the finalizer released them.
-        self._passes: dict[str, threading.Lock] = {}
+        # One pass at a time per job (JobMemory.lock), and none once its deletion began: a pass in flight
+        # when the job is deleted could otherwise create NodeClaims after the finalizer released them.
         self._deleted: set[str] = set()
+
+    def _memory(self, uid: str) -> JobMemory:
+        with self._lock:
+            return self._jobs.setdefault(uid, JobMemory())
 
     def nodes(self, labels: str | None) -> list[Obj]:
         """Nodes (by label), cached for a second: many waiting jobs read the same few nodes."""
@@ -80,40 +113,36 @@ class Controller:
     # ---------------------------------------------------------------------------- observe
 
     def observe(self, obj: Obj, job: FineTuneJob) -> Observed:
+        """Fetch what :mod:`~kubetune_operator.observed`'s rules say this pass needs."""
         meta = obj["metadata"]
-        namespace, name, uid = meta["namespace"], meta["name"], meta["uid"]
-        selector = names.selector(namespace, name)
-        spec = job.spec
-        karpenter = spec.resources.provisioner == "karpenter"
-        installed = karpenter and self.kube.installed("karpenter.sh/v1", "NodeClaim")
-        claims = self.kube.list("karpenter.sh/v1", "NodeClaim", labels=selector) if installed else []
-        serving_claims = [c for c in claims if _role(c) == names.ROLE_SERVER]
-        nodes = self.nodes(f"{names.UID_LABEL}={uid}" if karpenter else None)
+        namespace, uid = meta["namespace"], meta["uid"]
+        selector = names.selector(namespace, meta["name"])
+        karpenter = uses_karpenter(job)
+        installed = karpenter and self.kube.installed(NODE_CLAIM_API_VERSION, NODE_CLAIM_KIND)
+        claims = self.kube.list(NODE_CLAIM_API_VERSION, NODE_CLAIM_KIND, labels=selector) if installed else []
+        nodes = self.nodes(node_labels(job, uid))
         children = self.kube.list("batch/v1", "Job", namespace=namespace, labels=selector)
-        jobs = [j for j in children if _role(j) != names.ROLE_PUBLISH]
-        publish = next((j for j in children if _role(j) == names.ROLE_PUBLISH), None)
-        attempt = max((attempt_of(j) for j in jobs), default=0)
+        jobs, publish = training_jobs(children), publish_job(children)
         pods = (
-            self.kube.list("v1", "Pod", namespace=namespace, labels=f"{selector},{names.ATTEMPT_LABEL}={attempt}")
+            self.kube.list(
+                "v1", "Pod", namespace=namespace, labels=f"{selector},{names.ATTEMPT_LABEL}={current_attempt(jobs)}"
+            )
             if jobs
             else []
         )
-        # The publish pods carry its result (read once into status.adapter) or its failure message.
-        recorded = job.status is not None and job.status.adapter is not None and job.status.adapter.digest is not None
         publish_pods = (
             self.kube.list(
                 "v1", "Pod", namespace=namespace, labels=f"{selector},{names.ROLE_LABEL}={names.ROLE_PUBLISH}"
             )
-            if publish is not None and not (recorded and job_state(publish) == "Succeeded")
+            if reads_publish_pods(job, publish)
             else []
         )
         deployment = None
         serving_pods: list[Obj] = []
-        # A server exists only once the adapter is published, or while the job still says Serving.
-        if (spec.serving.enabled and publish is not None) or (job.status and job.status.phase == "Serving"):
+        if reads_serving(job, publish):
             found = self.kube.list("apps/v1", "Deployment", namespace=namespace, labels=selector)
             deployment = found[0] if found else None
-            if deployment is not None and not (deployment.get("status") or {}).get("readyReplicas"):
+            if reads_serving_pods(deployment):
                 serving_pods = self.kube.list(
                     "v1", "Pod", namespace=namespace, labels=f"{selector},{names.ROLE_LABEL}={names.ROLE_SERVER}"
                 )
@@ -121,7 +150,7 @@ class Controller:
             job=job,
             generation=int(meta.get("generation", 1)),
             uid=uid,
-            node_claims=[c for c in claims if _role(c) != names.ROLE_SERVER],
+            node_claims=training_claims(claims),
             nodes=nodes,
             karpenter_installed=installed or not karpenter,
             training_jobs=jobs,
@@ -129,32 +158,24 @@ class Controller:
             progress=self._progress(uid, pods),
             publish_job=publish,
             publish_pods=publish_pods,
-            serving_claims=serving_claims,
+            serving_claims=serving_claims(claims),
             deployment=deployment,
             serving_pods=serving_pods,
         )
 
     def _progress(self, uid: str, pods: list[Obj]) -> Progress | None:
         """Rank 0's progress, read at most every progress_interval_seconds per job."""
-        rank0 = next(
-            (
-                p
-                for p in pods
-                if p["metadata"].get("annotations", {}).get("batch.kubernetes.io/job-completion-index") == "0"
-                and (p.get("status") or {}).get("phase") == "Running"
-                and (p.get("status") or {}).get("podIP")
-            ),
-            None,
-        )
+        rank0 = rank_zero(pods)
         if rank0 is None:
             return None
+        memory = self._memory(uid)
         with self._lock:
-            last = self._scraped.get(uid)
+            last = memory.scraped
             if last is not None and time.monotonic() - last[0] < self.settings.progress_interval_seconds:
                 return last[1]
         sample = progress.scrape(rank0["status"]["podIP"], self.settings.trainer_metrics_port)
         with self._lock:
-            self._scraped[uid] = (time.monotonic(), sample)
+            memory.scraped = (time.monotonic(), sample)
         return sample
 
     # ------------------------------------------------------------------------------- act
@@ -177,22 +198,19 @@ class Controller:
         if status != before:
             meta = obj["metadata"]
             self.kube.write_status(meta["namespace"], meta["name"], merge_patch(before or {}, status))
+            memory = self._memory(meta["uid"])
             with self._lock:
                 # Until the watch delivers our own write, a pass would see the object as read here.
-                self._written[meta["uid"]] = (meta.get("resourceVersion", ""), status)
+                memory.written = (meta.get("resourceVersion", ""), status)
         for event in decision.events:
             self.kube.event(obj, event.type, event.reason, event.message)
 
     # ------------------------------------------------------------------------- reconcile
 
-    def _pass_lock(self, uid: str) -> threading.Lock:
-        with self._lock:
-            return self._passes.setdefault(uid, threading.Lock())
-
     def reconcile(self, obj: Obj) -> Decision | None:
         """One pass for the FineTuneJob ``obj`` (as read from the API); none once its deletion began."""
         uid = obj["metadata"]["uid"]
-        with self._pass_lock(uid):
+        with self._memory(uid).lock:
             with self._lock:
                 if uid in self._deleted:
                     return None
@@ -201,8 +219,9 @@ class Controller:
     def _reconcile(self, obj: Obj) -> Decision | None:
         started = time.perf_counter()
         meta = obj["metadata"]
+        memory = self._memory(meta["uid"])
         with self._lock:
-            written = self._written.get(meta["uid"])
+            written = memory.written
         if written is not None and written[0] == meta.get("resourceVersion"):
             obj = {**obj, "status": written[1]}
         try:
@@ -223,7 +242,8 @@ class Controller:
         """Phase gauge, provisioning latency, time to first step and GPU-hours."""
         meta = obj["metadata"]
         uid, status = meta["uid"], decision.status
-        created = datetime.datetime.fromisoformat(meta["creationTimestamp"].replace("Z", "+00:00"))
+        created = parse_time(meta["creationTimestamp"])
+        assert created is not None, "the apiserver sets metadata.creationTimestamp"
         age = (observed.now - created).total_seconds()
         before = {c.type: c.status for c in (previous.conditions if previous else [])}
         after = {c.type: c.status for c in status.conditions}
@@ -232,18 +252,20 @@ class Controller:
         step_before = (previous.progress.step or 0) if previous and previous.progress else 0
         if status.progress and (status.progress.step or 0) > 0 and step_before == 0:
             metrics.FIRST_STEP_SECONDS.observe(age)
+        memory = self._memory(uid)
         with self._lock:
             # What this process decided last beats the object's status, which can lag our own write.
-            phase_before = self._phases.get(uid, previous.phase if previous else None)
-            restarts_before = self._restarts.get(uid, previous.restarts if previous else 0)
-            self._phases[uid] = status.phase
-            self._restarts[uid] = status.restarts
+            phase_before = memory.phase if memory.phase is not None else (previous.phase if previous else None)
+            restarts_before = memory.restarts if memory.restarts is not None else (previous.restarts if previous else 0)
+            memory.phase = status.phase
+            memory.restarts = status.restarts
             counts: dict[str, int] = dict.fromkeys(PHASES, 0)
-            for phase in self._phases.values():
-                counts[phase] += 1
+            for remembered in self._jobs.values():
+                if remembered.phase is not None:
+                    counts[remembered.phase] += 1
             now = time.monotonic()
-            last = self._gpu_clock.get(uid)
-            self._gpu_clock[uid] = now
+            last = memory.gpu_clock
+            memory.gpu_clock = now
         for phase, count in counts.items():
             metrics.JOBS_BY_PHASE.labels(phase=phase).set(count)
         if phase_before is None:
@@ -253,10 +275,9 @@ class Controller:
         if status.restarts > restarts_before:
             metrics.JOBS_RESTARTED.inc(status.restarts - restarts_before)
         if status.phase == "Training" and last is not None:
-            running = [p for p in observed.pods if (p.get("status") or {}).get("phase") == "Running"]
             gpus = sum(
                 int((c.get("resources") or {}).get("limits", {}).get(observed.job.spec.resources.gpu_resource_name, 0))
-                for p in running
+                for p in in_phase(observed.pods, "Running")
                 for c in p["spec"]["containers"]
             )
             metrics.GPU_HOURS.labels(namespace=meta["namespace"]).inc(gpus * (now - last) / 3600)
@@ -264,26 +285,19 @@ class Controller:
     def forget(self, uid: str) -> None:
         """Drop a deleted job from the in-memory gauges."""
         with self._lock:
-            self._phases.pop(uid, None)
-            self._restarts.pop(uid, None)
-            self._gpu_clock.pop(uid, None)
-            self._scraped.pop(uid, None)
-            self._written.pop(uid, None)
+            memory = self._jobs.get(uid)
+            if memory is not None:
+                memory.forget()
 
     def _invalid(self, obj: Obj, error: InvalidManifestError) -> None:
         """A job the models refuse (the CRD let it through, e.g. from an older version): Failed, with why."""
         message = "; ".join(str(p) for p in error.problems)
+        failed = conditions.set_condition(
+            [], conditions.FAILED, "True", conditions.INVALID_SPEC, message[:32000], generation=None
+        )
         status = {
             "phase": "Failed",
-            "conditions": [
-                {
-                    "type": "Failed",
-                    "status": "True",
-                    "reason": "InvalidSpec",
-                    "message": message[:32000],
-                    "lastTransitionTime": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                }
-            ],
+            "conditions": [c.model_dump(mode="json", by_alias=True, exclude_none=True) for c in failed],
         }
         self.kube.write_status(obj["metadata"]["namespace"], obj["metadata"]["name"], status)
 
@@ -295,14 +309,14 @@ class Controller:
         """
         with self._lock:
             self._deleted.add(uid)
-        with self._pass_lock(uid):
+        with self._memory(uid).lock:
             pass
         with self._lock:
-            self._passes.pop(uid, None)
-        if not self.kube.installed("karpenter.sh/v1", "NodeClaim"):
+            self._jobs.pop(uid, None)
+        if not self.kube.installed(NODE_CLAIM_API_VERSION, NODE_CLAIM_KIND):
             return 0
-        claims = self.kube.list("karpenter.sh/v1", "NodeClaim", labels=names.selector(namespace, name))
+        claims = self.kube.list(NODE_CLAIM_API_VERSION, NODE_CLAIM_KIND, labels=names.selector(namespace, name))
         for claim in claims:
             if not claim["metadata"].get("deletionTimestamp"):
-                self.kube.delete("karpenter.sh/v1", "NodeClaim", claim["metadata"]["name"])
+                self.kube.delete(NODE_CLAIM_API_VERSION, NODE_CLAIM_KIND, claim["metadata"]["name"])
         return len(claims)

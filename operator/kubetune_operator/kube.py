@@ -7,7 +7,6 @@ lists by label. Everything else in the operator works on plain dicts.
 
 from __future__ import annotations
 
-import datetime
 import logging
 import threading
 from typing import Any, Final
@@ -17,12 +16,13 @@ from kubernetes.client.exceptions import ApiException
 from kubernetes.dynamic import DynamicClient
 from kubernetes.dynamic.exceptions import NotFoundError, ResourceNotFoundError
 
+from kubetune_api.objects import Obj, format_time
+from kubetune_api.resource import API_VERSION, KIND
 from kubetune_operator import names
 
-Obj = dict[str, Any]
 log = logging.getLogger("kubetune.kube")
 
-FTJ_API: Final = ("kubetune.io/v1alpha1", "FineTuneJob")
+FTJ_API: Final = (API_VERSION, KIND)
 
 
 class Kube:
@@ -123,7 +123,7 @@ class Kube:
     def event(self, involved: Obj, event_type: str, reason: str, message: str) -> None:
         """A core/v1 Event on the FineTuneJob, as ``kubectl describe`` shows them."""
         meta = involved["metadata"]
-        now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        now = format_time()
         body = {
             "apiVersion": "v1",
             "kind": "Event",

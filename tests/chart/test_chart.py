@@ -22,8 +22,10 @@ from prometheus_client.metrics import MetricWrapperBase
 
 from kubetune_api.resource import load_job
 from kubetune_cli.main import build_parser
-from kubetune_operator import builders, names
 from kubetune_operator import metrics as operator_metrics
+from kubetune_operator import names
+from kubetune_operator.children.target import Target
+from kubetune_operator.children.training import build_training_job
 from kubetune_operator.crd import render_crd
 from kubetune_operator.handlers import build_registry
 from kubetune_operator.progress import GAUGES as TRAINER_GAUGES
@@ -196,10 +198,10 @@ def test_monitoring_objects_select_what_they_scrape(helm: Helm) -> None:
 
 def test_the_trainer_pod_monitor_matches_the_pods_the_operator_builds(helm: Helm) -> None:
     job = load_job(load_yaml(REPO / "examples" / "byo-gpu-nodes.yaml"))
-    target = builders.Target(
+    target = Target(
         name=job.name, namespace="ml", uid="uid", spec=job.spec, settings=OperatorSettings(), gpus_per_node=1
     )
-    pod = builders.build_training_job(target)["spec"]["template"]
+    pod = build_training_job(target)["spec"]["template"]
     monitor = one(helm.template("--values", str(SCENARIOS["monitoring"])), "PodMonitor")
     assert monitor["spec"]["selector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
     ports = {p["name"] for p in pod["spec"]["containers"][0]["ports"]}

@@ -17,21 +17,20 @@ import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import pytest
 from kubernetes import client
-from kubernetes.client.exceptions import ApiException
 
+from kubetune_api.resource import GROUP, PLURAL, VERSION
 from kubetune_local import cluster
 from kubetune_local.controlplane import free_port
 from kubetune_operator import names
 from tests.chart.conftest import CHART, Helm
-from tests.integration.conftest import wait_for
+from tests.factories import create_job, find_job, finetunejob, wait_until
 
 pytestmark = pytest.mark.integration
 
-GROUP, VERSION, PLURAL = "kubetune.io", "v1alpha1", "finetunejobs"
 RELEASE = "kt"
 TRAINER_IMAGE = "registry.test/kubetune/trainer:chart-test"
 #: kopf's health endpoint, fixed in the operator (handlers.run_operator); the pod binds it on this machine.
@@ -53,28 +52,6 @@ class Installed:
     @property
     def user(self) -> str:
         return f"system:serviceaccount:{self.namespace}:{self.account}"
-
-
-def ftj(name: str, **spec: Any) -> dict[str, Any]:
-    body: dict[str, Any] = {
-        "model": {"source": "pvc://models/tiny"},
-        "dataset": {"source": "pvc://models/data/train.jsonl"},
-        "training": {"maxSteps": 4},
-        **spec,
-    }
-    return {"apiVersion": f"{GROUP}/{VERSION}", "kind": "FineTuneJob", "metadata": {"name": name}, "spec": body}
-
-
-def read(api: client.ApiClient, namespace: str, name: str) -> dict[str, Any] | None:
-    try:
-        found: dict[str, Any] = client.CustomObjectsApi(api).get_namespaced_custom_object(
-            GROUP, VERSION, namespace, PLURAL, name
-        )
-    except ApiException as exc:
-        if exc.status == 404:
-            return None
-        raise
-    return found
 
 
 def operator_pod(api: client.ApiClient, installed: Installed) -> client.V1Pod | None:
@@ -100,9 +77,9 @@ def wait_showing_log(
     api: client.ApiClient,
     installed: Installed,
 ) -> T:
-    """``wait_for``, failing with the operator's log: a refused call (403) shows up there first."""
+    """``wait_until``, failing with the operator's log: a refused call (403) shows up there first."""
     try:
-        return wait_for(check, timeout=90, what=what)
+        return wait_until(check, timeout=90, what=what)
     except pytest.fail.Exception as exc:
         pytest.fail(f"{exc}\noperator log:\n{operator_log(local_cluster, api, installed)[-4000:]}")
 
@@ -130,7 +107,7 @@ def port_free(port: int) -> bool:
 
 def require_free(port: int) -> None:
     """Wait for ``port``: another operator on this machine (a benchmark, another suite) may hold it."""
-    wait_for(
+    wait_until(
         lambda: port_free(port),
         timeout=120,
         what=f"port {port} to be free on this machine: the chart's operator serves kopf's health endpoint "
@@ -170,7 +147,7 @@ def installed(local_cluster: cluster.Cluster, api: client.ApiClient, helm: Helm)
         return pod if pod is not None and pod.status.phase == "Running" else None
 
     try:
-        pod = wait_for(running, timeout=90, what="the operator pod to run")
+        pod = wait_until(running, timeout=90, what="the operator pod to run")
         url = f"http://{pod.status.pod_ip}:{metrics_port}/metrics"
         wait_showing_log(lambda: answers(url), "the operator's metrics endpoint", local_cluster, api, release)
         yield release
@@ -179,7 +156,7 @@ def installed(local_cluster: cluster.Cluster, api: client.ApiClient, helm: Helm)
         for job in custom.list_namespaced_custom_object(GROUP, VERSION, watched, PLURAL)["items"]:
             custom.delete_namespaced_custom_object(GROUP, VERSION, watched, PLURAL, job["metadata"]["name"])
         try:
-            wait_for(
+            wait_until(
                 lambda: not custom.list_namespaced_custom_object(GROUP, VERSION, watched, PLURAL)["items"],
                 timeout=60,
                 what="the watched namespace's FineTuneJobs to be released by the operator",
@@ -191,7 +168,7 @@ def installed(local_cluster: cluster.Cluster, api: client.ApiClient, helm: Helm)
                 patch = {"metadata": {"finalizers": None}}
                 custom.patch_namespaced_custom_object(GROUP, VERSION, watched, PLURAL, job["metadata"]["name"], patch)
         helm.run("uninstall", RELEASE, f"--kubeconfig={local_cluster.kubeconfig}", f"--namespace={operator_namespace}")
-        wait_for(lambda: operator_pod(api, release) is None, timeout=60, what="the operator pod to be gone")
+        wait_until(lambda: operator_pod(api, release) is None, timeout=60, what="the operator pod to be gone")
         core.delete_namespace(watched)
         core.delete_namespace(operator_namespace)
 
@@ -229,9 +206,9 @@ def test_a_finetunejob_runs_its_course_on_the_charts_rbac_alone(
 ) -> None:
     custom, watched = client.CustomObjectsApi(api), installed.watched
     # One job where the operator is not allowed to look, one where it is.
-    custom.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, ftj("elsewhere"))
-    spec = {"resources": {"provisioner": "karpenter", "instanceType": "Standard_NC24ads_A100_v4"}}
-    custom.create_namespaced_custom_object(GROUP, VERSION, watched, PLURAL, ftj("tune", **spec))
+    create_job(api, namespace, finetunejob("elsewhere"))
+    resources = {"provisioner": "karpenter", "instanceType": "Standard_NC24ads_A100_v4"}
+    create_job(api, watched, finetunejob("tune", resources=resources))
 
     # Provisioned (NodeClaim created, its node listed and Ready), staged (PVC, ConfigMap and Service
     # applied) and launched (training Job created) by the operator, with the chart's trainer image.
@@ -255,11 +232,11 @@ def test_a_finetunejob_runs_its_course_on_the_charts_rbac_alone(
     assert len(claims) == 1
 
     def phase() -> str | None:
-        found = (read(api, watched, "tune") or {}).get("status", {}).get("phase")
+        found = (find_job(api, watched, "tune") or {}).get("status", {}).get("phase")
         return found if found in {"Initializing", "Training"} else None
 
     wait_showing_log(phase, "phase Initializing in the status", local_cluster, api, installed)
-    tune = read(api, watched, "tune")
+    tune = find_job(api, watched, "tune")
     assert tune is not None
     assert names.FINALIZER in tune["metadata"]["finalizers"], "kopf patched its finalizer in"
 
@@ -270,7 +247,7 @@ def test_a_finetunejob_runs_its_course_on_the_charts_rbac_alone(
     wait_showing_log(event, "the operator's Event for the phase change", local_cluster, api, installed)
 
     # Left alone where it may not look: no status, no finalizer.
-    elsewhere = read(api, namespace, "elsewhere")
+    elsewhere = find_job(api, namespace, "elsewhere")
     assert elsewhere is not None
     assert "status" not in elsewhere
     assert not elsewhere["metadata"].get("finalizers")
@@ -278,7 +255,11 @@ def test_a_finetunejob_runs_its_course_on_the_charts_rbac_alone(
     # Deleting runs the finalizer, which releases the NodeClaim (cluster-scoped, no owner reference).
     custom.delete_namespaced_custom_object(GROUP, VERSION, watched, PLURAL, "tune")
     wait_showing_log(
-        lambda: read(api, watched, "tune") is None, "the finalizer to release the job", local_cluster, api, installed
+        lambda: find_job(api, watched, "tune") is None,
+        "the finalizer to release the job",
+        local_cluster,
+        api,
+        installed,
     )
     assert not custom.list_cluster_custom_object(
         "karpenter.sh", "v1", "nodeclaims", label_selector=names.selector(watched, "tune")

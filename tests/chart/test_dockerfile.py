@@ -20,7 +20,7 @@ import pytest
 from packaging.requirements import Requirement
 
 from kubetune_cli.main import build_parser
-from kubetune_operator.builders import NON_ROOT_UID
+from kubetune_operator.children.pod import NON_ROOT_UID
 from tests.chart.conftest import CHART
 from tests.conftest import REPO, load_yaml
 

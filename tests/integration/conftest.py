@@ -10,12 +10,10 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 import urllib.request
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, TypeVar, cast
 
 import pytest
 from kubernetes import client
@@ -23,20 +21,7 @@ from kubernetes import client
 from kubetune_local import cluster
 from kubetune_local.controlplane import free_port, pid_alive
 from kubetune_local.kube import api_client
-
-T = TypeVar("T")
-
-
-def wait_for(check: Callable[[], T | None], *, timeout: float = 60.0, what: str = "condition") -> T:
-    """Poll ``check`` until it returns something truthy; fail naming ``what`` and the last value."""
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = check()
-        if last:
-            return cast(T, last)
-        time.sleep(0.25)
-    pytest.fail(f"timed out after {timeout:.0f}s waiting for {what} (last: {last!r})")
+from tests.factories import wait_until
 
 
 @pytest.fixture(scope="session")
@@ -62,7 +47,7 @@ def namespace(api: client.ApiClient) -> Iterator[str]:
     name = f"t-{uuid.uuid4().hex[:8]}"
     core = client.CoreV1Api(api)
     core.create_namespace({"metadata": {"name": name}})
-    wait_for(lambda: core.list_namespaced_service_account(name).items, what=f"default ServiceAccount in {name}")
+    wait_until(lambda: core.list_namespaced_service_account(name).items, what=f"default ServiceAccount in {name}")
     yield name
     core.delete_namespace(name)
 
@@ -102,7 +87,7 @@ class OperatorProcess:
                 stdout=out,
                 stderr=subprocess.STDOUT,
             )
-        wait_for(self._serving, timeout=60, what="the operator's metrics endpoint")
+        wait_until(self._serving, timeout=60, what="the operator's metrics endpoint")
 
     def _serving(self) -> bool:
         assert self.process is not None
@@ -143,7 +128,7 @@ def crd(local_cluster: cluster.Cluster) -> None:
         found = extensions.read_custom_resource_definition("finetunejobs.kubetune.io")
         return any(c.type == "Established" and c.status == "True" for c in found.status.conditions or [])
 
-    wait_for(established, what="the FineTuneJob CRD to be established")
+    wait_until(established, what="the FineTuneJob CRD to be established")
 
 
 @pytest.fixture(scope="module")

@@ -10,12 +10,12 @@ import yaml
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
+from kubetune_api.resource import GROUP, PLURAL, VERSION
 from kubetune_local import cluster
 from tests.conftest import EXAMPLES, REPO, BadManifest, load_bad_input, load_yaml
+from tests.factories import MINIMAL, finetunejob
 
 pytestmark = pytest.mark.integration
-
-GROUP, VERSION, PLURAL = "kubetune.io", "v1alpha1", "finetunejobs"
 
 
 def apply(
@@ -99,12 +99,7 @@ def test_model_and_method_are_immutable_once_training_started(api: client.ApiCli
 @pytest.mark.usefixtures("crd")
 def test_defaults_are_applied_by_the_apiserver(api: client.ApiClient, namespace: str) -> None:
     custom = client.CustomObjectsApi(api)
-    minimal = {
-        "apiVersion": f"{GROUP}/{VERSION}",
-        "kind": "FineTuneJob",
-        "metadata": {"name": "minimal"},
-        "spec": {"model": {"source": "hf://org/base"}, "dataset": {"source": "configmap://toy/train.jsonl"}},
-    }
+    minimal = finetunejob("minimal", base=MINIMAL, dataset={"source": "configmap://toy/train.jsonl"})
     created = custom.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, minimal)
     spec = created["spec"]
     assert spec["method"]["type"] == "lora"

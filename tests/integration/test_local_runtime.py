@@ -14,7 +14,7 @@ from kubernetes.client.exceptions import ApiException
 
 from kubetune_local import cluster
 from kubetune_local.catalog import FAILURES_CONFIGMAP
-from tests.integration.conftest import wait_for
+from tests.factories import wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -106,7 +106,7 @@ def test_indexed_job_gang_connects_by_dns_and_completes(
         status = batch.read_namespaced_job("gang", namespace).status
         return any(c.type == "Complete" and c.status == "True" for c in status.conditions or [])
 
-    wait_for(complete, timeout=90, what="the Job controller to mark the 2-pod Job Complete")
+    wait_until(complete, timeout=90, what="the Job controller to mark the 2-pod Job Complete")
     pods = core.list_namespaced_pod(namespace, label_selector="job-name=gang").items
     rank0 = next(p for p in pods if p.metadata.annotations["batch.kubernetes.io/job-completion-index"] == "0")
     log = cluster.pod_log(local_cluster.home, rank0.metadata.name, namespace=namespace)
@@ -117,7 +117,7 @@ def test_indexed_job_gang_connects_by_dns_and_completes(
 
 def test_exit_code_is_reported_in_the_container_state(api: client.ApiClient, namespace: str) -> None:
     client.CoreV1Api(api).create_namespaced_pod(namespace, pod("exit3", "import sys; sys.exit(3)"))
-    assert wait_for(lambda: finished(api, namespace, "exit3"), what="pod exit3 to end") == "Failed"
+    assert wait_until(lambda: finished(api, namespace, "exit3"), what="pod exit3 to end") == "Failed"
     state = raw_pod(api, namespace, "exit3")["status"]["containerStatuses"][0]["state"]
     assert state["terminated"]["exitCode"] == 3
     assert state["terminated"]["reason"] == "Error"
@@ -150,12 +150,12 @@ def test_deleted_pod_processes_are_gone_within_the_grace_period(
     )
     core = client.CoreV1Api(api)
     core.create_namespaced_pod(namespace, pod("stubborn", script, terminationGracePeriodSeconds=2))
-    wait_for(lambda: phase(api, namespace, "stubborn") == "Running", what="pod stubborn to run")
+    wait_until(lambda: phase(api, namespace, "stubborn") == "Running", what="pod stubborn to run")
     uid = raw_pod(api, namespace, "stubborn")["metadata"]["uid"]
-    wait_for(lambda: len(_pids_of(local_cluster.home, uid)) >= 2, what="the pod's process and its child")
+    wait_until(lambda: len(_pids_of(local_cluster.home, uid)) >= 2, what="the pod's process and its child")
     started = time.monotonic()
     core.delete_namespaced_pod("stubborn", namespace)
-    wait_for(lambda: not _pids_of(local_cluster.home, uid), timeout=10, what="the pod's processes to exit")
+    wait_until(lambda: not _pids_of(local_cluster.home, uid), timeout=10, what="the pod's processes to exit")
     elapsed = time.monotonic() - started
     assert elapsed < 2 + 3, f"processes outlived the 2 s grace period by too much ({elapsed:.1f}s)"
 
@@ -166,7 +166,7 @@ def test_deleted_pod_processes_are_gone_within_the_grace_period(
             return bool(exc.status == 404)
         return False
 
-    wait_for(gone, timeout=15, what="the pod object to be removed")
+    wait_until(gone, timeout=15, what="the pod object to be removed")
 
 
 def test_pod_sees_configmap_and_pvc_files_and_pvc_data_outlives_the_pod(
@@ -198,7 +198,7 @@ def test_pod_sees_configmap_and_pvc_files_and_pvc_data_outlives_the_pod(
         {"name": "shared", "persistentVolumeClaim": {"claimName": "shared"}},
     ]
     core.create_namespaced_pod(namespace, manifest)
-    assert wait_for(lambda: finished(api, namespace, "writer"), what="pod writer to end") == "Succeeded"
+    assert wait_until(lambda: finished(api, namespace, "writer"), what="pod writer to end") == "Succeeded"
     claim = core.read_namespaced_persistent_volume_claim("shared", namespace)
     volume = core.read_persistent_volume(claim.spec.volume_name)
     folder = Path(volume.spec.host_path.path)
@@ -207,33 +207,30 @@ def test_pod_sees_configmap_and_pvc_files_and_pvc_data_outlives_the_pod(
 
     core.delete_namespaced_pod("writer", namespace)
     core.delete_namespaced_persistent_volume_claim("shared", namespace)
-    wait_for(lambda: not folder.exists(), timeout=60, what="the released volume's folder to be removed (Delete)")
+    wait_until(lambda: not folder.exists(), timeout=60, what="the released volume's folder to be removed (Delete)")
+
+
+def node_claim(name: str, instance_type: str, node_class: tuple[str, str]) -> dict[str, Any]:
+    """A Karpenter NodeClaim of ``instance_type`` with the (group, kind) node class named default."""
+    group, kind = node_class
+    return {
+        "apiVersion": "karpenter.sh/v1",
+        "kind": "NodeClaim",
+        "metadata": {"name": name},
+        "spec": {
+            "nodeClassRef": {"group": group, "kind": kind, "name": "default"},
+            "requirements": [{"key": "node.kubernetes.io/instance-type", "operator": "In", "values": [instance_type]}],
+        },
+    }
 
 
 def test_nodeclaim_gives_a_ready_gpu_node_and_the_scheduler_uses_it(api: client.ApiClient, namespace: str) -> None:
     custom, core = client.CustomObjectsApi(api), client.CoreV1Api(api)
     name = f"claim-{namespace}"
-    custom.create_cluster_custom_object(
-        "karpenter.sh",
-        "v1",
-        "nodeclaims",
-        {
-            "apiVersion": "karpenter.sh/v1",
-            "kind": "NodeClaim",
-            "metadata": {"name": name, "labels": {"kubetune.io/test": namespace}},
-            "spec": {
-                "nodeClassRef": {"group": "karpenter.azure.com", "kind": "AKSNodeClass", "name": "default"},
-                "requirements": [
-                    {
-                        "key": "node.kubernetes.io/instance-type",
-                        "operator": "In",
-                        "values": ["Standard_NC48ads_A100_v4"],
-                    }
-                ],
-                "taints": [{"key": "nvidia.com/gpu", "value": "true", "effect": "NoSchedule"}],
-            },
-        },
-    )
+    claim = node_claim(name, "Standard_NC48ads_A100_v4", ("karpenter.azure.com", "AKSNodeClass"))
+    claim["metadata"]["labels"] = {"kubetune.io/test": namespace}
+    claim["spec"]["taints"] = [{"key": "nvidia.com/gpu", "value": "true", "effect": "NoSchedule"}]
+    custom.create_cluster_custom_object("karpenter.sh", "v1", "nodeclaims", claim)
     try:
 
         def ready_claim() -> dict[str, Any] | None:
@@ -241,7 +238,7 @@ def test_nodeclaim_gives_a_ready_gpu_node_and_the_scheduler_uses_it(api: client.
             conditions = {c["type"]: c["status"] for c in claim.get("status", {}).get("conditions", [])}
             return claim if conditions.get("Ready") == "True" else None
 
-        claim = wait_for(ready_claim, what="the NodeClaim to be Ready")
+        claim = wait_until(ready_claim, what="the NodeClaim to be Ready")
         assert {"Launched", "Registered", "Initialized", "Ready"} <= {c["type"] for c in claim["status"]["conditions"]}
         node = core.read_node(claim["status"]["nodeName"])
         assert node.status.allocatable["nvidia.com/gpu"] == "2"
@@ -253,7 +250,7 @@ def test_nodeclaim_gives_a_ready_gpu_node_and_the_scheduler_uses_it(api: client.
         manifest["spec"]["tolerations"] = [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
         manifest["spec"]["containers"][0]["resources"] = {"limits": {"nvidia.com/gpu": "1"}}
         core.create_namespaced_pod(namespace, manifest)
-        wait_for(lambda: phase(api, namespace, "gpu-user") == "Running", what="the GPU pod to run")
+        wait_until(lambda: phase(api, namespace, "gpu-user") == "Running", what="the GPU pod to run")
         assert raw_pod(api, namespace, "gpu-user")["spec"]["nodeName"] == name
     finally:
         custom.delete_cluster_custom_object("karpenter.sh", "v1", "nodeclaims", name)
@@ -265,9 +262,9 @@ def test_nodeclaim_gives_a_ready_gpu_node_and_the_scheduler_uses_it(api: client.
             return bool(exc.status == 404)
         return False
 
-    wait_for(node_gone, what="the claim's node to be removed with the claim")
+    wait_until(node_gone, what="the claim's node to be removed with the claim")
     # Its pod stops with the node; the pod garbage collector then removes pods of deleted nodes.
-    wait_for(lambda: phase(api, namespace, "gpu-user") in ("Failed", "Deleted"), what="its pod to stop")
+    wait_until(lambda: phase(api, namespace, "gpu-user") in ("Failed", "Deleted"), what="its pod to stop")
 
 
 def test_a_failing_instance_type_reports_its_reason_on_the_claim(api: client.ApiClient, namespace: str) -> None:
@@ -278,28 +275,14 @@ def test_a_failing_instance_type_reports_its_reason_on_the_claim(api: client.Api
     )
     name = f"fail-{namespace}"
     try:
-        custom.create_cluster_custom_object(
-            "karpenter.sh",
-            "v1",
-            "nodeclaims",
-            {
-                "apiVersion": "karpenter.sh/v1",
-                "kind": "NodeClaim",
-                "metadata": {"name": name},
-                "spec": {
-                    "nodeClassRef": {"group": "karpenter.k8s.aws", "kind": "EC2NodeClass", "name": "default"},
-                    "requirements": [
-                        {"key": "node.kubernetes.io/instance-type", "operator": "In", "values": ["p5.48xlarge"]}
-                    ],
-                },
-            },
-        )
+        claim = node_claim(name, "p5.48xlarge", ("karpenter.k8s.aws", "EC2NodeClass"))
+        custom.create_cluster_custom_object("karpenter.sh", "v1", "nodeclaims", claim)
 
         def launched_condition() -> dict[str, Any] | None:
             claim = custom.get_cluster_custom_object("karpenter.sh", "v1", "nodeclaims", name)
             return next((c for c in claim.get("status", {}).get("conditions", []) if c["type"] == "Launched"), None)
 
-        condition = wait_for(launched_condition, what="a Launched condition on the failing claim")
+        condition = wait_until(launched_condition, what="a Launched condition on the failing claim")
         assert condition["status"] == "False"
         assert condition["reason"] == "InsufficientCapacity"
         assert "us-east-1b" in condition["message"]
@@ -312,7 +295,7 @@ def test_kubectl_logs_shows_the_pod_output(
     local_cluster: cluster.Cluster, api: client.ApiClient, namespace: str
 ) -> None:
     client.CoreV1Api(api).create_namespaced_pod(namespace, pod("talker", "print('line one'); print('line two')"))
-    wait_for(lambda: finished(api, namespace, "talker"), what="pod talker to end")
+    wait_until(lambda: finished(api, namespace, "talker"), what="pod talker to end")
     result = local_cluster.kubectl("logs", "-n", namespace, "talker")
     assert result.stdout == "line one\nline two\n"
     assert cluster.pod_log(local_cluster.home, "talker", namespace=namespace) == "line one\nline two\n"
@@ -327,7 +310,7 @@ def test_restart_policy_on_failure_restarts_and_counts(api: client.ApiClient, na
         "print('second try')\n"
     )
     client.CoreV1Api(api).create_namespaced_pod(namespace, pod("retry", script, restartPolicy="OnFailure"))
-    assert wait_for(lambda: finished(api, namespace, "retry"), what="pod retry to end") == "Succeeded"
+    assert wait_until(lambda: finished(api, namespace, "retry"), what="pod retry to end") == "Succeeded"
     status = raw_pod(api, namespace, "retry")["status"]["containerStatuses"][0]
     assert status["restartCount"] == 1
 
@@ -336,7 +319,7 @@ def test_active_deadline_fails_the_pod(api: client.ApiClient, namespace: str) ->
     client.CoreV1Api(api).create_namespaced_pod(
         namespace, pod("slow", "import time; time.sleep(60)", activeDeadlineSeconds=2)
     )
-    assert wait_for(lambda: finished(api, namespace, "slow"), timeout=30, what="pod slow to end") == "Failed"
+    assert wait_until(lambda: finished(api, namespace, "slow"), timeout=30, what="pod slow to end") == "Failed"
     assert raw_pod(api, namespace, "slow")["status"]["reason"] == "DeadlineExceeded"
 
 
@@ -349,7 +332,7 @@ def test_termination_message_and_log_fallback_reach_the_container_state(api: cli
     core.create_namespaced_pod(namespace, writes)
     core.create_namespaced_pod(namespace, falls_back)
     for name, expected in (("reason", "dataset is empty"), ("fallback", "no such column: text")):
-        wait_for(functools.partial(finished, api, namespace, name), what=f"pod {name} to end")
+        wait_until(functools.partial(finished, api, namespace, name), what=f"pod {name} to end")
         terminated = raw_pod(api, namespace, name)["status"]["containerStatuses"][0]["state"]["terminated"]
         assert terminated["exitCode"] == 2
         assert terminated["message"] == expected

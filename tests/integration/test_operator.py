@@ -12,35 +12,25 @@ import pytest
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
+from kubetune_api.resource import GROUP, PLURAL, VERSION
 from kubetune_local.catalog import FAILURES_CONFIGMAP
 from kubetune_local.daemon import DEFAULT_NODE
 from kubetune_operator import names
-from tests.integration.conftest import OperatorProcess, wait_for
+from tests.factories import create_job, finetunejob, read_job, wait_until
+from tests.integration.conftest import OperatorProcess
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("operator")]
 
-GROUP, VERSION, PLURAL = "kubetune.io", "v1alpha1", "finetunejobs"
 
-
-def ftj(name: str, **spec: Any) -> dict[str, Any]:
-    body: dict[str, Any] = {
-        "model": {"source": "pvc://models/tiny"},
-        "dataset": {"source": "pvc://models/data/train.jsonl"},
-        "training": {"maxSteps": 4},
-    }
-    body.update(spec)
-    return {"apiVersion": f"{GROUP}/{VERSION}", "kind": "FineTuneJob", "metadata": {"name": name}, "spec": body}
-
-
-def read(api: client.ApiClient, namespace: str, name: str) -> dict[str, Any]:
-    found: dict[str, Any] = client.CustomObjectsApi(api).get_namespaced_custom_object(
-        GROUP, VERSION, namespace, PLURAL, name
+def two_claimed_nodes(name: str, instance_type: str) -> dict[str, Any]:
+    """A 2-node job on Karpenter NodeClaims of ``instance_type``."""
+    return finetunejob(
+        name, distributed={"nodes": 2}, resources={"provisioner": "karpenter", "instanceType": instance_type}
     )
-    return found
 
 
 def condition(api: client.ApiClient, namespace: str, name: str, kind: str) -> dict[str, Any] | None:
-    for found in read(api, namespace, name).get("status", {}).get("conditions", []):
+    for found in read_job(api, namespace, name).get("status", {}).get("conditions", []):
         if found["type"] == kind:
             return dict(found)
     return None
@@ -82,12 +72,12 @@ def delete_and_expect_nothing_left(api: client.ApiClient, namespace: str, name: 
 
     def gone() -> bool:
         try:
-            read(api, namespace, name)
+            read_job(api, namespace, name)
         except ApiException as exc:
             return bool(exc.status == 404)
         return False
 
-    wait_for(gone, timeout=60, what=f"FineTuneJob {name} to be deleted (finalizer released)")
+    wait_until(gone, timeout=60, what=f"FineTuneJob {name} to be deleted (finalizer released)")
     left: dict[str, list[str]] = {}
 
     def nothing_left() -> bool:
@@ -98,7 +88,7 @@ def delete_and_expect_nothing_left(api: client.ApiClient, namespace: str, name: 
     # Garbage collection cascades (FineTuneJob → Jobs → Pods, PVC protection) and pods bound to
     # released nodes wait for the pod GC's 40 s quarantine: slow on a loaded 2-core machine.
     try:
-        wait_for(nothing_left, timeout=180, what=f"every child of {name} to be gone")
+        wait_until(nothing_left, timeout=180, what=f"every child of {name} to be gone")
     except pytest.fail.Exception:
         pytest.fail(f"children of {name} still there after 180 s: {left}")
 
@@ -106,26 +96,22 @@ def delete_and_expect_nothing_left(api: client.ApiClient, namespace: str, name: 
 def test_byo_waits_for_a_matching_node_then_launches(api: client.ApiClient, namespace: str) -> None:
     core = client.CoreV1Api(api)
     pool = {"kubetune.io/test-pool": namespace}
-    client.CustomObjectsApi(api).create_namespaced_custom_object(
-        GROUP,
-        VERSION,
-        namespace,
-        PLURAL,
-        ftj("byo", resources={"provisioner": "byo", "nodeSelector": pool, "gpusPerNode": 0}),
+    create_job(
+        api, namespace, finetunejob("byo", resources={"provisioner": "byo", "nodeSelector": pool, "gpusPerNode": 0})
     )
 
     def waiting() -> dict[str, Any] | None:
         found = condition(api, namespace, "byo", "NodesReady")
         return found if found and found["reason"] == "WaitingForNodes" else None
 
-    message = wait_for(waiting, what="a NodesReady condition saying what it waits for")["message"]
+    message = wait_until(waiting, what="a NodesReady condition saying what it waits for")["message"]
     assert f"kubetune.io/test-pool={namespace}" in message
-    assert read(api, namespace, "byo")["status"]["phase"] == "Provisioning"
+    assert read_job(api, namespace, "byo")["status"]["phase"] == "Provisioning"
     assert "Job" not in children(api, namespace, "byo")
 
     core.patch_node(DEFAULT_NODE, {"metadata": {"labels": pool}})
     try:
-        wait_for(lambda: "Job" in children(api, namespace, "byo"), what="the training Job once a node matches")
+        wait_until(lambda: "Job" in children(api, namespace, "byo"), what="the training Job once a node matches")
         found = children(api, namespace, "byo")
         assert found["Job"] == ["byo-train-0"]
         assert found["Service"] == ["byo-train"]
@@ -148,21 +134,13 @@ def test_a_failing_claim_shows_its_reason_and_deleting_while_provisioning_leaks_
         "kube-system", {"metadata": {"name": FAILURES_CONFIGMAP}, "data": {"g5.12xlarge": failure}}
     )
     try:
-        client.CustomObjectsApi(api).create_namespaced_custom_object(
-            GROUP,
-            VERSION,
-            namespace,
-            PLURAL,
-            ftj(
-                "quota", distributed={"nodes": 2}, resources={"provisioner": "karpenter", "instanceType": "g5.12xlarge"}
-            ),
-        )
+        create_job(api, namespace, two_claimed_nodes("quota", "g5.12xlarge"))
 
         def claim_failed() -> dict[str, Any] | None:
             found = condition(api, namespace, "quota", "NodesReady")
             return found if found and found["reason"] == "NodeClaimFailed" else None
 
-        message = wait_for(claim_failed, what="the claim's failure in NodesReady")["message"]
+        message = wait_until(claim_failed, what="the claim's failure in NodesReady")["message"]
         assert "InsufficientCapacity" in message
         assert "us-east-1a" in message
         assert len(children(api, namespace, "quota")["NodeClaim"]) == 2
@@ -174,18 +152,8 @@ def test_a_failing_claim_shows_its_reason_and_deleting_while_provisioning_leaks_
 def test_deleting_after_nodes_are_ready_removes_claims_nodes_and_children(
     api: client.ApiClient, namespace: str
 ) -> None:
-    client.CustomObjectsApi(api).create_namespaced_custom_object(
-        GROUP,
-        VERSION,
-        namespace,
-        PLURAL,
-        ftj(
-            "gpus",
-            distributed={"nodes": 2},
-            resources={"provisioner": "karpenter", "instanceType": "Standard_NC24ads_A100_v4"},
-        ),
-    )
-    wait_for(lambda: "Job" in children(api, namespace, "gpus"), what="the training Job on the claimed nodes")
+    create_job(api, namespace, two_claimed_nodes("gpus", "Standard_NC24ads_A100_v4"))
+    wait_until(lambda: "Job" in children(api, namespace, "gpus"), what="the training Job on the claimed nodes")
     found = children(api, namespace, "gpus")
     assert len(found["Node"]) == 2
     job = client.BatchV1Api(api).read_namespaced_job("gpus-train-0", namespace)
@@ -197,14 +165,8 @@ def test_deleting_after_nodes_are_ready_removes_claims_nodes_and_children(
 def test_operator_metrics_count_jobs_and_reconciles(
     operator: OperatorProcess, api: client.ApiClient, namespace: str
 ) -> None:
-    client.CustomObjectsApi(api).create_namespaced_custom_object(
-        GROUP,
-        VERSION,
-        namespace,
-        PLURAL,
-        ftj("counted", resources={"provisioner": "byo", "nodeSelector": {"none": "x"}}),
-    )
-    wait_for(lambda: condition(api, namespace, "counted", "NodesReady"), what="a first reconcile")
+    create_job(api, namespace, finetunejob("counted", resources={"provisioner": "byo", "nodeSelector": {"none": "x"}}))
+    wait_until(lambda: condition(api, namespace, "counted", "NodesReady"), what="a first reconcile")
     text = operator.metrics()
     samples = {
         line.split(" ")[0]: float(line.split(" ")[1]) for line in text.splitlines() if line and not line.startswith("#")

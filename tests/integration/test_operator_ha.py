@@ -10,13 +10,14 @@ import pytest
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
+from kubetune_api.resource import GROUP, PLURAL, VERSION
 from kubetune_local import cluster
-from tests.integration.conftest import OperatorProcess, wait_for
+from tests.factories import MINIMAL, finetunejob, read_job, wait_until
+from tests.integration.conftest import OperatorProcess
 
 pytestmark = pytest.mark.integration
 
 PEERING_CRDS = Path(__file__).resolve().parents[2] / "charts" / "kubetune" / "crds" / "kopf.dev_peerings.yaml"
-GROUP, VERSION, PLURAL = "kubetune.io", "v1alpha1", "finetunejobs"
 
 
 @pytest.fixture
@@ -31,7 +32,7 @@ def replicas(
         found = extensions.read_custom_resource_definition("clusterkopfpeerings.kopf.dev")
         return any(c.type == "Established" and c.status == "True" for c in found.status.conditions or [])
 
-    wait_for(established, what="kopf's peering CRD")
+    wait_until(established, what="kopf's peering CRD")
     try:
         custom.create_cluster_custom_object(
             "kopf.dev",
@@ -60,16 +61,8 @@ def replicas(
 
 
 def job(name: str) -> dict[str, Any]:
-    return {
-        "apiVersion": f"{GROUP}/{VERSION}",
-        "kind": "FineTuneJob",
-        "metadata": {"name": name},
-        "spec": {
-            "model": {"source": "pvc://models/tiny"},
-            "dataset": {"source": "pvc://models/data.jsonl"},
-            "resources": {"provisioner": "byo", "nodeSelector": {"kubetune.io/none": "x"}},
-        },
-    }
+    """A job that waits for nodes that never come: it is handled (has a phase) and stays put."""
+    return finetunejob(name, base=MINIMAL, resources={"provisioner": "byo", "nodeSelector": {"kubetune.io/none": "x"}})
 
 
 def last_peering_word(replica: OperatorProcess) -> str:
@@ -79,23 +72,22 @@ def last_peering_word(replica: OperatorProcess) -> str:
 
 
 def handled(api: client.ApiClient, namespace: str, name: str) -> bool:
-    found = client.CustomObjectsApi(api).get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
-    return bool(found.get("status", {}).get("phase"))
+    return bool(read_job(api, namespace, name).get("status", {}).get("phase"))
 
 
 def test_one_replica_works_and_another_takes_over(
     replicas: list[OperatorProcess], api: client.ApiClient, namespace: str
 ) -> None:
     low, high = replicas
-    wait_for(lambda: last_peering_word(low) == "Pausing", what="the lower-priority replica to pause")
+    wait_until(lambda: last_peering_word(low) == "Pausing", what="the lower-priority replica to pause")
     assert last_peering_word(high) != "Pausing"
     custom = client.CustomObjectsApi(api)
     custom.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, job("first"))
-    wait_for(lambda: handled(api, namespace, "first"), what="the active replica to handle a job")
+    wait_until(lambda: handled(api, namespace, "first"), what="the active replica to handle a job")
     assert last_peering_word(low) == "Pausing", "the lower-priority replica stayed paused"
 
     high.kill()
     # The dead replica's keep-alive expires (kopf's peering lifetime, 60 s); the survivor resumes.
-    wait_for(lambda: last_peering_word(low) == "Resuming", timeout=150, what="the surviving replica to resume")
+    wait_until(lambda: last_peering_word(low) == "Resuming", timeout=150, what="the surviving replica to resume")
     custom.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, job("second"))
-    wait_for(lambda: handled(api, namespace, "second"), what="the surviving replica to handle a new job")
+    wait_until(lambda: handled(api, namespace, "second"), what="the surviving replica to handle a new job")

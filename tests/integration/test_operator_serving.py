@@ -23,12 +23,13 @@ from typing import Any
 import pytest
 from kubernetes import client
 
+from kubetune_api.resource import GROUP, PLURAL, VERSION
 from kubetune_local.controlplane import free_port
 from kubetune_operator import names
 from tests.conftest import OciRegistry
-from tests.integration.conftest import wait_for
+from tests.factories import create_job, read_job, toy_chat, wait_until
 from tests.integration.test_operator import children, delete_and_expect_nothing_left
-from tests.integration.test_operator_training import create, finetunejob, read, toy_claim
+from tests.integration.test_operator_training import toy_claim, toy_job
 
 pytestmark = [pytest.mark.integration, pytest.mark.trainer]
 
@@ -47,14 +48,7 @@ def post(host: str, port: int, path: str, body: dict[str, Any]) -> tuple[int, by
 
 
 def chat(host: str, port: int, model: str, obj: str, **extra: Any) -> tuple[int, bytes]:
-    body = {
-        "model": model,
-        "messages": [{"role": "user", "content": f"what is the color and size of {obj} ?"}],
-        "max_tokens": 3,
-        "temperature": 0,
-        **extra,
-    }
-    return post(host, port, "/v1/chat/completions", body)
+    return post(host, port, "/v1/chat/completions", toy_chat(model, obj, **extra))
 
 
 def condition(status: dict[str, Any], kind: str) -> dict[str, Any]:
@@ -67,18 +61,18 @@ def test_a_served_adapter_answers_what_the_toy_data_taught(api: client.ApiClient
 
     toy_claim(api, namespace, fmt="messages")
     port = free_port()
-    job = finetunejob("chatbot", steps=250, nodes=1, every=100)
+    job = toy_job("chatbot", steps=250, nodes=1, every=100)
     job["spec"]["dataset"]["maxSeqLength"] = 48
     job["spec"]["training"]["batchSizePerDevice"] = 16
     job["spec"]["serving"] = {"enabled": True, "runtime": "transformers", "modelName": "toy-chat", "port": port}
-    create(api, namespace, job)
+    create_job(api, namespace, job)
 
     def serving_ready() -> dict[str, Any] | None:
-        status: dict[str, Any] = read(api, namespace, "chatbot").get("status", {})
+        status: dict[str, Any] = read_job(api, namespace, "chatbot").get("status", {})
         assert status.get("phase") != "Failed", json.dumps(status, indent=1)
         return status if condition(status, "ServingReady").get("status") == "True" else None
 
-    status = wait_for(serving_ready, timeout=900, what="the job to train, publish and serve")
+    status = wait_until(serving_ready, timeout=900, what="the job to train, publish and serve")
     assert status["phase"] == "Serving"
     assert status["endpoint"] == {"url": f"http://chatbot-serve.{namespace}.svc:{port}/v1", "modelName": "toy-chat"}
     assert status["adapter"]["uri"] == "pvc://chatbot-workspace/adapter"
@@ -128,16 +122,16 @@ def test_a_served_adapter_answers_what_the_toy_data_taught(api: client.ApiClient
 
     # Serving off: the server goes, the job stays Complete with its adapter.
     client.CustomObjectsApi(api).patch_namespaced_custom_object(
-        "kubetune.io", "v1alpha1", namespace, "finetunejobs", "chatbot", {"spec": {"serving": {"enabled": False}}}
+        GROUP, VERSION, namespace, PLURAL, "chatbot", {"spec": {"serving": {"enabled": False}}}
     )
 
     def stopped() -> dict[str, Any] | None:
-        status: dict[str, Any] = read(api, namespace, "chatbot").get("status", {})
+        status: dict[str, Any] = read_job(api, namespace, "chatbot").get("status", {})
         left = children(api, namespace, "chatbot")
         done = status.get("phase") == "Complete" and "Deployment" not in left and "NodeClaim" not in left
         return status if done else None
 
-    status = wait_for(stopped, timeout=120, what="serving to stop once disabled")
+    status = wait_until(stopped, timeout=120, what="serving to stop once disabled")
     assert "endpoint" not in status
     assert condition(status, "ServingReady")["reason"] == "ServingDisabled"
     delete_and_expect_nothing_left(api, namespace, "chatbot")
@@ -164,19 +158,19 @@ def test_an_oci_published_adapter_is_pulled_by_the_server_and_a_wrong_credential
     push_secret(api, namespace, "push-ok", oci_registry, oci_registry.password)
     push_secret(api, namespace, "push-wrong", oci_registry, "not-the-password")
     port = free_port()
-    good = finetunejob("ocibot", steps=20, nodes=1, every=10)
+    good = toy_job("ocibot", steps=20, nodes=1, every=10)
     good["spec"]["output"] = {"destination": f"oci://{oci_registry.host}/adapters/ocibot:v1", "secretRef": "push-ok"}
     good["spec"]["serving"] = {"enabled": True, "runtime": "transformers", "port": port}
-    bad = finetunejob("badpush", steps=4, nodes=1, every=10)
+    bad = toy_job("badpush", steps=4, nodes=1, every=10)
     bad["spec"]["output"] = {"destination": f"oci://{oci_registry.host}/adapters/badpush:v1", "secretRef": "push-wrong"}
-    create(api, namespace, good)
-    create(api, namespace, bad)
+    create_job(api, namespace, good)
+    create_job(api, namespace, bad)
 
     def failed() -> dict[str, Any] | None:
-        status: dict[str, Any] = read(api, namespace, "badpush").get("status", {})
+        status: dict[str, Any] = read_job(api, namespace, "badpush").get("status", {})
         return status if status.get("phase") == "Failed" else None
 
-    status = wait_for(failed, timeout=600, what="the job with a wrong push credential to fail")
+    status = wait_until(failed, timeout=600, what="the job with a wrong push credential to fail")
     reason = condition(status, "Failed")
     assert reason["reason"] == "PublishFailed", reason
     assert oci_registry.host in reason["message"]
@@ -186,11 +180,11 @@ def test_an_oci_published_adapter_is_pulled_by_the_server_and_a_wrong_credential
     assert sorted(j.metadata.name for j in jobs.items) == ["badpush-publish", "badpush-train-0"]
 
     def serving_ready() -> dict[str, Any] | None:
-        status: dict[str, Any] = read(api, namespace, "ocibot").get("status", {})
+        status: dict[str, Any] = read_job(api, namespace, "ocibot").get("status", {})
         assert status.get("phase") != "Failed", json.dumps(status, indent=1)
         return status if condition(status, "ServingReady").get("status") == "True" else None
 
-    status = wait_for(serving_ready, timeout=600, what="the OCI-published job to serve")
+    status = wait_until(serving_ready, timeout=600, what="the OCI-published job to serve")
     adapter = status["adapter"]
     assert adapter["uri"] == f"oci://{oci_registry.host}/adapters/ocibot:v1"
     # The digest in the status is the registry's manifest digest.

@@ -21,12 +21,11 @@ import pytest
 from kubernetes import client, watch
 
 from kubetune_local import cluster
-from tests.integration.conftest import OperatorProcess, wait_for
+from tests.factories import create_job, finetunejob, read_job, wait_until
+from tests.integration.conftest import OperatorProcess
 from tests.integration.test_operator import delete_and_expect_nothing_left
 
 pytestmark = [pytest.mark.integration, pytest.mark.trainer]
-
-GROUP, VERSION, PLURAL = "kubetune.io", "v1alpha1", "finetunejobs"
 
 
 def toy_claim(api: client.ApiClient, namespace: str, *, bad_data: bool = False, fmt: str = "prompt-completion") -> Path:
@@ -46,7 +45,7 @@ def toy_claim(api: client.ApiClient, namespace: str, *, bad_data: bool = False, 
         claim = core.read_namespaced_persistent_volume_claim("models", namespace)
         return claim.spec.volume_name if claim.status.phase == "Bound" else None
 
-    volume = core.read_persistent_volume(wait_for(bound, what="the models claim to bind"))
+    volume = core.read_persistent_volume(wait_until(bound, what="the models claim to bind"))
     folder = Path(volume.spec.host_path.path)
     build_toy(folder, fmt=fmt)
     if bad_data:
@@ -54,42 +53,32 @@ def toy_claim(api: client.ApiClient, namespace: str, *, bad_data: bool = False, 
     return folder
 
 
-def finetunejob(name: str, *, steps: int, nodes: int = 2, zero: int = 2, every: int = 10) -> dict[str, Any]:
-    return {
-        "apiVersion": f"{GROUP}/{VERSION}",
-        "kind": "FineTuneJob",
-        "metadata": {"name": name},
-        "spec": {
-            "model": {"source": "pvc://models/model"},
-            "dataset": {"source": "pvc://models/data/train.jsonl", "maxSeqLength": 32},
-            "method": {"type": "lora", "lora": {"r": 16, "alpha": 32, "dropout": 0.0}},
-            "training": {
-                "maxSteps": steps,
-                "learningRate": 3.0e-3,
-                "lrScheduler": "constant",
-                "warmupRatio": 0,
-                "batchSizePerDevice": 8,
-                "precision": "fp32",
-                "gradientCheckpointing": False,
-                "checkpointEverySteps": every,
-                "loggingEverySteps": 2,
-            },
-            "distributed": {"nodes": nodes, "processesPerNode": 1, "deepspeed": {"zeroStage": zero}},
-            "resources": {"provisioner": "karpenter", "instanceType": "local-cpu", "gpusPerNode": 0, "cpu": "1"},
-            "runPolicy": {"maxRestarts": 2},
+def toy_job(name: str, *, steps: int, nodes: int = 2, zero: int = 2, every: int = 10) -> dict[str, Any]:
+    """The toy model learning its facts on ``nodes`` CPU nodes of the local runtime under ZeRO ``zero``."""
+    return finetunejob(
+        name,
+        model={"source": "pvc://models/model"},
+        dataset={"maxSeqLength": 32},
+        method={"type": "lora", "lora": {"r": 16, "alpha": 32, "dropout": 0.0}},
+        training={
+            "maxSteps": steps,
+            "learningRate": 3.0e-3,
+            "lrScheduler": "constant",
+            "warmupRatio": 0,
+            "batchSizePerDevice": 8,
+            "precision": "fp32",
+            "gradientCheckpointing": False,
+            "checkpointEverySteps": every,
+            "loggingEverySteps": 2,
         },
-    }
-
-
-def read(api: client.ApiClient, namespace: str, name: str) -> dict[str, Any]:
-    found: dict[str, Any] = client.CustomObjectsApi(api).get_namespaced_custom_object(
-        GROUP, VERSION, namespace, PLURAL, name
+        distributed={"nodes": nodes, "processesPerNode": 1, "deepspeed": {"zeroStage": zero}},
+        resources={"provisioner": "karpenter", "instanceType": "local-cpu", "gpusPerNode": 0, "cpu": "1"},
+        runPolicy={"maxRestarts": 2},
     )
-    return found
 
 
 def phase(api: client.ApiClient, namespace: str, name: str) -> str:
-    return str(read(api, namespace, name).get("status", {}).get("phase", ""))
+    return str(read_job(api, namespace, name).get("status", {}).get("phase", ""))
 
 
 def ended(api: client.ApiClient, namespace: str, name: str) -> str | None:
@@ -97,26 +86,22 @@ def ended(api: client.ApiClient, namespace: str, name: str) -> str | None:
     return current if current in ("Complete", "Failed") else None
 
 
-def create(api: client.ApiClient, namespace: str, body: dict[str, Any]) -> None:
-    client.CustomObjectsApi(api).create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, body)
-
-
 @pytest.mark.usefixtures("operator")
 def test_two_node_zero2_lora_job_completes_with_progress_and_releases_its_claims(
     api: client.ApiClient, namespace: str
 ) -> None:
     folder = toy_claim(api, namespace)
-    create(api, namespace, finetunejob("lora2", steps=120, every=40))
+    create_job(api, namespace, toy_job("lora2", steps=120, every=40))
     seen_progress: list[dict[str, Any]] = []
 
     def finished_while_watching() -> str | None:
-        status = read(api, namespace, "lora2").get("status", {})
+        status = read_job(api, namespace, "lora2").get("status", {})
         if status.get("phase") == "Training" and status.get("progress", {}).get("step"):
             seen_progress.append(status["progress"])
         return ended(api, namespace, "lora2")
 
-    result = wait_for(finished_while_watching, timeout=600, what="the 2-node job to end")
-    status = read(api, namespace, "lora2")["status"]
+    result = wait_until(finished_while_watching, timeout=600, what="the 2-node job to end")
+    status = read_job(api, namespace, "lora2")["status"]
     assert result == "Complete", json.dumps(status, indent=1)
     assert seen_progress, "status.progress showed steps while training"
     assert any(p.get("loss") is not None for p in seen_progress)
@@ -140,20 +125,20 @@ def test_two_node_zero2_lora_job_completes_with_progress_and_releases_its_claims
         claims = client.CustomObjectsApi(api).list_cluster_custom_object("karpenter.sh", "v1", "nodeclaims")["items"]
         return not [c for c in claims if c["metadata"]["labels"].get("kubetune.io/namespace") == namespace]
 
-    wait_for(released, what="the job's NodeClaims to be released after completion")
+    wait_until(released, what="the job's NodeClaims to be released after completion")
     delete_and_expect_nothing_left(api, namespace, "lora2")
 
 
 @pytest.mark.usefixtures("operator")
 def test_deleting_while_training_stops_the_gang_and_leaks_nothing(api: client.ApiClient, namespace: str) -> None:
     toy_claim(api, namespace)
-    create(api, namespace, finetunejob("midway", steps=2000, every=500))
+    create_job(api, namespace, toy_job("midway", steps=2000, every=500))
 
     def training() -> bool:
-        status = read(api, namespace, "midway").get("status", {})
+        status = read_job(api, namespace, "midway").get("status", {})
         return status.get("phase") == "Training" and bool((status.get("progress") or {}).get("step"))
 
-    wait_for(training, timeout=300, what="the job to be training")
+    wait_until(training, timeout=300, what="the job to be training")
     delete_and_expect_nothing_left(api, namespace, "midway")
 
 
@@ -177,13 +162,13 @@ def test_a_killed_trainer_pod_restarts_the_gang_from_its_checkpoint(
     local_cluster: cluster.Cluster, api: client.ApiClient, namespace: str
 ) -> None:
     toy_claim(api, namespace)
-    create(api, namespace, finetunejob("resume", steps=60, every=10))
+    create_job(api, namespace, toy_job("resume", steps=60, every=10))
 
     def past_a_checkpoint() -> bool:
-        progress = read(api, namespace, "resume").get("status", {}).get("progress") or {}
+        progress = read_job(api, namespace, "resume").get("status", {}).get("progress") or {}
         return int(progress.get("step") or 0) >= 15
 
-    wait_for(past_a_checkpoint, timeout=600, what="training to pass its first checkpoint")
+    wait_until(past_a_checkpoint, timeout=600, what="training to pass its first checkpoint")
     pods = client.CoreV1Api(api).list_namespaced_pod(namespace, label_selector="kubetune.io/attempt=0").items
     _kill_trainer(
         local_cluster,
@@ -191,8 +176,8 @@ def test_a_killed_trainer_pod_restarts_the_gang_from_its_checkpoint(
         namespace,
         next(p.metadata.name for p in pods if p.metadata.name.startswith("resume-train-0-1")),
     )
-    assert wait_for(lambda: ended(api, namespace, "resume"), timeout=900, what="the job to end") == "Complete"
-    status = read(api, namespace, "resume")["status"]
+    assert wait_until(lambda: ended(api, namespace, "resume"), timeout=900, what="the job to end") == "Complete"
+    status = read_job(api, namespace, "resume")["status"]
     assert status["restarts"] == 1
     assert status["progress"]["step"] == 60
     jobs = sorted(j.metadata.name for j in client.BatchV1Api(api).list_namespaced_job(namespace).items)
@@ -213,9 +198,9 @@ def test_a_killed_trainer_pod_restarts_the_gang_from_its_checkpoint(
 @pytest.mark.usefixtures("operator")
 def test_a_bad_dataset_fails_once_with_a_dataset_reason(api: client.ApiClient, namespace: str) -> None:
     toy_claim(api, namespace, bad_data=True)
-    create(api, namespace, finetunejob("baddata", steps=10, nodes=1))
-    assert wait_for(lambda: ended(api, namespace, "baddata"), timeout=300, what="the job to fail") == "Failed"
-    status = read(api, namespace, "baddata")["status"]
+    create_job(api, namespace, toy_job("baddata", steps=10, nodes=1))
+    assert wait_until(lambda: ended(api, namespace, "baddata"), timeout=300, what="the job to fail") == "Failed"
+    status = read_job(api, namespace, "baddata")["status"]
     failed = next(c for c in status["conditions"] if c["type"] == "Failed")
     assert failed["reason"] == "PermanentFailure"
     assert "question" in failed["message"], "names the columns it found"
@@ -259,7 +244,7 @@ def test_operator_sigkilled_ten_times_duplicates_nothing(
     ]
     for thread in watchers:
         thread.start()
-    create(api, namespace, finetunejob("chaos", steps=40))
+    create_job(api, namespace, toy_job("chaos", steps=40))
     rng = random.Random(7)
     try:
         for _ in range(10):
@@ -267,7 +252,9 @@ def test_operator_sigkilled_ten_times_duplicates_nothing(
             operator.kill()
             time.sleep(rng.uniform(0.0, 1.0))
             operator.start()
-        result = wait_for(lambda: ended(api, namespace, "chaos"), timeout=900, what="the job to end despite the kills")
+        result = wait_until(
+            lambda: ended(api, namespace, "chaos"), timeout=900, what="the job to end despite the kills"
+        )
     finally:
         stop.set()
     assert result == "Complete"

@@ -12,8 +12,6 @@ import json
 import os
 import subprocess
 import sys
-import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +21,7 @@ import yaml
 
 from kubetune_local.controlplane import free_port
 from kubetune_trainer.toy import ToySize, build_toy
+from tests import factories
 
 #: Settings under which the toy facts are learned in 150 steps by every method.
 TOY_TRAINING: dict[str, Any] = {
@@ -46,15 +45,13 @@ def finetunejob(
     model: Path, data: Path, *, method: dict[str, Any] | None = None, **sections: dict[str, Any]
 ) -> dict[str, Any]:
     """A FineTuneJob manifest with local paths; ``sections`` are merged over the toy defaults."""
-    spec: dict[str, Any] = {
+    base: dict[str, dict[str, Any]] = {
         "model": {"source": str(model)},
         "dataset": {"source": str(data), "maxSeqLength": 32},
         "method": method or {"type": "lora", "lora": {"r": 16, "alpha": 32, "dropout": 0.0}},
-        "training": dict(TOY_TRAINING),
+        "training": TOY_TRAINING,
     }
-    for name, values in sections.items():
-        spec[name] = {**spec.get(name, {}), **values}
-    return {"apiVersion": "kubetune.io/v1alpha1", "kind": "FineTuneJob", "metadata": {"name": "toy"}, "spec": spec}
+    return factories.finetunejob("toy", base=base, **sections)
 
 
 def write_manifest(folder: Path, manifest: dict[str, Any], name: str = "job.yaml") -> Path:
@@ -107,16 +104,6 @@ def start_train(
         )
 
 
-def wait_until(check: Callable[[], Any], *, timeout: float, what: str, interval: float = 0.1) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        found = check()
-        if found:
-            return found
-        time.sleep(interval)
-    pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}")
-
-
 @pytest.fixture(scope="session")
 def toy(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The toy base model (``model/``) and facts (``data/train.jsonl``, prompt-completion), built once."""
@@ -150,6 +137,5 @@ __all__ = [
     "start_train",
     "train_command",
     "train_env",
-    "wait_until",
     "write_manifest",
 ]

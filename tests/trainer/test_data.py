@@ -19,10 +19,10 @@ from typing import Any
 import pytest
 
 from kubetune_api import ALLOW_LOCAL_PATHS, DatasetSpec
-from kubetune_trainer import data
 from kubetune_trainer.errors import EXIT_PERMANENT, PermanentError
-from kubetune_trainer.launch import main as train_main
 from kubetune_trainer.toy import toy_facts, toy_records, write_jsonl
+from kubetune_trainer.training.data import collate, load, pipeline
+from kubetune_trainer.training.launch import main as train_main
 from tests.trainer.conftest import finetunejob, train_command, train_env, write_manifest
 
 pytestmark = pytest.mark.trainer
@@ -65,7 +65,7 @@ def write_as(records: list[dict[str, Any]], path: Path) -> Path:
 def test_every_file_type_and_format_is_read(fmt: str, suffix: str, toy_tokenizer: Any, tmp_path: Path) -> None:
     records = toy_records(fmt)
     path = write_as(records, tmp_path / f"train{suffix}")
-    result = data.prepare(path, toy_tokenizer, spec(path), seed=0)
+    result = pipeline.prepare(path, toy_tokenizer, spec(path), seed=0)
     assert result.stats.format == fmt
     assert result.stats.train_examples == len(records) == 58
     row = result.train[0]
@@ -81,8 +81,8 @@ def test_every_file_type_and_format_is_read(fmt: str, suffix: str, toy_tokenizer
 
 def test_completion_only_loss_can_be_turned_off(toy_tokenizer: Any, tmp_path: Path) -> None:
     path = write_jsonl(toy_records("prompt-completion"), tmp_path / "train.jsonl")
-    on = data.prepare(path, toy_tokenizer, spec(path), seed=0).stats
-    off = data.prepare(path, toy_tokenizer, spec(path, completionOnlyLoss=False), seed=0).stats
+    on = pipeline.prepare(path, toy_tokenizer, spec(path), seed=0).stats
+    off = pipeline.prepare(path, toy_tokenizer, spec(path, completionOnlyLoss=False), seed=0).stats
     assert on.train_loss_tokens == 3 * 58  # two answer words and EOS
     assert off.train_loss_tokens == off.train_tokens - 58  # all but each example's first token
 
@@ -94,7 +94,7 @@ def test_a_saved_dataset_dict_with_a_named_validation_split(toy_tokenizer: Any, 
     DatasetDict({"train": Dataset.from_list(records[:50]), "validation": Dataset.from_list(records[50:])}).save_to_disk(
         str(tmp_path / "saved")
     )
-    result = data.prepare(
+    result = pipeline.prepare(
         tmp_path / "saved", toy_tokenizer, spec(tmp_path / "saved", validation={"split": "validation"}), seed=0
     )
     assert (result.stats.train_examples, result.stats.eval_examples) == (50, 8)
@@ -106,11 +106,11 @@ def test_a_folder_of_split_files_and_a_validation_fraction(toy_tokenizer: Any, t
     records = toy_records("instruction")
     write_jsonl(records[:40], tmp_path / "data" / "train.jsonl")
     write_jsonl(records[40:], tmp_path / "data" / "validation.jsonl")
-    named = data.prepare(
+    named = pipeline.prepare(
         tmp_path / "data", toy_tokenizer, spec(tmp_path / "data", validation={"split": "validation"}), seed=0
     )
     assert (named.stats.train_examples, named.stats.eval_examples) == (40, 18)
-    fraction = data.prepare(
+    fraction = pipeline.prepare(
         tmp_path / "data", toy_tokenizer, spec(tmp_path / "data", validation={"fraction": 0.25}), seed=0
     )
     assert (fraction.stats.train_examples, fraction.stats.eval_examples) == (30, 10)
@@ -122,8 +122,8 @@ def test_packing_fills_rows_and_restarts_positions(toy_tokenizer: Any, tmp_path:
     rng = random.Random(0)
     records = [{"text": " ".join(str(rng.randrange(1000)) for _ in range(rng.randrange(3, 60)))} for _ in range(300)]
     path = write_jsonl(records, tmp_path / "short.jsonl")
-    plain = data.prepare(path, toy_tokenizer, spec(path, maxSeqLength=128), seed=0)
-    packed = data.prepare(path, toy_tokenizer, spec(path, maxSeqLength=128, packing=True), seed=0)
+    plain = pipeline.prepare(path, toy_tokenizer, spec(path, maxSeqLength=128), seed=0)
+    packed = pipeline.prepare(path, toy_tokenizer, spec(path, maxSeqLength=128, packing=True), seed=0)
     assert packed.stats.train_tokens == plain.stats.train_tokens
     assert sum(len(r) for r in packed.train["input_ids"]) == plain.stats.train_tokens
     assert max(len(r) for r in packed.train["input_ids"]) <= 128
@@ -134,7 +134,7 @@ def test_packing_fills_rows_and_restarts_positions(toy_tokenizer: Any, tmp_path:
     starts = [i for i, p in enumerate(row["position_ids"]) if p == 0]
     assert len(starts) == row["num_examples"] > 1
     assert all(row["labels"][i] == -100 for i in starts)  # no example learns from the one before it
-    batch = data.Collator(toy_tokenizer.pad_token_id)([packed.train[0], packed.train[-1]])
+    batch = collate.Collator(toy_tokenizer.pad_token_id)([packed.train[0], packed.train[-1]])
     assert "attention_mask" not in batch
     assert batch["position_ids"].shape == batch["input_ids"].shape
     assert int(batch["num_tokens"]) == len(packed.train[0]["input_ids"]) + len(packed.train[-1]["input_ids"])
@@ -143,7 +143,7 @@ def test_packing_fills_rows_and_restarts_positions(toy_tokenizer: Any, tmp_path:
 def test_truncation_is_counted(toy_tokenizer: Any, tmp_path: Path) -> None:
     records = [{"text": " ".join(["7"] * n)} for n in (5, 10, 40, 80)]
     path = write_jsonl(records, tmp_path / "mixed.jsonl")
-    stats = data.prepare(path, toy_tokenizer, spec(path, maxSeqLength=20), seed=0).stats
+    stats = pipeline.prepare(path, toy_tokenizer, spec(path, maxSeqLength=20), seed=0).stats
     assert (stats.truncated, stats.dropped, stats.max_length) == (2, 0, 20)
 
 
@@ -261,6 +261,6 @@ def test_bad_data_exit_code_of_the_real_command(toy_model: Path, tmp_path: Path)
 def test_problems_of_one_kind_are_listed_together(tmp_path: Path) -> None:
     path = _lines(GOOD, "{broken", "[1]", GOOD, "{", "nope", "{", "{", "{")(tmp_path)
     with pytest.raises(PermanentError) as raised:
-        data.read_file(path)
+        load.read_file(path)
     assert len(raised.value.problems) == 6  # five of the seven bad lines named, then the rest counted
     assert "and 2 more bad lines" in str(raised.value)

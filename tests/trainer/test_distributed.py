@@ -16,10 +16,10 @@ from typing import Any
 import pytest
 
 from kubetune_api import ALLOW_LOCAL_PATHS, TrainerConfig
-from kubetune_trainer.configfile import render
+from kubetune_trainer.config_file import render
 from kubetune_trainer.errors import EXIT_PERMANENT, EXIT_RETRYABLE
-from kubetune_trainer.launch import Topology, _launch_workers
 from kubetune_trainer.toy import toy_match_rate
+from kubetune_trainer.training.launch import Topology, _launch_workers
 from tests.trainer.conftest import Run, finetunejob, free_port, start_train, write_manifest
 
 pytestmark = pytest.mark.trainer

@@ -15,9 +15,10 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from kubetune_trainer.metrics import GAUGES
 from kubetune_trainer.toy import toy_match_rate, toy_records, write_jsonl
-from tests.trainer.conftest import Run, finetunejob, free_port, kubetune_train, start_train, wait_until, write_manifest
+from kubetune_trainer.training.metrics import GAUGES
+from tests.factories import wait_until
+from tests.trainer.conftest import Run, finetunejob, free_port, kubetune_train, start_train, write_manifest
 
 pytestmark = pytest.mark.trainer
 

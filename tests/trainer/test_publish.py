@@ -28,7 +28,11 @@ from typing import Any
 import pytest
 
 from kubetune_local.controlplane import free_port
-from kubetune_trainer import oci
+from kubetune_trainer.publishing.oci import transfer
+from kubetune_trainer.publishing.oci.client import RegistryClient
+from kubetune_trainer.publishing.oci.credentials import Credentials
+from kubetune_trainer.publishing.oci.layout import MANIFEST_MEDIA_TYPE
+from kubetune_trainer.publishing.oci.reference import Reference
 from tests.conftest import OciRegistry
 from tests.trainer.conftest import finetunejob, kubetune_train, write_manifest
 
@@ -106,9 +110,7 @@ def hashes(folder: Path) -> dict[str, str]:
     }
 
 
-def registry_get(
-    registry: OciRegistry, path: str, *, method: str = "GET", accept: str = oci.MANIFEST_MEDIA_TYPE
-) -> Any:
+def registry_get(registry: OciRegistry, path: str, *, method: str = "GET", accept: str = MANIFEST_MEDIA_TYPE) -> Any:
     auth = base64.b64encode(f"{registry.user}:{registry.password}".encode()).decode()
     request = urllib.request.Request(
         f"http://{registry.host}{path}", method=method, headers={"Authorization": f"Basic {auth}", "Accept": accept}
@@ -218,26 +220,26 @@ def test_the_same_files_give_the_same_digest_and_a_new_tag_replaces_nothing(
 def test_a_large_layer_is_uploaded_in_chunks(
     oci_registry: OciRegistry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(oci, "CHUNK_BYTES", 64 * 1024)
+    monkeypatch.setattr(transfer, "CHUNK_BYTES", 64 * 1024)
     weights = os.urandom(1_000_000)
     files = {"adapter_model.safetensors": tmp_path / "w", "adapter_config.json": tmp_path / "c"}
     files["adapter_model.safetensors"].write_bytes(weights)
     files["adapter_config.json"].write_text("{}")
-    credentials = oci.Credentials(oci_registry.user, oci_registry.password)
-    ref = oci.Reference.parse(f"oci://{oci_registry.host}/team/chunked:v1")
-    pushed = oci.push(files, ref, credentials=credentials, credential_source="the test")
+    credentials = Credentials(oci_registry.user, oci_registry.password)
+    ref = Reference.parse(f"oci://{oci_registry.host}/team/chunked:v1")
+    pushed = transfer.push(files, ref, credentials=credentials, credential_source="the test")
     assert pushed.manifest["layers"][0]["size"] > 10 * 64 * 1024
     assert pushed.digest == registry_digest(oci_registry, "team/chunked", "v1")
-    pulled = oci.pull(ref, tmp_path / "pulled", credentials=credentials, credential_source="the test")
+    pulled = transfer.pull(ref, tmp_path / "pulled", credentials=credentials, credential_source="the test")
     assert pulled.files == ("adapter_config.json", "adapter_model.safetensors")
     assert (tmp_path / "pulled" / "adapter_model.safetensors").read_bytes() == weights
 
 
 def test_pull_reads_a_plain_oras_artifact_with_data_titles(oci_registry: OciRegistry, tmp_path: Path) -> None:
     """An artifact pushed file by file (oras push data/a data/b): each layer's title is its path."""
-    credentials = oci.Credentials(oci_registry.user, oci_registry.password)
-    ref = oci.Reference.parse(f"oci://{oci_registry.host}/team/oras-style:v1")
-    client = oci.RegistryClient(ref.host, credentials, credential_source="the test")
+    credentials = Credentials(oci_registry.user, oci_registry.password)
+    ref = Reference.parse(f"oci://{oci_registry.host}/team/oras-style:v1")
+    client = RegistryClient(ref.host, credentials, credential_source="the test")
     container = client.container(ref)
     contents = {"data/adapter_config.json": b'{"r": 4}', "data/adapter_model.safetensors": os.urandom(5000)}
     layers = []
@@ -250,14 +252,14 @@ def test_pull_reads_a_plain_oras_artifact_with_data_titles(oci_registry: OciRegi
             layers.append({**descriptor, "annotations": {"org.opencontainers.image.title": title}})
     manifest = {
         "schemaVersion": 2,
-        "mediaType": oci.MANIFEST_MEDIA_TYPE,
+        "mediaType": MANIFEST_MEDIA_TYPE,
         "config": {"mediaType": "application/vnd.unknown.config.v1+json", "digest": descriptor["digest"], "size": 2},
         "layers": layers,
     }
     url = f"http://{container.manifest_url()}"
     client.check(
         client.do_request(
-            url, "PUT", data=json.dumps(manifest).encode(), headers={"Content-Type": oci.MANIFEST_MEDIA_TYPE}
+            url, "PUT", data=json.dumps(manifest).encode(), headers={"Content-Type": MANIFEST_MEDIA_TYPE}
         ),
         "manifest",
     )

@@ -14,8 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from kubetune_trainer.train import COMPLETE_MARKER, latest_checkpoint
-from tests.trainer.conftest import finetunejob, kubetune_train, start_train, wait_until, write_manifest
+from kubetune_trainer.training.train import COMPLETE_MARKER, latest_checkpoint
+from tests.factories import wait_until
+from tests.trainer.conftest import finetunejob, kubetune_train, start_train, write_manifest
 
 pytestmark = pytest.mark.trainer
 

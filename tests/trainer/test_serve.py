@@ -21,9 +21,11 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from kubetune_trainer.serve import Sampling, parse_adapters, parse_sampling
+from kubetune_trainer.serving.protocol import Sampling, parse_sampling
+from kubetune_trainer.serving.serve import parse_adapters
 from kubetune_trainer.toy import greedy_answers, toy_facts, toy_prompt, toy_records, write_jsonl
-from tests.trainer.conftest import finetunejob, free_port, start_train, train_env, wait_until, write_manifest
+from tests.factories import toy_chat, wait_until
+from tests.trainer.conftest import finetunejob, free_port, start_train, train_env, write_manifest
 
 pytestmark = pytest.mark.trainer
 
@@ -124,14 +126,7 @@ def complete(server: Client, model: str, obj: str, **extra: Any) -> dict[str, An
 
 
 def chat(server: Client, model: str, obj: str, **extra: Any) -> dict[str, Any]:
-    body = {
-        "model": model,
-        "messages": [{"role": "user", "content": f"what is the color and size of {obj} ?"}],
-        "max_tokens": 3,
-        "temperature": 0,
-        **extra,
-    }
-    reply = server.post("/v1/chat/completions", body)
+    reply = server.post("/v1/chat/completions", toy_chat(model, obj, **extra))
     assert reply.status == 200, reply.raw
     result: dict[str, Any] = reply.json
     return result

@@ -10,20 +10,16 @@ import pytest
 from kubetune_api import InvalidManifestError, TrainerConfig
 from kubetune_api.resource import load_job
 from kubetune_operator import names
-from kubetune_operator.builders import (
-    Target,
-    build_config_map,
-    build_node_claims,
-    build_publish_job,
-    build_pvc,
-    build_service,
+from kubetune_operator.children.nodes import build_node_claims, build_serving_node_claims
+from kubetune_operator.children.publish import build_publish_job
+from kubetune_operator.children.serving import (
     build_serving_deployment,
-    build_serving_node_claims,
     build_serving_service,
-    build_training_job,
     endpoint_url,
     max_lora_rank,
 )
+from kubetune_operator.children.target import Target
+from kubetune_operator.children.training import build_config_map, build_pvc, build_service, build_training_job
 from kubetune_operator.settings import OperatorSettings
 from tests.conftest import REPO, load_yaml
 

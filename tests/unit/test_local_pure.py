@@ -12,8 +12,9 @@ import pytest
 
 from kubetune_local.catalog import CATALOG
 from kubetune_local.network import AddressBook
-from kubetune_local.pods import PodRunner, expand
-from kubetune_local.provisioner import capacity_of, requested_instance_type
+from kubetune_local.nodeclaims import capacity_of, requested_instance_type
+from kubetune_local.pods.environment import expand
+from kubetune_local.pods.volumes import rewrite_paths
 
 pytestmark = pytest.mark.unit
 
@@ -50,9 +51,9 @@ class TestAddressBook:
 class TestRewriting:
     def test_mount_paths_are_rewritten_longest_first_at_boundaries(self) -> None:
         mounts = {"/data": Path("/tmp/pvc"), "/data/models": Path("/tmp/models"), "/etc/cfg": Path("/tmp/cfg")}
-        assert PodRunner.rewrite_paths("--config=/etc/cfg/config.json", mounts) == "--config=/tmp/cfg/config.json"
-        assert PodRunner.rewrite_paths("/data/models/llama /data/out", mounts) == "/tmp/models/llama /tmp/pvc/out"
-        assert PodRunner.rewrite_paths("/database /mydata /data", mounts) == "/database /mydata /tmp/pvc"
+        assert rewrite_paths("--config=/etc/cfg/config.json", mounts) == "--config=/tmp/cfg/config.json"
+        assert rewrite_paths("/data/models/llama /data/out", mounts) == "/tmp/models/llama /tmp/pvc/out"
+        assert rewrite_paths("/database /mydata /data", mounts) == "/database /mydata /tmp/pvc"
 
     def test_variable_expansion(self) -> None:
         env = {"RANK": "1", "HOST": "h"}

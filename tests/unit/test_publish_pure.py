@@ -22,8 +22,24 @@ from typing import Any
 
 import pytest
 
-from kubetune_trainer import oci
-from kubetune_trainer.publish import file_sha256, folder_digest, list_files
+from kubetune_trainer.publishing.folders import file_sha256, folder_digest, list_files
+from kubetune_trainer.publishing.oci import client as oci_client
+from kubetune_trainer.publishing.oci.client import ATTEMPTS, OciAuthError, OciError, RegistryClient
+from kubetune_trainer.publishing.oci.credentials import (
+    Credentials,
+    credentials_for,
+    load_credentials,
+    parse_docker_config,
+)
+from kubetune_trainer.publishing.oci.layout import (
+    CONFIG_MEDIA_TYPE,
+    MANIFEST_MEDIA_TYPE,
+    build_layer,
+    image_config,
+    image_manifest,
+)
+from kubetune_trainer.publishing.oci.reference import Reference, is_loopback_host, scheme_for
+from kubetune_trainer.publishing.oci.transfer import fetch_manifest
 
 pytestmark = pytest.mark.unit
 
@@ -48,27 +64,27 @@ def b64(text: str) -> str:
     ],
 )
 def test_references_are_parsed(uri: str, host: str, repository: str, tag: str | None, digest: str | None) -> None:
-    ref = oci.Reference.parse(uri)
+    ref = Reference.parse(uri)
     assert (ref.host, ref.repository, ref.tag, ref.digest) == (host, repository, tag, digest)
     assert str(ref) == uri
 
 
 def test_a_reference_without_tag_means_latest() -> None:
-    ref = oci.Reference.parse("oci://localhost:5000/adapter")
+    ref = Reference.parse("oci://localhost:5000/adapter")
     assert ref.reference == "latest"
     assert str(ref.with_tag()) == "oci://localhost:5000/adapter:latest"
 
 
 def test_a_malformed_reference_is_refused() -> None:
     with pytest.raises(ValueError, match="oci://registry/repository:tag"):
-        oci.Reference.parse("oci://registry")
+        Reference.parse("oci://registry")
     with pytest.raises(ValueError, match="unsupported scheme"):
-        oci.Reference.parse("https://registry/x")
+        Reference.parse("https://registry/x")
 
 
 def test_the_registry_client_builds_urls_from_the_whole_repository() -> None:
-    client = oci.RegistryClient("r.example:5000", None, credential_source="x")
-    container = client.container(oci.Reference.parse("oci://r.example:5000/my.team/adapters:v1"))
+    client = RegistryClient("r.example:5000", None, credential_source="x")
+    container = client.container(Reference.parse("oci://r.example:5000/my.team/adapters:v1"))
     assert container.manifest_url() == "r.example:5000/v2/my.team/adapters/manifests/v1"
     assert container.get_blob_url("sha256:0") == "r.example:5000/v2/my.team/adapters/blobs/sha256:0"
 
@@ -95,15 +111,15 @@ def test_the_registry_client_builds_urls_from_the_whole_repository() -> None:
     ],
 )
 def test_only_loopback_registries_speak_plain_http(host: str, loopback: bool) -> None:
-    assert oci.is_loopback_host(host) is loopback
-    assert oci.scheme_for(host) == ("http" if loopback else "https")
+    assert is_loopback_host(host) is loopback
+    assert scheme_for(host) == ("http" if loopback else "https")
 
 
 # ------------------------------------------------------------------------------ docker config
 
 
 def test_credentials_come_from_auth_or_username_and_password() -> None:
-    auths = oci.parse_docker_config(
+    auths = parse_docker_config(
         json.dumps(
             {
                 "auths": {
@@ -114,25 +130,25 @@ def test_credentials_come_from_auth_or_username_and_password() -> None:
             }
         )
     )
-    assert oci.credentials_for(auths, "ghcr.io") == oci.Credentials("bob", SECRET)
-    assert oci.credentials_for(auths, "127.0.0.1:5000") == oci.Credentials("alice", SECRET)
-    assert oci.credentials_for(auths, "docker.io") == oci.Credentials("hubuser", "hubpass")
-    assert oci.credentials_for(auths, "127.0.0.1:5001") is None
-    assert oci.credentials_for(auths, "quay.io") is None
+    assert credentials_for(auths, "ghcr.io") == Credentials("bob", SECRET)
+    assert credentials_for(auths, "127.0.0.1:5000") == Credentials("alice", SECRET)
+    assert credentials_for(auths, "docker.io") == Credentials("hubuser", "hubpass")
+    assert credentials_for(auths, "127.0.0.1:5001") is None
+    assert credentials_for(auths, "quay.io") is None
 
 
 def test_a_password_with_colons_survives() -> None:
     auths = {"r.io": {"auth": b64("u:a:b:c")}}
-    assert oci.credentials_for(auths, "r.io") == oci.Credentials("u", "a:b:c")
+    assert credentials_for(auths, "r.io") == Credentials("u", "a:b:c")
 
 
 def test_credentials_never_show_the_password() -> None:
-    assert SECRET not in repr(oci.Credentials("u", SECRET))
+    assert SECRET not in repr(Credentials("u", SECRET))
 
 
 def test_a_legacy_dockercfg_is_read() -> None:
-    auths = oci.parse_docker_config(json.dumps({"r.io": {"auth": b64("u:p"), "email": "x@y"}}))
-    assert oci.credentials_for(auths, "r.io") == oci.Credentials("u", "p")
+    auths = parse_docker_config(json.dumps({"r.io": {"auth": b64("u:p"), "email": "x@y"}}))
+    assert credentials_for(auths, "r.io") == Credentials("u", "p")
 
 
 @pytest.mark.parametrize(
@@ -146,7 +162,7 @@ def test_a_legacy_dockercfg_is_read() -> None:
 )
 def test_a_malformed_entry_is_named_without_its_content(entry: Any, message: str) -> None:
     with pytest.raises(ValueError, match=message) as raised:
-        oci.credentials_for({"r.io": entry}, "r.io")
+        credentials_for({"r.io": entry}, "r.io")
     assert SECRET not in str(raised.value)
     assert "r.io" in str(raised.value)
 
@@ -155,9 +171,9 @@ def test_a_config_that_is_not_json_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "config.json"
     path.write_text("{not json")
     with pytest.raises(ValueError, match=r"config.json: is not JSON"):
-        oci.load_credentials(path, "r.io")
+        load_credentials(path, "r.io")
     with pytest.raises(ValueError, match="cannot read"):
-        oci.load_credentials(tmp_path / "missing.json", "r.io")
+        load_credentials(tmp_path / "missing.json", "r.io")
 
 
 # ------------------------------------------------------------------------------------ digests
@@ -196,8 +212,8 @@ def test_the_layer_is_a_reproducible_tar_of_data(tmp_path: Path) -> None:
         "data/adapter_config.json": tmp_path / "a.json",
         "data/adapter_model.safetensors": tmp_path / "w.safetensors",
     }
-    first = oci.build_layer(files, tmp_path / "one.tar.gz")
-    second = oci.build_layer(files, tmp_path / "two.tar.gz")
+    first = build_layer(files, tmp_path / "one.tar.gz")
+    second = build_layer(files, tmp_path / "two.tar.gz")
     assert (first.digest, first.diff_id, first.size) == (second.digest, second.diff_id, second.size)
     blob = (tmp_path / "one.tar.gz").read_bytes()
     assert first.digest == "sha256:" + hashlib.sha256(blob).hexdigest()
@@ -212,12 +228,12 @@ def test_the_layer_is_a_reproducible_tar_of_data(tmp_path: Path) -> None:
         assert extracted is not None
         assert extracted.read() == b"\x00\x01" * 5000
 
-    config = oci.image_config(first)
+    config = image_config(first)
     assert json.loads(config) == {"rootfs": {"type": "layers", "diff_ids": [first.diff_id]}}
-    manifest = json.loads(oci.image_manifest(first, config, {"io.kubetune.job": "ns/job"}))
-    assert manifest["mediaType"] == oci.MANIFEST_MEDIA_TYPE
+    manifest = json.loads(image_manifest(first, config, {"io.kubetune.job": "ns/job"}))
+    assert manifest["mediaType"] == MANIFEST_MEDIA_TYPE
     assert manifest["config"] == {
-        "mediaType": oci.CONFIG_MEDIA_TYPE,
+        "mediaType": CONFIG_MEDIA_TYPE,
         "digest": "sha256:" + hashlib.sha256(config).hexdigest(),
         "size": len(config),
     }
@@ -270,7 +286,7 @@ def reply(handler: http.server.BaseHTTPRequestHandler, status: int, body: bytes 
 
 
 def test_a_5xx_is_retried_then_retryable(serve: Callable[[Handler], str], monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(oci, "_BACKOFF_S", 0.0)
+    monkeypatch.setattr(oci_client, "_BACKOFF_S", 0.0)
     calls: list[str] = []
 
     def handle(h: http.server.BaseHTTPRequestHandler) -> None:
@@ -278,17 +294,17 @@ def test_a_5xx_is_retried_then_retryable(serve: Callable[[Handler], str], monkey
         reply(h, 503, b"busy")
 
     host = serve(handle)
-    client = oci.RegistryClient(host, None, credential_source="x")
-    with pytest.raises(oci.OciError) as raised:
-        oci.fetch_manifest(client, oci.Reference.parse(f"oci://{host}/a/b:t"))
+    client = RegistryClient(host, None, credential_source="x")
+    with pytest.raises(OciError) as raised:
+        fetch_manifest(client, Reference.parse(f"oci://{host}/a/b:t"))
     assert not raised.value.permanent
     assert "503" in str(raised.value)
     assert host in str(raised.value)
-    assert len(calls) == oci.ATTEMPTS
+    assert len(calls) == ATTEMPTS
 
 
 def test_a_bearer_challenge_is_answered_with_a_token(serve: Callable[[Handler], str]) -> None:
-    manifest = json.dumps({"schemaVersion": 2, "mediaType": oci.MANIFEST_MEDIA_TYPE, "layers": []}).encode()
+    manifest = json.dumps({"schemaVersion": 2, "mediaType": MANIFEST_MEDIA_TYPE, "layers": []}).encode()
     seen: dict[str, Any] = {}
 
     def handle(h: http.server.BaseHTTPRequestHandler) -> None:
@@ -299,24 +315,24 @@ def test_a_bearer_challenge_is_answered_with_a_token(serve: Callable[[Handler], 
             else:
                 reply(h, 401)
         elif h.headers.get("Authorization") == "Bearer t0k":
-            reply(h, 200, manifest, Content_Type=oci.MANIFEST_MEDIA_TYPE)
+            reply(h, 200, manifest, Content_Type=MANIFEST_MEDIA_TYPE)
         else:
             realm = f"http://{h.headers['Host']}/token"
             challenge = f'Bearer realm="{realm}",service="reg",scope="repository:a/b:pull"'
             reply(h, 401, WWW_Authenticate=challenge)
 
     host = serve(handle)
-    ref = oci.Reference.parse(f"oci://{host}/a/b:t")
-    client = oci.RegistryClient(host, oci.Credentials("bob", SECRET), credential_source="the test")
-    found, digest = oci.fetch_manifest(client, ref)
+    ref = Reference.parse(f"oci://{host}/a/b:t")
+    client = RegistryClient(host, Credentials("bob", SECRET), credential_source="the test")
+    found, digest = fetch_manifest(client, ref)
     assert found["layers"] == []
     assert digest == "sha256:" + hashlib.sha256(manifest).hexdigest()
     assert "service=reg" in seen["token_query"]
     assert "scope=repository%3Aa%2Fb%3Apull" in seen["token_query"]
 
-    wrong = oci.RegistryClient(host, oci.Credentials("bob", "Wr0ng-P4ss"), credential_source="Secret 'regcred'")
-    with pytest.raises(oci.OciAuthError) as refused:
-        oci.fetch_manifest(wrong, ref)
+    wrong = RegistryClient(host, Credentials("bob", "Wr0ng-P4ss"), credential_source="Secret 'regcred'")
+    with pytest.raises(OciAuthError) as refused:
+        fetch_manifest(wrong, ref)
     assert refused.value.permanent
     assert host in str(refused.value)
     assert "Secret 'regcred'" in str(refused.value)
@@ -328,9 +344,9 @@ def test_credentials_are_not_sent_to_a_plain_http_token_service(serve: Callable[
         reply(h, 401, WWW_Authenticate='Bearer realm="http://auth.example.com/token",service="reg"')
 
     host = serve(handle)
-    client = oci.RegistryClient(host, oci.Credentials("bob", SECRET), credential_source="x")
-    with pytest.raises(oci.OciError, match="only over HTTPS") as refused:
-        oci.fetch_manifest(client, oci.Reference.parse(f"oci://{host}/a:t"))
+    client = RegistryClient(host, Credentials("bob", SECRET), credential_source="x")
+    with pytest.raises(OciError, match="only over HTTPS") as refused:
+        fetch_manifest(client, Reference.parse(f"oci://{host}/a:t"))
     assert refused.value.permanent
 
 
@@ -339,7 +355,7 @@ def test_credentials_are_not_sent_to_a_plain_http_token_service(serve: Callable[
 
 def test_publishing_imports_no_ml_stack() -> None:
     code = (
-        "import sys, kubetune_trainer.publish, kubetune_trainer.oci, kubetune_cli.main\n"
+        "import sys, kubetune_trainer.publishing.commands, kubetune_trainer.publishing.oci.transfer, kubetune_cli.main\n"
         "heavy = sorted(m for m in ('torch', 'transformers', 'peft', 'deepspeed', 'datasets', 'huggingface_hub') "
         "if m in sys.modules)\n"
         "print(heavy)\n"

@@ -8,7 +8,9 @@ import pytest
 
 from kubetune_api.resource import FineTuneJob, Progress, load_job
 from kubetune_operator import conditions, names
-from kubetune_operator.reconcile import Decision, Observed, decide
+from kubetune_operator.decision import Decision
+from kubetune_operator.observed import Observed
+from kubetune_operator.reconcile import decide
 from kubetune_operator.settings import OperatorSettings
 from tests.conftest import REPO, load_yaml
 

@@ -15,18 +15,14 @@ from kubetune_api import (
 from kubetune_api.resource import load_job
 from kubetune_api.uris import DATASET_SCHEMES, MODEL_SCHEMES, OUTPUT_SCHEMES
 from kubetune_operator.crd import openapi_schema
+from tests.factories import MINIMAL, finetunejob
 from tests.unit.schema_check import apply_defaults
 
 pytestmark = pytest.mark.unit
 
 
 def manifest(**spec: Any) -> dict[str, Any]:
-    body: dict[str, Any] = {
-        "model": {"source": "hf://org/base"},
-        "dataset": {"source": "https://example.org/d.jsonl"},
-    }
-    body.update(spec)
-    return {"apiVersion": "kubetune.io/v1alpha1", "kind": "FineTuneJob", "metadata": {"name": "j"}, "spec": body}
+    return finetunejob("j", base=MINIMAL, **spec)
 
 
 class TestDefaults:

@@ -13,9 +13,9 @@ import yaml
 
 from kubetune_api import ALLOW_LOCAL_PATHS, FineTuneJobSpec, TrainerConfig
 from kubetune_api.plan import GiB, ModelShape, Setup, estimate, plan, plan_job
-from kubetune_trainer.configfile import load_config, render
-from kubetune_trainer.deepspeed_config import deepspeed_config
+from kubetune_trainer.config_file import load_config, render
 from kubetune_trainer.errors import PermanentError
+from kubetune_trainer.training.deepspeed_config import deepspeed_config
 
 pytestmark = pytest.mark.unit
 

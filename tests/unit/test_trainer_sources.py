@@ -12,7 +12,7 @@ import huggingface_hub
 import pytest
 
 from kubetune_api import ALLOW_LOCAL_PATHS, TrainerConfig
-from kubetune_trainer import sources
+from kubetune_trainer import fetch
 from kubetune_trainer.errors import ProblemList
 
 pytestmark = pytest.mark.unit
@@ -30,7 +30,7 @@ def config(tmp_path: Path, *, model: str = "/m", dataset: str = "/d", **extra: A
 
 def locate(cfg: TrainerConfig, uri: str, kind: str = "dataset", secret: str | None = None) -> tuple[Any, list[str]]:
     problems = ProblemList()
-    found = sources.locate(uri, kind=kind, secret_ref=secret, config=cfg, problems=problems)  # type: ignore[arg-type]
+    found = fetch.locate(uri, kind=kind, secret_ref=secret, config=cfg, problems=problems)  # type: ignore[arg-type]
     return found, [str(p) for p in problems.problems]
 
 
@@ -43,10 +43,10 @@ def test_pvc_and_configmap_sources_map_to_their_mounts(tmp_path: Path) -> None:
         tmp_path, mounts={"claims": {"models": str(tmp_path / "claim")}, "configMaps": {"small": str(tmp_path / "cm")}}
     )
     assert locate(cfg, "pvc://models/data/train.jsonl") == (
-        sources.LocalSource(tmp_path / "claim/data/train.jsonl"),
+        fetch.LocalSource(tmp_path / "claim/data/train.jsonl"),
         [],
     )
-    assert locate(cfg, "configmap://small/train.jsonl") == (sources.LocalSource(tmp_path / "cm/train.jsonl"), [])
+    assert locate(cfg, "configmap://small/train.jsonl") == (fetch.LocalSource(tmp_path / "cm/train.jsonl"), [])
     found, problems = locate(cfg, "pvc://other/x.jsonl")
     assert found is None
     assert "claim 'other' is not mounted" in problems[0]
@@ -80,26 +80,26 @@ def test_s3_and_oci_are_refused_as_not_supported_yet(tmp_path: Path) -> None:
     ],
 )
 def test_internal_addresses_are_refused(address: str, why: str) -> None:
-    reason = sources.refused_address(address)
+    reason = fetch.refused_address(address)
     assert reason is not None
     assert why in reason
 
 
 def test_public_addresses_are_allowed() -> None:
-    assert sources.refused_address("93.184.216.34") is None
-    assert sources.refused_address("2606:2800:220:1:248:1893:25c8:1946") is None
+    assert fetch.refused_address("93.184.216.34") is None
+    assert fetch.refused_address("2606:2800:220:1:248:1893:25c8:1946") is None
 
 
 def test_a_url_whose_host_resolves_to_any_internal_address_is_refused(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(sources, "_resolve", lambda host, port: ["93.184.216.34", "10.0.0.7"])
+    monkeypatch.setattr(fetch, "_resolve", lambda host, port: ["93.184.216.34", "10.0.0.7"])
     found, problems = locate(config(tmp_path), "https://data.example.org/train.jsonl")
     assert found is None
     assert "resolves to 10.0.0.7, a private address" in problems[0]
     found, problems = locate(config(tmp_path, allowPrivateAddresses=True), "https://data.example.org/train.jsonl")
     assert problems == []
-    assert found == sources.UrlSource("https://data.example.org/train.jsonl", allow_private=True)
+    assert found == fetch.UrlSource("https://data.example.org/train.jsonl", allow_private=True)
 
 
 def test_localhost_is_refused_unless_allowed(tmp_path: Path) -> None:
@@ -142,16 +142,16 @@ def http_server(tmp_path: Path) -> Iterator[str]:
 
 
 def test_download_follows_redirects_and_is_cached(http_server: str, tmp_path: Path) -> None:
-    located = sources.UrlSource(f"{http_server}/moved", allow_private=True)
-    path = sources.fetch(located, cache=tmp_path / "cache")
+    located = fetch.UrlSource(f"{http_server}/moved", allow_private=True)
+    path = fetch.fetch(located, cache=tmp_path / "cache")
     assert path.read_text() == '{"text": "hello"}\n'
-    assert sources.fetch(located, cache=tmp_path / "cache") == path
-    with pytest.raises(sources.FetchError) as refused:
-        sources.download(f"{http_server}/train.jsonl", tmp_path / "x", allow_private=False)
+    assert fetch.fetch(located, cache=tmp_path / "cache") == path
+    with pytest.raises(fetch.FetchError) as refused:
+        fetch.download(f"{http_server}/train.jsonl", tmp_path / "x", allow_private=False)
     assert refused.value.permanent
     assert "loopback" in str(refused.value)
-    with pytest.raises(sources.FetchError) as missing:
-        sources.download(f"{http_server}/nothing.jsonl", tmp_path / "y", allow_private=True)
+    with pytest.raises(fetch.FetchError) as missing:
+        fetch.download(f"{http_server}/nothing.jsonl", tmp_path / "y", allow_private=True)
     assert missing.value.permanent
     assert "404" in str(missing.value)
 
@@ -169,11 +169,11 @@ def test_hub_token_comes_from_the_mounted_secret_then_the_environment(
     )
     found, problems = locate(cfg, "hf://org/model@v2", kind="model", secret="hf-token")
     assert problems == []
-    assert found == sources.HubSource(repo_id="org/model", revision="v2", repo_type="model", token="hf_from_secret")
+    assert found == fetch.HubSource(repo_id="org/model", revision="v2", repo_type="model", token="hf_from_secret")
 
     monkeypatch.setenv("HF_TOKEN", "hf_from_env")
     found, _ = locate(cfg, "hf://org/data", kind="dataset")
-    assert found == sources.HubSource(repo_id="org/data", revision=None, repo_type="dataset", token="hf_from_env")
+    assert found == fetch.HubSource(repo_id="org/data", revision=None, repo_type="dataset", token="hf_from_env")
 
     _, problems = locate(cfg, "hf://org/model", kind="model", secret="not-mounted")
     assert "Secret 'not-mounted' is not mounted" in problems[0]
@@ -188,8 +188,8 @@ def test_hub_sources_are_fetched_with_snapshot_download(tmp_path: Path, monkeypa
         return str(tmp_path / "snapshot")
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
-    located = sources.HubSource(repo_id="org/model", revision="main", repo_type="model", token="t")
-    assert sources.fetch(located, cache=tmp_path / "cache") == tmp_path / "snapshot"
+    located = fetch.HubSource(repo_id="org/model", revision="main", repo_type="model", token="t")
+    assert fetch.fetch(located, cache=tmp_path / "cache") == tmp_path / "snapshot"
     assert calls == [
         ("org/model", {"repo_type": "model", "revision": "main", "cache_dir": tmp_path / "cache" / "hf", "token": "t"})
     ]

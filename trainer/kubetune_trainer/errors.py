@@ -1,10 +1,11 @@
-"""The two kinds of failure a training pod reports, and how each one leaves the process.
+"""The two kinds of failure a trainer-image command reports, and how each one leaves the process.
 
 A permanent failure (a bad config, bad data, a combination this machine cannot run) fails the
 same way on every retry, so ``kubetune train`` exits 2 and the operator's pod failure policy fails
 the job at once instead of spending restarts on it. Anything else (a lost node, a network error,
 out of memory) exits 1 and the gang restarts from its last checkpoint. Either way the reason is
-written, as one paragraph, where the pod's termination message is read from.
+written, as one paragraph, where the pod's termination message is read from. ``kubetune publish``,
+``pull`` and ``fetch-model`` exit the same way.
 """
 
 from __future__ import annotations

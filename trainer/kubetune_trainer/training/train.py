@@ -1,6 +1,6 @@
 """The training recipe, run by every training process: setup → train → save → cleanup.
 
-It reads a prepared run (see :mod:`kubetune_trainer.prepare`: sources fetched, data tokenized)
+It reads a prepared run (see :mod:`.prepare`: sources fetched, data tokenized)
 and hands the work to transformers' Trainer, which brings DeepSpeed ZeRO, DDP, mixed precision,
 gradient accumulation, checkpoints with optimizer and RNG state, and resumption with the same
 data order. What this file adds is what a cluster job needs around it: the DeepSpeed config from
@@ -32,11 +32,11 @@ from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from kubetune_api import TrainerConfig
-from kubetune_trainer.data import Collator
-from kubetune_trainer.deepspeed_config import deepspeed_config
-from kubetune_trainer.metrics import Throughput, TrainingMetrics, is_tty, peak_memory_bytes, progress_line
-from kubetune_trainer.model import load_model, load_tokenizer, parameter_counts, resolve_precision
-from kubetune_trainer.prepare import PreparedRun
+from kubetune_trainer.training.data.collate import Collator
+from kubetune_trainer.training.deepspeed_config import deepspeed_config
+from kubetune_trainer.training.metrics import Throughput, TrainingMetrics, is_tty, peak_memory_bytes, progress_line
+from kubetune_trainer.training.model import load_model, load_tokenizer, parameter_counts, resolve_precision
+from kubetune_trainer.training.prepare import PreparedRun
 
 log = logging.getLogger("kubetune.train")
 

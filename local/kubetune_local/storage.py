@@ -1,4 +1,4 @@
-"""Local volumes: a default StorageClass whose PersistentVolumes are folders on this machine.
+"""Local storage: a default StorageClass whose PersistentVolumes are folders on this machine.
 
 Like Rancher's local-path provisioner, but the folders are shared by every process-backed node,
 so a claim can be ReadWriteMany: all pods of a multi-node training see the same checkpoints.
@@ -13,18 +13,18 @@ import shutil
 import threading
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Final
 
 from kubernetes import client, watch
 from kubernetes.client.exceptions import ApiException
+
+from kubetune_local.kube import Obj
 
 if TYPE_CHECKING:
     from kubetune_local.node import Runtime
 
 STORAGE_CLASS: Final = "kubetune-local"
 PROVISIONER: Final = "kubetune.io/local-path"
-
-Obj = dict[str, Any]
 
 
 def storage_class() -> Obj:

@@ -9,15 +9,15 @@ and Ready. Deleting a claim terminates its node: the pods stop and the Node goes
 from __future__ import annotations
 
 import contextlib
-import datetime
 import threading
 import time
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Final
 
 from kubernetes import client, watch
 from kubernetes.client.exceptions import ApiException
 
 from kubetune_local.catalog import FAILURES_CONFIGMAP, InstanceType, lookup
+from kubetune_local.kube import Obj, stamp
 from kubetune_local.node import NodeAgent
 
 if TYPE_CHECKING:
@@ -31,12 +31,6 @@ INSTANCE_TYPE_LABEL: Final = "node.kubernetes.io/instance-type"
 GPU_RESOURCE: Final = "nvidia.com/gpu"
 PROVIDER: Final = "kubetune-local"
 
-Obj = dict[str, Any]
-
-
-def _stamp() -> str:
-    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
 
 def _condition(kind: str, ok: bool, reason: str, message: str = "") -> Obj:
     return {
@@ -44,7 +38,7 @@ def _condition(kind: str, ok: bool, reason: str, message: str = "") -> Obj:
         "status": "True" if ok else "False",
         "reason": reason,
         "message": message,
-        "lastTransitionTime": _stamp(),
+        "lastTransitionTime": stamp(),
     }
 
 

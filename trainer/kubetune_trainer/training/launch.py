@@ -32,7 +32,7 @@ from types import FrameType
 from typing import Final
 
 from kubetune_api import TrainerConfig
-from kubetune_trainer.configfile import load_config
+from kubetune_trainer.config_file import load_config
 from kubetune_trainer.errors import (
     EXIT_OK,
     EXIT_PERMANENT,
@@ -41,13 +41,12 @@ from kubetune_trainer.errors import (
     one_paragraph,
     write_termination_message,
 )
+from kubetune_trainer.process import WORK_DIR_ENV, setup_logging
 
 log = logging.getLogger("kubetune.train")
 
 #: Env var naming the folder where workers record why they failed (one JSON file per rank).
 FAILURE_DIR_ENV: Final = "KUBETUNE_FAILURE_DIR"
-#: Env var naming a folder for the prepared data; the system's temporary folder when unset.
-WORK_DIR_ENV: Final = "KUBETUNE_WORK_DIR"
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,21 +111,6 @@ def _cpu_threads(nproc_per_node: int) -> int:
     return max(1, cpus // nproc_per_node)
 
 
-def setup_logging() -> None:
-    """Readable, timestamped lines on standard error; libraries' chatter kept to warnings."""
-    logging.basicConfig(
-        level=logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-        stream=sys.stderr,
-    )
-    for noisy in ("transformers", "datasets", "deepspeed", "DeepSpeed", "torch.distributed", "accelerate", "httpx"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "warning")
-    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-
 def main(args: argparse.Namespace) -> int:
     """Run ``kubetune train``; return its exit code."""
     setup_logging()
@@ -144,13 +128,13 @@ def main(args: argparse.Namespace) -> int:
         if "OMP_NUM_THREADS" not in os.environ:
             os.environ["OMP_NUM_THREADS"] = str(_cpu_threads(topology.nproc_per_node))
             torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
-        from kubetune_trainer.prepare import prepare_run  # noqa: PLC0415
+        from kubetune_trainer.training.prepare import prepare_run  # noqa: PLC0415
 
         Path(config.mounts.output).mkdir(parents=True, exist_ok=True)
         work = Path(tempfile.mkdtemp(prefix="kubetune-prepared-", dir=os.environ.get(WORK_DIR_ENV)))
         prepared = prepare_run(config, work, world_size=topology.world_size, cuda=cuda)
         if topology.world_size == 1:
-            from kubetune_trainer.train import run  # noqa: PLC0415
+            from kubetune_trainer.training.train import run  # noqa: PLC0415
 
             run(config, prepared)
             return EXIT_OK
@@ -187,7 +171,7 @@ def _launch_workers(topology: Topology, prepared: Path) -> int:
         f"--master-port={topology.master_port}",
         "--max-restarts=0",
         "-m",
-        "kubetune_trainer.worker",
+        "kubetune_trainer.training.worker",
         "--prepared",
         str(prepared),
     ]

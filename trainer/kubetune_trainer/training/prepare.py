@@ -17,9 +17,11 @@ from pathlib import Path
 from typing import Any, Final
 
 from kubetune_api import TrainerConfig
-from kubetune_trainer import data, sources
-from kubetune_trainer.configfile import render
+from kubetune_trainer import fetch
+from kubetune_trainer.config_file import render
 from kubetune_trainer.errors import ProblemList
+from kubetune_trainer.training.data import pipeline
+from kubetune_trainer.training.data.tokenize import DataStats
 
 log = logging.getLogger("kubetune.train")
 
@@ -35,7 +37,7 @@ class PreparedRun:
     """The prepared folder: config.json, prepared.json, train/ and eval/."""
     model_dir: Path
     """The base model's folder."""
-    stats: data.DataStats
+    stats: DataStats
     """What the data turned into."""
 
     @property
@@ -52,11 +54,11 @@ class PreparedRun:
     @classmethod
     def load(cls, folder: Path) -> tuple[TrainerConfig, PreparedRun]:
         """The config and prepared run saved in ``folder`` by :func:`prepare_run`."""
-        from kubetune_trainer.configfile import load_config  # noqa: PLC0415
+        from kubetune_trainer.config_file import load_config  # noqa: PLC0415
 
         config = load_config(folder / CONFIG_FILE)
         saved: dict[str, Any] = json.loads((folder / PREPARED_FILE).read_text(encoding="utf-8"))
-        return config, cls(folder=folder, model_dir=Path(saved["model_dir"]), stats=data.DataStats(**saved["stats"]))
+        return config, cls(folder=folder, model_dir=Path(saved["model_dir"]), stats=DataStats(**saved["stats"]))
 
 
 def check_combination(config: TrainerConfig, problems: ProblemList, *, world_size: int, cuda: bool) -> None:
@@ -81,26 +83,26 @@ def check_combination(config: TrainerConfig, problems: ProblemList, *, world_siz
 
 def prepare_run(config: TrainerConfig, folder: Path, *, world_size: int, cuda: bool) -> PreparedRun:
     """Check everything, fetch the sources and tokenize the data into ``folder``; raise PermanentError on any problem."""
-    from kubetune_trainer.model import check_model, load_tokenizer  # noqa: PLC0415 - imports transformers
+    from kubetune_trainer.training.model import check_model, load_tokenizer  # noqa: PLC0415 - imports transformers
 
     spec = config.spec
     problems = ProblemList()
     check_combination(config, problems, world_size=world_size, cuda=cuda)
-    model_at = sources.locate(
+    model_at = fetch.locate(
         spec.model.source, kind="model", secret_ref=spec.model.secret_ref, config=config, problems=problems
     )
-    data_at = sources.locate(
+    data_at = fetch.locate(
         spec.dataset.source, kind="dataset", secret_ref=spec.dataset.secret_ref, config=config, problems=problems
     )
     problems.raise_if_any("the job's config cannot run")
     if model_at is None or data_at is None:  # for mypy: each None was recorded as a problem just above
         raise AssertionError
 
-    cache = sources.cache_dir(config)
+    cache = fetch.cache_dir(config)
     try:
-        model_dir = sources.fetch(model_at, cache=cache)
-        data_path = sources.fetch(data_at, cache=cache)
-    except sources.FetchError as exc:
+        model_dir = fetch.fetch(model_at, cache=cache)
+        data_path = fetch.fetch(data_at, cache=cache)
+    except fetch.FetchError as exc:
         if exc.permanent:
             problems.add("spec.source", str(exc))
             problems.raise_if_any("a source cannot be fetched")
@@ -109,8 +111,10 @@ def prepare_run(config: TrainerConfig, folder: Path, *, world_size: int, cuda: b
     check_model(model_dir, spec, problems)
     problems.raise_if_any("the model does not fit the spec")
     tokenizer = load_tokenizer(model_dir, spec)
-    tokenized = data.prepare(data_path, tokenizer, spec.dataset, seed=spec.training.seed)
-    log.info(data.describe(tokenized.stats, max_seq_length=spec.dataset.max_seq_length, packing=spec.dataset.packing))
+    tokenized = pipeline.prepare(data_path, tokenizer, spec.dataset, seed=spec.training.seed)
+    log.info(
+        pipeline.describe(tokenized.stats, max_seq_length=spec.dataset.max_seq_length, packing=spec.dataset.packing)
+    )
 
     folder.mkdir(parents=True, exist_ok=True)
     tokenized.train.save_to_disk(str(folder / "train"))

@@ -3,8 +3,8 @@
 In a pod the operator renders a TrainerConfig (the spec plus where each volume is mounted). On a
 workstation a user points the same command at the FineTuneJob they would apply, with local paths
 as sources and ``--output DIR`` for the results. Both are validated here, with every problem listed
-at once, before anything heavy is imported. This module is torch-free and never imports the
-operator: it validates the manifest's ``spec`` with the trainer's own models.
+at once, before anything heavy is imported. This module is torch-free: it validates the
+manifest's ``spec`` with the models of :mod:`kubetune_api`, as the operator does.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""One training process under torchrun: ``python -m kubetune_trainer.worker --prepared DIR``.
+"""One training process under torchrun: ``python -m kubetune_trainer.training.worker --prepared DIR``.
 
 ``kubetune train`` prepares the run and starts torchrun with this module. A worker that fails
 records why in ``$KUBETUNE_FAILURE_DIR/rank-<rank>.json`` (with whether the failure is permanent),
@@ -18,6 +18,7 @@ import traceback
 from pathlib import Path
 
 from kubetune_trainer.errors import EXIT_OK, EXIT_PERMANENT, EXIT_RETRYABLE, PermanentError
+from kubetune_trainer.process import setup_logging
 
 log = logging.getLogger("kubetune.train")
 
@@ -34,18 +35,16 @@ def _record(permanent: bool, message: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Train from a prepared folder; return the exit code."""
-    parser = argparse.ArgumentParser(prog="python -m kubetune_trainer.worker")
+    parser = argparse.ArgumentParser(prog="python -m kubetune_trainer.training.worker")
     parser.add_argument("--prepared", required=True, help="folder written by kubetune train's preparation")
     args = parser.parse_args(argv)
-
-    from kubetune_trainer.launch import setup_logging  # noqa: PLC0415
 
     setup_logging()
     if int(os.environ.get("RANK", "0")) != 0:
         logging.getLogger("kubetune").setLevel(logging.WARNING)
     try:
-        from kubetune_trainer.prepare import PreparedRun  # noqa: PLC0415
-        from kubetune_trainer.train import run  # noqa: PLC0415
+        from kubetune_trainer.training.prepare import PreparedRun  # noqa: PLC0415
+        from kubetune_trainer.training.train import run  # noqa: PLC0415
 
         config, prepared = PreparedRun.load(Path(args.prepared))
         run(config, prepared)

@@ -5,6 +5,9 @@ token) so that problems such as an unmounted claim or a URL that points at a pri
 reported together, before any download starts; only then is it *fetched*. URL sources are
 checked against every address their host resolves to and fetched from the checked address, so a
 DNS answer that changes between the check and the download cannot reach an internal service.
+
+``kubetune train`` fetches the model and the dataset with it while preparing a run, and
+``kubetune fetch-model`` the model for the serving pod.
 """
 
 from __future__ import annotations

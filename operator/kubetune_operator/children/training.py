@@ -1,0 +1,156 @@
+"""The training children: the workspace volume, the rendered trainer config, the headless Service and the gang's Job."""
+
+from __future__ import annotations
+
+import json
+from typing import Final
+
+from kubetune_api import CONFIG_MOUNT, TrainerConfig
+from kubetune_api.objects import Obj
+from kubetune_operator import names
+from kubetune_operator.children import pod
+from kubetune_operator.children.target import Target
+
+KUEUE_QUEUE_LABEL: Final = "kueue.x-k8s.io/queue-name"
+
+
+def build_pvc(target: Target) -> Obj | None:
+    """The checkpoint and output volume, unless the spec names an existing claim."""
+    storage = target.spec.resources.storage
+    if storage.existing_claim:
+        return None
+    spec: Obj = {
+        "accessModes": [storage.effective_access_mode(target.spec.distributed.nodes)],
+        "resources": {"requests": {"storage": storage.size}},
+    }
+    if storage.storage_class_name:
+        spec["storageClassName"] = storage.storage_class_name
+    return {
+        "apiVersion": "v1",
+        "kind": "PersistentVolumeClaim",
+        "metadata": target.meta(names.pvc(target.name)),
+        "spec": spec,
+    }
+
+
+def build_trainer_config(target: Target) -> TrainerConfig:
+    """The config of this attempt, with where the pods find the mounted sources."""
+    _, mounts = pod.source_volumes(target)
+    return TrainerConfig(
+        job_name=target.name,
+        namespace=target.namespace,
+        attempt=target.attempt,
+        spec=target.spec,
+        mounts=mounts,
+        metrics_port=target.settings.trainer_metrics_port,
+    )
+
+
+def build_config_map(target: Target) -> Obj:
+    """The rendered trainer config the pods read from /etc/kubetune/config.json."""
+    config = build_trainer_config(target)
+    text = json.dumps(config.model_dump(mode="json", by_alias=True, exclude_none=True), indent=2, sort_keys=True)
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": target.meta(names.config_map(target.name)),
+        "data": {pod.CONFIG_FILE: text},
+    }
+
+
+def build_service(target: Target) -> Obj:
+    """The headless Service that gives each training pod a DNS name (rank 0's is the master address)."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": target.meta(names.service(target.name)),
+        "spec": {
+            "clusterIP": "None",
+            "publishNotReadyAddresses": True,  # rendezvous happens before any pod is Ready
+            "selector": {**target.labels, names.ROLE_LABEL: names.ROLE_TRAINER},
+            "ports": [{"name": "rendezvous", "port": target.spec.distributed.master_port}],
+        },
+    }
+
+
+def trainer_command(target: Target) -> list[str]:
+    """``kubetune train`` with the gang's shape; the node rank comes from the completion index."""
+    distributed = target.spec.distributed
+    return [
+        "kubetune",
+        "train",
+        "--config",
+        f"{CONFIG_MOUNT}/{pod.CONFIG_FILE}",
+        "--nnodes",
+        str(distributed.nodes),
+        "--node-rank",
+        "$(JOB_COMPLETION_INDEX)",
+        "--nproc-per-node",
+        str(target.processes_per_node),
+        "--master-addr",
+        names.rank_zero_host(target.name, target.attempt, target.namespace),
+        "--master-port",
+        str(distributed.master_port),
+    ]
+
+
+def build_training_job(target: Target, *, suspend: bool = False) -> Obj:
+    """The Indexed Job of one gang attempt: one pod per node, torchrun inside, fail-fast as a gang."""
+    spec = target.spec
+    sources, _ = pod.source_volumes(target)
+    container: Obj = {
+        "name": names.TRAINER_CONTAINER,
+        "image": target.settings.trainer_image,
+        "command": trainer_command(target),
+        "env": [*pod.base_env(termination_message=True), *pod.thread_env(target, target.processes_per_node)],
+        "ports": [
+            {"name": "metrics", "containerPort": target.settings.trainer_metrics_port},
+            {"name": "rendezvous", "containerPort": spec.distributed.master_port},
+        ],
+        "resources": pod.resources(target, target.gpus_per_node),
+        "securityContext": pod.container_security(),
+        **pod.termination_message(),
+        "volumeMounts": [
+            pod.config_mount(),
+            pod.workspace_mount(),
+            pod.shm_mount(),
+            *(v.mount for v in sources),
+        ],
+    }
+    job_labels = {**target.labels, names.ATTEMPT_LABEL: str(target.attempt)}
+    if spec.run_policy.queue_name:
+        job_labels[KUEUE_QUEUE_LABEL] = spec.run_policy.queue_name
+    pod_labels = {**target.labels, names.ATTEMPT_LABEL: str(target.attempt), names.ROLE_LABEL: names.ROLE_TRAINER}
+    job_spec: Obj = {
+        "completionMode": "Indexed",
+        "completions": spec.distributed.nodes,
+        "parallelism": spec.distributed.nodes,
+        # A gang: one failed pod fails the Job; the operator restarts the whole gang from a checkpoint.
+        "backoffLimit": 0,
+        "podFailurePolicy": pod.failure_policy(names.TRAINER_CONTAINER),
+        "suspend": suspend or bool(spec.run_policy.queue_name),
+        "template": {
+            "metadata": {"labels": pod_labels},
+            "spec": pod.pod_spec(
+                target,
+                names.ROLE_TRAINER,
+                subdomain=names.service(target.name),
+                restart_policy="Never",
+                containers=[container],
+                volumes=[
+                    pod.config_volume(target),
+                    pod.workspace_volume(target),
+                    pod.shm_volume(target),
+                    *(v.volume for v in sources),
+                ],
+            ),
+        },
+    }
+    if spec.run_policy.active_deadline_seconds:
+        job_spec["activeDeadlineSeconds"] = spec.run_policy.active_deadline_seconds
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {**target.meta(names.training_job(target.name, target.attempt)), "labels": job_labels},
+        "spec": job_spec,
+    }

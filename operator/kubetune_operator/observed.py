@@ -1,0 +1,304 @@
+"""What a pass observes of one FineTuneJob, and the pure readers of those raw objects.
+
+:class:`Observed` holds the children found by label, as the API returns them. The readers here
+turn them into facts (a Job's state, the attempt, node readiness, a pod's failure or waiting
+message, the publish result), and the ``reads_*`` rules say which objects a pass needs to read at
+all, so that the controller only fetches.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+from dataclasses import dataclass, field
+from typing import Final, Literal
+
+from kubetune_api.objects import Obj, now
+from kubetune_api.resource import Adapter, FineTuneJob, Progress
+from kubetune_operator import conditions, names
+
+JobState = Literal["Pending", "Suspended", "Running", "Succeeded", "FailedPermanent", "FailedRetryable"]
+#: Job failure reasons that restarting cannot fix.
+_PERMANENT_JOB_REASONS: Final = frozenset({"PodFailurePolicy", "DeadlineExceeded"})
+
+
+@dataclass(frozen=True)
+class Observed:
+    """What the cluster holds for one FineTuneJob (raw objects as the API returns them)."""
+
+    job: FineTuneJob
+    generation: int
+    uid: str
+    node_claims: list[Obj] = field(default_factory=list)
+    """The training NodeClaims."""
+    nodes: list[Obj] = field(default_factory=list)
+    """Nodes of the job's claims (karpenter) or every node (byo)."""
+    karpenter_installed: bool = True
+    training_jobs: list[Obj] = field(default_factory=list)
+    pods: list[Obj] = field(default_factory=list)
+    """Pods of the current attempt."""
+    progress: Progress | None = None
+    """Freshly read from the rank-0 trainer, when it was read."""
+    publish_job: Obj | None = None
+    publish_pods: list[Obj] = field(default_factory=list)
+    serving_claims: list[Obj] = field(default_factory=list)
+    """NodeClaims of the serving replicas (karpenter)."""
+    deployment: Obj | None = None
+    """The serving Deployment, when it exists."""
+    serving_pods: list[Obj] = field(default_factory=list)
+    now: datetime.datetime = field(default_factory=now)
+
+
+# ------------------------------------------------------------------------- what to read
+
+
+def uses_karpenter(job: FineTuneJob) -> bool:
+    return job.spec.resources.provisioner == "karpenter"
+
+
+def node_labels(job: FineTuneJob, uid: str) -> str | None:
+    """The label selector of the nodes to read: the job's claimed nodes (karpenter), or every node (byo)."""
+    return f"{names.UID_LABEL}={uid}" if uses_karpenter(job) else None
+
+
+def role_of(obj: Obj) -> str | None:
+    role: str | None = (obj["metadata"].get("labels") or {}).get(names.ROLE_LABEL)
+    return role
+
+
+def training_claims(claims: list[Obj]) -> list[Obj]:
+    return [c for c in claims if role_of(c) != names.ROLE_SERVER]
+
+
+def serving_claims(claims: list[Obj]) -> list[Obj]:
+    return [c for c in claims if role_of(c) == names.ROLE_SERVER]
+
+
+def training_jobs(jobs: list[Obj]) -> list[Obj]:
+    return [j for j in jobs if role_of(j) != names.ROLE_PUBLISH]
+
+
+def publish_job(jobs: list[Obj]) -> Obj | None:
+    return next((j for j in jobs if role_of(j) == names.ROLE_PUBLISH), None)
+
+
+def current_attempt(jobs: list[Obj]) -> int:
+    """The attempt of the newest training Job (0 without one): its pods are the ones to read."""
+    return max((attempt_of(j) for j in jobs), default=0)
+
+
+def reads_publish_pods(job: FineTuneJob, publish: Obj | None) -> bool:
+    """The publish pods carry its result (read once into status.adapter) or its failure message."""
+    recorded = job.status is not None and job.status.adapter is not None and job.status.adapter.digest is not None
+    return publish is not None and not (recorded and job_state(publish) == "Succeeded")
+
+
+def reads_serving(job: FineTuneJob, publish: Obj | None) -> bool:
+    """A server exists only once the adapter is published, or while the job still says Serving."""
+    return (job.spec.serving.enabled and publish is not None) or bool(job.status and job.status.phase == "Serving")
+
+
+def reads_serving_pods(deployment: Obj | None) -> bool:
+    """The serving pods say why a Deployment has no ready replica."""
+    return deployment is not None and not (deployment.get("status") or {}).get("readyReplicas")
+
+
+def rank_zero(pods: list[Obj]) -> Obj | None:
+    """The running rank-0 trainer pod with an IP, whose metrics give the progress."""
+    return next(
+        (
+            p
+            for p in pods
+            if p["metadata"].get("annotations", {}).get("batch.kubernetes.io/job-completion-index") == "0"
+            and (p.get("status") or {}).get("phase") == "Running"
+            and (p.get("status") or {}).get("podIP")
+        ),
+        None,
+    )
+
+
+# ------------------------------------------------------------------------------ readers
+
+
+def conditions_of(obj: Obj) -> dict[str, Obj]:
+    """An object's status conditions by type."""
+    return {c["type"]: c for c in (obj.get("status") or {}).get("conditions") or []}
+
+
+def attempt_of(job: Obj) -> int:
+    return int(job["metadata"].get("labels", {}).get(names.ATTEMPT_LABEL, "0"))
+
+
+def job_state(job: Obj) -> JobState:
+    conds = conditions_of(job)
+    if conds.get("Complete", {}).get("status") == "True" or conds.get("SuccessCriteriaMet", {}).get("status") == "True":
+        return "Succeeded"
+    failed = conds.get("Failed") or conds.get("FailureTarget")
+    if failed and failed.get("status") == "True":
+        return "FailedPermanent" if failed.get("reason") in _PERMANENT_JOB_REASONS else "FailedRetryable"
+    if job["spec"].get("suspend"):
+        return "Suspended"
+    status = job.get("status") or {}
+    return "Running" if status.get("active") or status.get("ready") else "Pending"
+
+
+def in_phase(pods: list[Obj], phase: str) -> list[Obj]:
+    return [p for p in pods if (p.get("status") or {}).get("phase") == phase]
+
+
+def failure_message(pods: list[Obj]) -> str:
+    """The first termination message of a failed container, for the Failed condition."""
+    for pod in pods:
+        for status in (pod.get("status") or {}).get("containerStatuses") or []:
+            terminated = (status.get("state") or {}).get("terminated") or {}
+            if terminated.get("exitCode", 0) != 0:
+                message = str(terminated.get("message") or "").strip()
+                where = f"pod {pod['metadata']['name']} exited with code {terminated['exitCode']}"
+                return f"{where}: {message}" if message else where
+    return ""
+
+
+def publish_result(pods: list[Obj]) -> Adapter | None:
+    """The URI, digest and size the publish container left in its termination message."""
+    for pod in pods:
+        for status in (pod.get("status") or {}).get("containerStatuses") or []:
+            terminated = (status.get("state") or {}).get("terminated") or {}
+            if terminated.get("exitCode") != 0:
+                continue
+            lines = str(terminated.get("message") or "").strip().splitlines()
+            if not lines:
+                continue
+            try:
+                result: Obj = json.loads(lines[-1])
+                return Adapter(uri=result["uri"], digest=result.get("digest"), size_bytes=result.get("sizeBytes"))
+            except (ValueError, TypeError, KeyError):
+                continue
+    return None
+
+
+def waiting_reasons(pods: list[Obj]) -> str:
+    """Why pods are not running yet, from their container states (a missing ConfigMap, say)."""
+    reasons = []
+    for pod in pods:
+        for status in (pod.get("status") or {}).get("containerStatuses") or []:
+            waiting = (status.get("state") or {}).get("waiting") or {}
+            if waiting.get("message"):
+                reasons.append(f"pod {pod['metadata']['name']}: {waiting.get('reason')}: {waiting['message']}")
+    return "; " + "; ".join(reasons[:3]) if reasons else ""
+
+
+def serving_claims_note(claims: list[Obj]) -> str:
+    """What holds the serving NodeClaims up: their launch failures, else how many are not ready."""
+    pending = [c for c in claims if conditions_of(c).get("Ready", {}).get("status") != "True"]
+    failed = [
+        f"NodeClaim {c['metadata']['name']}: {launched.get('reason')}: {launched.get('message', '')}"
+        for c in claims
+        if (launched := conditions_of(c).get("Launched")) and launched.get("status") == "False"
+    ]
+    if failed:
+        return "; " + "; ".join(failed)
+    if pending:
+        return f"; {len(pending)} serving node(s) not ready yet"
+    return ""
+
+
+# -------------------------------------------------------------------------------- nodes
+
+
+@dataclass(frozen=True)
+class NodeReadiness:
+    ready: bool
+    reason: str
+    message: str
+    gpus_per_node: int
+    node_names: list[str]
+
+
+def _node_ready(node: Obj) -> bool:
+    ready = conditions_of(node).get("Ready", {}).get("status") == "True"
+    return ready and not node.get("spec", {}).get("unschedulable", False)
+
+
+def _gpus(node: Obj, resource: str) -> int:
+    value = ((node.get("status") or {}).get("allocatable") or {}).get(resource, "0")
+    return int(str(value)) if str(value).isdigit() else 0
+
+
+def node_readiness(observed: Observed) -> NodeReadiness:
+    """Whether the job's nodes are ready, and the GPUs each training pod gets."""
+    return _karpenter_nodes(observed) if uses_karpenter(observed.job) else _byo_nodes(observed)
+
+
+def _karpenter_nodes(observed: Observed) -> NodeReadiness:
+    spec = observed.job.spec
+    wanted = spec.distributed.nodes
+    gpu = spec.resources.gpu_resource_name
+    if not observed.karpenter_installed:
+        return NodeReadiness(
+            False,
+            conditions.KARPENTER_MISSING,
+            "provisioner karpenter needs Karpenter's NodeClaim CRD (karpenter.sh/v1), which is not installed; "
+            "install Karpenter or use resources.provisioner: byo",
+            0,
+            [],
+        )
+    for claim in observed.node_claims:
+        launched = conditions_of(claim).get("Launched")
+        if launched and launched.get("status") == "False":
+            return NodeReadiness(
+                False,
+                conditions.NODE_CLAIM_FAILED,
+                f"NodeClaim {claim['metadata']['name']} ({spec.resources.instance_type}) failed to launch: "
+                f"{launched.get('reason')}: {launched.get('message', '')}",
+                0,
+                [],
+            )
+    ready_claims = [c for c in observed.node_claims if conditions_of(c).get("Ready", {}).get("status") == "True"]
+    nodes = {n["metadata"]["name"]: n for n in observed.nodes}
+    ready_nodes = [
+        nodes[c["status"]["nodeName"]]
+        for c in ready_claims
+        if c.get("status", {}).get("nodeName") in nodes and _node_ready(nodes[c["status"]["nodeName"]])
+    ]
+    gpus = spec.resources.gpus_per_node
+    if gpus is None:
+        gpus = min((_gpus(n, gpu) for n in ready_nodes), default=0)
+    with_gpus = [n for n in ready_nodes if _gpus(n, gpu) >= gpus]
+    if len(with_gpus) < wanted:
+        return NodeReadiness(
+            False,
+            conditions.WAITING_FOR_NODES,
+            f"waiting for {wanted} NodeClaims of {spec.resources.instance_type} to become Ready nodes "
+            f"({len(with_gpus)} ready, {len(observed.node_claims)} claimed)",
+            gpus,
+            [],
+        )
+    return NodeReadiness(
+        True, conditions.NODES_PROVISIONED, f"{wanted} nodes ready", gpus, [n["metadata"]["name"] for n in with_gpus]
+    )
+
+
+def _byo_nodes(observed: Observed) -> NodeReadiness:
+    spec = observed.job.spec
+    wanted = spec.distributed.nodes
+    selector = spec.resources.node_selector
+    gpu = spec.resources.gpu_resource_name
+    gpus = 1 if spec.resources.gpus_per_node is None else spec.resources.gpus_per_node
+    matching = [
+        n
+        for n in observed.nodes
+        if _node_ready(n) and all((n["metadata"].get("labels") or {}).get(k) == v for k, v in selector.items())
+    ]
+    fitting = [n for n in matching if _gpus(n, gpu) >= gpus]
+    if len(fitting) < wanted:
+        labels = ", ".join(f"{k}={v}" for k, v in selector.items()) or "any labels"
+        needs = f" with at least {gpus} allocatable {gpu}" if gpus else ""
+        return NodeReadiness(
+            False,
+            conditions.WAITING_FOR_NODES,
+            f"waiting for {wanted} Ready node(s) matching {labels}{needs}; "
+            f"found {len(fitting)} ({len(matching)} match the selector)",
+            gpus,
+            [],
+        )
+    return NodeReadiness(True, conditions.NODES_PROVISIONED, f"{len(fitting)} matching nodes ready", gpus, [])
