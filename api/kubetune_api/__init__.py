@@ -1,6 +1,7 @@
 """The FineTuneJob API, shared by the operator, the trainer and the CLI; free of torch and of kopf.
 
-- :mod:`kubetune_api.spec`: the spec models and the cross-field :data:`RULES` (Python check + CEL);
+- :mod:`kubetune_api.spec`: the spec models;
+- :mod:`kubetune_api.rules`: the cross-field :data:`RULES` (Python check + CEL) and the immutable fields;
 - :mod:`kubetune_api.resource`: the resource's identity (group, version, kind, plural), its status
   and :func:`load_job` for whole manifests;
 - :mod:`kubetune_api.uris`: the source and destination URIs and their schemes;
@@ -15,10 +16,9 @@ and not the ML stack.
 """
 
 from kubetune_api.problems import InvalidManifestError, Problem, problems_of
+from kubetune_api.rules import IMMUTABLE_ONCE_STARTED, RULES, Rule, changed_immutable_fields
 from kubetune_api.spec import (
     ALLOW_LOCAL_PATHS,
-    IMMUTABLE_ONCE_STARTED,
-    RULES,
     DatasetSpec,
     DeepSpeedSpec,
     DistributedSpec,
@@ -29,14 +29,12 @@ from kubetune_api.spec import (
     OutputSpec,
     QuantizationSpec,
     ResourcesSpec,
-    Rule,
     RunPolicy,
     ServingSpec,
     StorageSpec,
     Toleration,
     TrainingSpec,
     ValidationSplit,
-    changed_immutable_fields,
 )
 from kubetune_api.trainer_config import (
     CONFIG_MOUNT,

@@ -6,14 +6,12 @@ from a manifest with local paths on a workstation). It imports nothing heavier t
 that the operator image stays free of torch.
 
 Field docstrings become the CRD's descriptions (``kubectl explain``), so they are written for
-the person filling in a manifest. Cross-field rules live in :data:`RULES`, each with its Python
-check and the CEL expression the apiserver evaluates, so both sides reject the same specs.
+the person filling in a manifest. Cross-field rules live in :mod:`kubetune_api.rules`, each with its
+Python check and the CEL expression the apiserver evaluates, so both sides reject the same specs.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Annotated, Final, Literal
 
 from pydantic import (
@@ -28,6 +26,7 @@ from pydantic import (
 from pydantic.alias_generators import to_camel
 from pydantic_core import PydanticCustomError
 
+from kubetune_api.rules import RULES
 from kubetune_api.uris import (
     DATASET_SCHEMES,
     MODEL_SCHEMES,
@@ -448,144 +447,3 @@ class FineTuneJobSpec(SpecModel):
                 },
             )
         return self
-
-
-# --------------------------------------------------------------------------------------- rules
-
-
-@dataclass(frozen=True, slots=True)
-class Rule:
-    """A cross-field rule, checked by the models and, as CEL, by the apiserver."""
-
-    field: str
-    """The field the message is about, relative to spec (dotted, camelCase)."""
-    message: str
-    """What is wrong and how to fix it."""
-    cel: str
-    """The same rule as a CEL expression over the defaulted spec (`self`)."""
-    holds: Callable[[FineTuneJobSpec], bool]
-    """The rule in Python."""
-
-    @property
-    def field_path(self) -> str:
-        """The CRD's fieldPath form of ``field``: ``.method.lora``."""
-        return "." + self.field
-
-
-RULES: Final[tuple[Rule, ...]] = (
-    Rule(
-        field="method.lora",
-        message="full fine-tuning takes no LoRA block; remove method.lora or set method.type to lora, qlora or dora",
-        cel="self.method.type != 'full' || !has(self.method.lora)",
-        holds=lambda s: s.method.type != "full" or s.method.lora is None,
-    ),
-    Rule(
-        field="method.quantization",
-        message="quantization is only used by method.type qlora; set method.type: qlora or remove method.quantization",
-        cel="self.method.type == 'qlora' || !has(self.method.quantization)",
-        holds=lambda s: s.method.type == "qlora" or s.method.quantization is None,
-    ),
-    Rule(
-        field="resources.instanceType",
-        message="provisioner karpenter needs an instance type to create NodeClaims; set resources.instanceType",
-        cel="self.resources.provisioner != 'karpenter' || has(self.resources.instanceType)",
-        holds=lambda s: s.resources.provisioner != "karpenter" or s.resources.instance_type is not None,
-    ),
-    Rule(
-        field="resources.instanceType",
-        message="provisioner byo uses existing nodes and ignores instanceType; remove it and select nodes "
-        "with resources.nodeSelector, or set resources.provisioner: karpenter",
-        cel="self.resources.provisioner != 'byo' || !has(self.resources.instanceType)",
-        holds=lambda s: s.resources.provisioner != "byo" or s.resources.instance_type is None,
-    ),
-    Rule(
-        field="resources.storage.accessMode",
-        message="with distributed.nodes > 1 every pod must see the same checkpoints; "
-        "set resources.storage.accessMode: ReadWriteMany (and a StorageClass that supports it) or leave it unset",
-        cel="self.distributed.nodes == 1 || !has(self.resources.storage.accessMode) "
-        "|| self.resources.storage.accessMode == 'ReadWriteMany'",
-        holds=lambda s: s.distributed.nodes == 1 or s.resources.storage.access_mode in (None, "ReadWriteMany"),
-    ),
-    Rule(
-        field="distributed.deepspeed.offloadParameters",
-        message="parameter offload needs ZeRO stage 3; set distributed.deepspeed.zeroStage: 3 or offloadParameters: none",
-        cel="self.distributed.deepspeed.offloadParameters == 'none' || self.distributed.deepspeed.zeroStage == 3",
-        holds=lambda s: s.distributed.deepspeed.offload_parameters == "none" or s.distributed.deepspeed.zero_stage == 3,
-    ),
-    Rule(
-        field="distributed.deepspeed.offloadOptimizer",
-        message="optimizer offload needs ZeRO stage 1, 2 or 3; raise distributed.deepspeed.zeroStage or set offloadOptimizer: none",
-        cel="self.distributed.deepspeed.offloadOptimizer == 'none' || self.distributed.deepspeed.zeroStage >= 1",
-        holds=lambda s: s.distributed.deepspeed.offload_optimizer == "none" or s.distributed.deepspeed.zero_stage >= 1,
-    ),
-    Rule(
-        field="distributed.processesPerNode",
-        message="more processes than GPUs per pod; set distributed.processesPerNode to at most resources.gpusPerNode "
-        "(one process per GPU)",
-        cel="!has(self.distributed.processesPerNode) || !has(self.resources.gpusPerNode) "
-        "|| self.resources.gpusPerNode == 0 || self.distributed.processesPerNode <= self.resources.gpusPerNode",
-        holds=lambda s: (
-            s.distributed.processes_per_node is None
-            or not s.resources.gpus_per_node
-            or s.distributed.processes_per_node <= s.resources.gpus_per_node
-        ),
-    ),
-    Rule(
-        field="dataset.validation",
-        message="set exactly one of dataset.validation.fraction and dataset.validation.split",
-        cel="!has(self.dataset.validation) || has(self.dataset.validation.fraction) != has(self.dataset.validation.split)",
-        holds=lambda s: (
-            s.dataset.validation is None
-            or (s.dataset.validation.fraction is None) != (s.dataset.validation.split is None)
-        ),
-    ),
-    Rule(
-        field="training.evalEverySteps",
-        message="evaluation needs held-out data; set dataset.validation or remove training.evalEverySteps",
-        cel="!has(self.training.evalEverySteps) || has(self.dataset.validation)",
-        holds=lambda s: s.training.eval_every_steps is None or s.dataset.validation is not None,
-    ),
-    Rule(
-        field="output.merge",
-        message="merge folds an adapter into the base; full fine-tuning has no adapter, so remove output.merge",
-        cel="!self.output.merge || self.method.type != 'full'",
-        holds=lambda s: not s.output.merge or s.method.type != "full",
-    ),
-    Rule(
-        field="serving.runtime",
-        message="vLLM cannot serve DoRA adapters; set output.merge: true to serve the merged model, "
-        "or serving.runtime: transformers",
-        cel="!self.serving.enabled || self.serving.runtime != 'vllm' || self.method.type != 'dora' || self.output.merge",
-        holds=lambda s: (
-            not s.serving.enabled or s.serving.runtime != "vllm" or s.method.type != "dora" or s.output.merge
-        ),
-    ),
-    Rule(
-        field="serving.gpus",
-        message="vLLM needs a GPU; set serving.gpus to 1 or more, or serving.runtime: transformers",
-        cel="self.serving.runtime != 'vllm' || !has(self.serving.gpus) || self.serving.gpus >= 1",
-        holds=lambda s: s.serving.runtime != "vllm" or s.serving.gpus is None or s.serving.gpus >= 1,
-    ),
-)
-
-
-@dataclass(frozen=True, slots=True)
-class ImmutableField:
-    """A spec field that may not change once training has started (status.startTime is set)."""
-
-    field: str
-    """Top-level spec field, camelCase."""
-    message: str
-    """Why, and what to do instead."""
-
-
-IMMUTABLE_ONCE_STARTED: Final[tuple[ImmutableField, ...]] = (
-    ImmutableField("model", "spec.model cannot change once training has started; create a new FineTuneJob"),
-    ImmutableField("method", "spec.method cannot change once training has started; create a new FineTuneJob"),
-)
-
-
-def changed_immutable_fields(old: FineTuneJobSpec, new: FineTuneJobSpec) -> list[ImmutableField]:
-    """The immutable fields that differ between ``old`` and ``new`` (for a job that has started)."""
-    before, after = old.model_dump(), new.model_dump()
-    return [f for f in IMMUTABLE_ONCE_STARTED if before[f.field] != after[f.field]]

@@ -71,8 +71,6 @@ class ServeMetrics:
 
 # --- HTTP -------------------------------------------------------------------------------------------
 
-GENERATION_ENDPOINTS: Final = {"/v1/completions", "/v1/chat/completions"}
-
 
 class Server(ThreadingHTTPServer):
     """The HTTP server, holding the engine once it is loaded."""

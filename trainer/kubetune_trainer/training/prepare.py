@@ -18,7 +18,7 @@ from typing import Any, Final
 
 from kubetune_api import TrainerConfig
 from kubetune_trainer import fetch
-from kubetune_trainer.config_file import render
+from kubetune_trainer.config_file import load_config, render
 from kubetune_trainer.errors import ProblemList
 from kubetune_trainer.training.data import pipeline
 from kubetune_trainer.training.data.tokenize import DataStats
@@ -54,8 +54,6 @@ class PreparedRun:
     @classmethod
     def load(cls, folder: Path) -> tuple[TrainerConfig, PreparedRun]:
         """The config and prepared run saved in ``folder`` by :func:`prepare_run`."""
-        from kubetune_trainer.config_file import load_config  # noqa: PLC0415
-
         config = load_config(folder / CONFIG_FILE)
         saved: dict[str, Any] = json.loads((folder / PREPARED_FILE).read_text(encoding="utf-8"))
         return config, cls(folder=folder, model_dir=Path(saved["model_dir"]), stats=DataStats(**saved["stats"]))
