@@ -1,14 +1,19 @@
 """What many tests write: FineTuneJob manifests, waiting for a condition, the toy question, the job by name.
 
 One manifest factory (:func:`finetunejob`) over a few named bases, one wait helper
-(:func:`wait_until`), one builder of the chat request the toy data answers (:func:`toy_chat`), and
-the custom-object calls by the resource's identity from :mod:`kubetune_api.resource`.
+(:func:`wait_until`), one builder of the chat request the toy data answers (:func:`toy_chat`), the
+custom-object calls by the resource's identity from :mod:`kubetune_api.resource`, and a loopback
+HTTP server for the files of a folder (:func:`serve_folder`).
 """
 
 from __future__ import annotations
 
+import http.server
+import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, Final, TypeVar, cast
 
 import pytest
@@ -90,3 +95,23 @@ def find_job(api: client.ApiClient, namespace: str, name: str) -> dict[str, Any]
         if exc.status == 404:
             return None
         raise
+
+
+@contextmanager
+def serve_folder(folder: Path) -> Iterator[str]:
+    """Serve the files of ``folder`` over HTTP on loopback; yield the base URL."""
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, directory=str(folder), **kwargs)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()

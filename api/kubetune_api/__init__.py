@@ -39,6 +39,7 @@ from kubetune_api.spec import (
 from kubetune_api.trainer_config import (
     CONFIG_MOUNT,
     DEFAULT_METRICS_PORT,
+    METRICS_ADDRESS_ENV,
     OUTPUT_MOUNT,
     SECRETS_MOUNT,
     SOURCES_MOUNT,
@@ -52,6 +53,7 @@ __all__ = [
     "CONFIG_MOUNT",
     "DEFAULT_METRICS_PORT",
     "IMMUTABLE_ONCE_STARTED",
+    "METRICS_ADDRESS_ENV",
     "OUTPUT_MOUNT",
     "RULES",
     "SECRETS_MOUNT",

@@ -12,9 +12,12 @@ Python check and the CEL expression the apiserver evaluates, so both sides rejec
 
 from __future__ import annotations
 
+import re
+from fractions import Fraction
 from typing import Annotated, Final, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -42,8 +45,44 @@ MAX_URI_LENGTH: Final = 2048
 DNS_SUBDOMAIN_PATTERN: Final = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
 QUANTITY_PATTERN: Final = r"^[0-9]+(\.[0-9]+)?(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?$"
 
+#: A served model's name: what clients put in requests, and the NAME of the servers' ``NAME=PATH``
+#: arguments, so no ``=``, ``$`` or space; letters, digits, ``.``, ``_`` and ``-``.
+MODEL_NAME_PATTERN: Final = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+#: Most optimizer steps (and steps between checkpoints or evaluations) a job may ask for.
+MAX_STEPS: Final = 1_000_000_000
+#: Largest volume the operator will ask for (resources.storage.size).
+MAX_STORAGE: Final = "1Pi"
+
+_QUANTITY_SUFFIXES: Final[dict[str, Fraction]] = {
+    "": Fraction(1),
+    "m": Fraction(1, 1000),
+    **{suffix: Fraction(1000**power) for power, suffix in enumerate(("k", "M", "G", "T", "P", "E"), start=1)},
+    **{suffix: Fraction(1024**power) for power, suffix in enumerate(("Ki", "Mi", "Gi", "Ti", "Pi", "Ei"), start=1)},
+}
+
+
+def quantity_value(quantity: str) -> Fraction:
+    """The exact value of a quantity of the QUANTITY_PATTERN form (``50Gi``, ``1.5T``, ``500m``).
+
+    Raises ValueError for any other form.
+    """
+    match = re.fullmatch(QUANTITY_PATTERN.strip("^$"), quantity)
+    if match is None:
+        raise ValueError(f"{quantity!r} is not a quantity")
+    suffix = match.group(2) or ""
+    return Fraction(quantity.removesuffix(suffix)) * _QUANTITY_SUFFIXES[suffix]
+
+
+def _storage_bound(value: str) -> str:
+    if quantity_value(value) > quantity_value(MAX_STORAGE):
+        raise PydanticCustomError("quantity_bound", "must be at most {bound}", {"bound": MAX_STORAGE})
+    return value
+
+
 ResourceName = Annotated[str, StringConstraints(min_length=1, max_length=253, pattern=DNS_SUBDOMAIN_PATTERN)]
 Quantity = Annotated[str, StringConstraints(max_length=32, pattern=QUANTITY_PATTERN)]
+StorageSize = Annotated[Quantity, AfterValidator(_storage_bound)]
+Steps = Annotated[int, Field(ge=1, le=MAX_STEPS)]
 LabelValue = Annotated[str, StringConstraints(max_length=63)]
 LabelKey = Annotated[str, StringConstraints(min_length=1, max_length=317)]
 Uri = Annotated[str, StringConstraints(min_length=1, max_length=MAX_URI_LENGTH)]
@@ -214,7 +253,7 @@ class TrainingSpec(SpecModel):
 
     epochs: Annotated[float, Field(gt=0, le=1000)] = 1
     """Passes over the training data (fractions allowed). Ignored when maxSteps is set."""
-    max_steps: Annotated[int, Field(ge=1)] | None = None
+    max_steps: Steps | None = None
     """Stop after this many optimizer steps instead of counting epochs."""
     learning_rate: Annotated[float, Field(gt=0, le=1)] = 2e-4
     """Peak learning rate."""
@@ -238,11 +277,11 @@ class TrainingSpec(SpecModel):
     """Gradient clipping norm; 0 disables clipping."""
     seed: Annotated[int, Field(ge=0, le=2**31 - 1)] = 42
     """Seed for initialization and data order (the same order on resume)."""
-    checkpoint_every_steps: Annotated[int, Field(ge=1)] = 200
+    checkpoint_every_steps: Steps = 200
     """Save a checkpoint to the job's volume every this many optimizer steps."""
     keep_checkpoints: Annotated[int, Field(ge=1, le=100)] = 3
     """How many of the newest checkpoints to keep."""
-    eval_every_steps: Annotated[int, Field(ge=1)] | None = None
+    eval_every_steps: Steps | None = None
     """Evaluate on dataset.validation every this many steps; at the end of each epoch when unset."""
     logging_every_steps: Annotated[int, Field(ge=1, le=100000)] = 10
     """Log and publish metrics every this many steps."""
@@ -310,8 +349,8 @@ class Toleration(SpecModel):
 class StorageSpec(SpecModel):
     """The volume for checkpoints and output, mounted by every training pod."""
 
-    size: Quantity = "50Gi"
-    """Capacity of the PersistentVolumeClaim the operator creates."""
+    size: StorageSize = "50Gi"
+    """Capacity of the PersistentVolumeClaim the operator creates (at most 1Pi)."""
     storage_class_name: ResourceName | None = None
     """StorageClass of that claim; the cluster default when unset."""
     access_mode: Literal["ReadWriteOnce", "ReadWriteMany"] | None = None
@@ -381,8 +420,10 @@ class ServingSpec(SpecModel):
     """`transformers` (the built-in server, CPU or GPU) or `vllm` (GPU, cannot serve DoRA unless output.merge is set)."""
     replicas: Annotated[int, Field(ge=0, le=64)] = 1
     """Server replicas."""
-    model_name: Annotated[str, StringConstraints(min_length=1, max_length=128)] | None = None
-    """Model name clients put in requests; the job's name when unset."""
+    model_name: Annotated[str, StringConstraints(min_length=1, max_length=128, pattern=MODEL_NAME_PATTERN)] | None = (
+        None
+    )
+    """Model name clients put in requests: letters, digits, `.`, `_` and `-`, starting with a letter or digit; the job's name when unset."""
     gpus: Annotated[int, Field(ge=0, le=64)] | None = None
     """GPUs per replica; 1 for vllm and 0 for transformers when unset."""
     instance_type: Annotated[str, StringConstraints(min_length=1, max_length=128)] | None = None

@@ -22,6 +22,10 @@ CONFIG_MOUNT: Final = "/etc/kubetune"
 SOURCES_MOUNT: Final = "/var/run/kubetune/sources"
 SECRETS_MOUNT: Final = "/var/run/kubetune/secrets"
 DEFAULT_METRICS_PORT: Final = 9400
+#: Environment variable with the address rank 0 serves its metrics on: the operator sets it to the
+#: pod's IP (the address it scrapes), so that pods sharing a network (the local runtime's) each
+#: serve their own; the trainer listens on every address when it is unset.
+METRICS_ADDRESS_ENV: Final = "KUBETUNE_METRICS_ADDRESS"
 
 MountPath = Annotated[str, Field(min_length=1, max_length=4096, pattern=r"^/")]
 
@@ -57,6 +61,7 @@ class TrainerConfig(SpecModel):
     mounts: Mounts = Field(default_factory=Mounts)
     """Where volumes are mounted in the pod."""
     metrics_port: Annotated[int, Field(ge=1024, le=65535)] = DEFAULT_METRICS_PORT
-    """Port on which rank 0 serves Prometheus metrics (step, loss, tokens/s, ETA…)."""
+    """Port on which rank 0 serves Prometheus metrics (step, loss, tokens/s, ETA…), on the address in
+    the environment variable METRICS_ADDRESS_ENV (the pod's IP)."""
     allow_private_addresses: bool = False
     """Let https:// and http:// sources reach loopback, private and link-local addresses (off: such URLs are refused)."""

@@ -17,6 +17,8 @@ Scheme = Literal["hf", "https", "http", "pvc", "oci", "s3", "configmap", "file"]
 _DNS_LABEL: Final = r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?"
 _DNS_SUBDOMAIN: Final = rf"{_DNS_LABEL}(\.{_DNS_LABEL})*"
 _PATH: Final = r"[^\s?#]*"
+#: A segment of a path inside a claim: anything but ``..`` (RE2 has no look-ahead, hence the spelling).
+_SEGMENT: Final = r"([^\s?#/.][^\s?#/]*|\.[^\s?#/.][^\s?#/]*|\.\.[^\s?#/]+|\.)"
 
 #: One pattern per scheme; each matches the whole URI.
 SCHEME_PATTERNS: Final[dict[Scheme, str]] = {
@@ -24,8 +26,9 @@ SCHEME_PATTERNS: Final[dict[Scheme, str]] = {
     "hf": r"hf://[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?(@[A-Za-z0-9._/-]+)?",
     "https": r"https://[A-Za-z0-9.-]+(:[0-9]{1,5})?(/[^\s]*)?",
     "http": r"http://[A-Za-z0-9.-]+(:[0-9]{1,5})?(/[^\s]*)?",
-    # pvc://claim[/path]: the claim is a PersistentVolumeClaim in the job's namespace.
-    "pvc": rf"pvc://{_DNS_SUBDOMAIN}(/{_PATH})?",
+    # pvc://claim[/path]: the claim is a PersistentVolumeClaim in the job's namespace; no '..' in the
+    # path, which would leave the claim.
+    "pvc": rf"pvc://{_DNS_SUBDOMAIN}(/{_SEGMENT}?)*",
     # oci://registry[:port]/repository[:tag|@digest]
     "oci": r"oci://[A-Za-z0-9.-]+(:[0-9]{1,5})?(/[a-z0-9._-]+)+(:[A-Za-z0-9_][A-Za-z0-9._-]{0,127})?"
     r"(@sha256:[a-f0-9]{64})?",
@@ -96,5 +99,10 @@ def parse_uri(uri: str, schemes: tuple[Scheme, ...]) -> SourceURI:
     if scheme not in schemes:
         raise ValueError(f"unsupported scheme {scheme + '://'!r} in {uri!r}; use {forms(schemes)}")
     if re.fullmatch(SCHEME_PATTERNS[scheme], uri) is None:
+        if scheme == "pvc" and ".." in rest.split("/")[1:]:
+            raise ValueError(
+                f"malformed pvc:// URI {uri!r}: '..' would leave claim {rest.split('/')[0]}; "
+                "name a path inside the claim"
+            )
         raise ValueError(f"malformed {scheme}:// URI {uri!r}; expected {SCHEME_FORMS[scheme]}")
     return SourceURI(scheme=scheme, location=rest)

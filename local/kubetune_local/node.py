@@ -46,6 +46,7 @@ class Runtime:
         self.pods: dict[str, Obj] = {}
         self._lock = threading.RLock()
         self._pids: dict[str, set[int]] = {}
+        self._deleting: set[str] = set()
         self.stopping = threading.Event()
         self._log_file = open(home / "logs" / "nodes.log", "a", buffering=1, encoding="utf-8")  # noqa: SIM115
 
@@ -147,6 +148,7 @@ class Runtime:
             runner = self.runners.get(uid)
             deleting = pod["metadata"].get("deletionTimestamp") is not None
             if kind == "DELETED":
+                self._deleting.discard(uid)
                 if runner is not None:
                     runner.stop(grace=0)
                 return
@@ -154,16 +156,36 @@ class Runtime:
                 runner = PodRunner(self, node, pod)
                 self.runners[uid] = runner
                 runner.start()
+            if deleting and uid in self._deleting:
+                return  # the deletion is under way (or done, and the object waits for its finalizers)
+            if deleting:
+                self._deleting.add(uid)
         if deleting:
             grace = pod["metadata"].get("deletionGracePeriodSeconds")
             threading.Thread(target=self._delete, args=(pod, runner, grace), daemon=True).start()
 
     def _delete(self, pod: Obj, runner: PodRunner | None, grace: int | None) -> None:
-        """Finish a graceful deletion: stop the processes, then remove the pod object for good."""
+        """Finish a graceful deletion: stop the processes, report the final phase, remove the pod object.
+
+        As a kubelet does, the pod ends in a terminal phase before its object is removed: a
+        finalizer that waits for one (a Job's pod tracking) then lets it go.
+        """
         if runner is not None:
-            runner.stop(None if grace is None else float(grace))
+            runner.stop(None if grace is None else float(grace), deleting=True)
             runner.finished.wait()
             self.addresses.release_pod(runner.uid, runner.hostname, runner.subdomain, runner.namespace)
+        elif (pod.get("status") or {}).get("phase") not in ("Succeeded", "Failed"):
+            self._fail_unstarted(pod)
+        self._remove(pod)
+
+    def _fail_unstarted(self, pod: Obj) -> None:
+        """A pod deleted before this runtime ran it (or after a restart of the runtime) ends Failed."""
+        meta = pod["metadata"]
+        status = {"phase": "Failed", "reason": "Terminated", "message": "the pod was deleted before it ended"}
+        with contextlib.suppress(ApiException):
+            self.core.patch_namespaced_pod_status(meta["name"], meta["namespace"], {"status": status})
+
+    def _remove(self, pod: Obj) -> None:
         meta = pod["metadata"]
         with contextlib.suppress(ApiException):
             self.core.delete_namespaced_pod(

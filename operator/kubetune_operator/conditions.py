@@ -21,6 +21,9 @@ COMPLETE: Final = "Complete"
 FAILED: Final = "Failed"
 SUSPENDED: Final = "Suspended"
 SERVING_READY: Final = "ServingReady"
+#: Every type the operator sets: a pass starts from the previous conditions of these types only
+#: (their transition times carry over), so a condition written into status by hand does not stay.
+TYPES: Final = frozenset({NODES_READY, TRAINING, COMPLETE, FAILED, SUSPENDED, SERVING_READY})
 
 # Reasons
 SPEC_VALID: Final = "SpecValid"

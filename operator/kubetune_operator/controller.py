@@ -18,9 +18,9 @@ from dataclasses import dataclass, field
 
 from kubetune_api import InvalidManifestError
 from kubetune_api.objects import Obj, parse_time
-from kubetune_api.resource import PHASES, FineTuneJob, FineTuneJobStatus, Progress, load_job
+from kubetune_api.resource import API_VERSION, KIND, PHASES, FineTuneJob, FineTuneJobStatus, Progress, load_job
 from kubetune_operator import conditions, metrics, names, progress
-from kubetune_operator.children.nodes import NODE_CLAIM_API_VERSION, NODE_CLAIM_KIND
+from kubetune_operator.children.nodes import CLUSTER_SCOPED_CHILDREN, NODE_CLAIM_API_VERSION, NODE_CLAIM_KIND
 from kubetune_operator.decision import Decision
 from kubetune_operator.kube import Kube
 from kubetune_operator.observed import (
@@ -28,6 +28,7 @@ from kubetune_operator.observed import (
     current_attempt,
     in_phase,
     node_labels,
+    orphans,
     publish_job,
     rank_zero,
     reads_publish_pods,
@@ -134,7 +135,7 @@ class Controller:
             self.kube.list(
                 "v1", "Pod", namespace=namespace, labels=f"{selector},{names.ROLE_LABEL}={names.ROLE_PUBLISH}"
             )
-            if reads_publish_pods(job, publish)
+            if reads_publish_pods(publish)
             else []
         )
         deployment = None
@@ -320,3 +321,39 @@ class Controller:
             if not claim["metadata"].get("deletionTimestamp"):
                 self.kube.delete(NODE_CLAIM_API_VERSION, NODE_CLAIM_KIND, claim["metadata"]["name"])
         return len(claims)
+
+    def sweep(self) -> int:
+        """Delete the cluster-scoped children whose FineTuneJob is gone; return how many.
+
+        The finalizer releases them when a job is deleted; a job whose finalizer was removed while
+        no operator ran (by hand, or by a namespace's forced cleanup) leaves them behind with
+        nothing to reach them. The operator sweeps at start-up and then every resync. The children
+        are listed before the jobs: a child's job, created before it, is then in the list if it exists.
+        """
+        children: list[tuple[str, str, Obj]] = []
+        for api_version, kind in CLUSTER_SCOPED_CHILDREN:
+            if self.kube.installed(api_version, kind):
+                found = self.kube.list(api_version, kind, labels=names.managed_selector())
+                children += [(api_version, kind, child) for child in found]
+        if not children:
+            return 0
+        namespaces = self.settings.namespaces
+        jobs = (
+            [j for namespace in namespaces for j in self.kube.list(API_VERSION, KIND, namespace=namespace)]
+            if namespaces
+            else self.kube.list(API_VERSION, KIND)
+        )
+        doomed = {id(child) for child in orphans([c for _, _, c in children], jobs, namespaces)}
+        for api_version, kind, child in children:
+            if id(child) in doomed:
+                labels = child["metadata"].get("labels") or {}
+                log.warning(
+                    "deleting %s %s: its FineTuneJob %s/%s (uid %s) no longer exists",
+                    kind,
+                    child["metadata"]["name"],
+                    labels.get(names.NAMESPACE_LABEL),
+                    labels.get(names.JOB_LABEL),
+                    labels.get(names.UID_LABEL),
+                )
+                self.kube.delete(api_version, kind, child["metadata"]["name"])
+        return len(doomed)

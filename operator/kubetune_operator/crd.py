@@ -25,6 +25,7 @@ from kubetune_api.resource import (
     VERSION,
     FineTuneJob,
 )
+from kubetune_api.spec import MAX_STORAGE
 from kubetune_api.uris import DATASET_SCHEMES, MODEL_SCHEMES, OUTPUT_SCHEMES, Scheme, forms, pattern_for
 
 Schema = dict[str, Any]
@@ -37,6 +38,12 @@ _URI_FIELDS: Final[dict[tuple[str, ...], tuple[Scheme, ...]]] = {
     ("spec", "model", "source"): MODEL_SCHEMES,
     ("spec", "dataset", "source"): DATASET_SCHEMES,
     ("spec", "output", "destination"): OUTPUT_SCHEMES,
+}
+
+#: Quantity fields with an upper bound, checked by a CEL rule with Kubernetes' quantity library (the
+#: models check the same bound on the exact value).
+_QUANTITY_BOUNDS: Final[dict[tuple[str, ...], str]] = {
+    ("spec", "resources", "storage", "size"): MAX_STORAGE,
 }
 
 PRINTER_COLUMNS: Final[list[Schema]] = [
@@ -114,6 +121,14 @@ def _add_rules(schema: Schema) -> None:
         field["x-kubernetes-validations"] = [
             {"rule": f"self.matches(r'{pattern_for(schemes)}')", "message": f"must be one of {forms(schemes)}"}
         ]
+    for path, bound in _QUANTITY_BOUNDS.items():
+        field = _at(schema, path)
+        field["x-kubernetes-validations"] = [
+            {
+                "rule": f"!isQuantity(self) || quantity(self).compareTo(quantity('{bound}')) <= 0",
+                "message": f"must be at most {bound}",
+            }
+        ]
     schema["x-kubernetes-validations"] = [
         {
             "rule": f"size(self.metadata.name) <= {MAX_NAME_LENGTH}",
@@ -129,6 +144,16 @@ def _add_rules(schema: Schema) -> None:
             }
             for f in IMMUTABLE_ONCE_STARTED
         ),
+        {
+            # The rules above hinge on status.startTime: once there, nobody (a user with access to
+            # the status subresource included) may take it away to lift them.
+            "rule": "!has(oldSelf.status) || !has(oldSelf.status.startTime) "
+            "|| (has(self.status) && has(self.status.startTime))",
+            "message": "status.startTime records that training started and keeps spec.model and the method from "
+            "changing; it cannot be removed (create a new FineTuneJob to train something else)",
+            "fieldPath": ".status.startTime",
+            "reason": "FieldValueForbidden",
+        },
     ]
 
 

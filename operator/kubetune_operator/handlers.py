@@ -3,7 +3,8 @@
 Each FineTuneJob gets a daemon that reconciles it, then sleeps until a child event pokes it or
 its requeue time comes. Child watches (Jobs, Pods, Deployments, NodeClaims, Nodes) only poke. Deletion runs
 one handler, behind the operator's finalizer, that releases the job's NodeClaims (cluster-scoped,
-out of reach of garbage collection); namespaced children follow their owner reference.
+out of reach of garbage collection); namespaced children follow their owner reference. A sweep, at
+start-up and every resync, deletes the NodeClaims of jobs that went without the finalizer running.
 """
 
 from __future__ import annotations
@@ -11,10 +12,12 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import copy
+import hashlib
+import json
 import logging
 import random
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Iterable, Mapping
+from typing import Any, cast
 
 import kopf
 from prometheus_client import start_http_server
@@ -26,6 +29,21 @@ from kubetune_operator.kube import Kube
 from kubetune_operator.settings import OperatorSettings
 
 log = logging.getLogger("kubetune.handlers")
+
+
+class SpecDigestStorage(kopf.AnnotationsDiffBaseStorage):
+    """kopf's last-handled configuration as a digest of the spec, in an annotation of fixed size.
+
+    kopf's own essence copies the labels and annotations into an annotation; a job carrying a legal
+    200 KB annotation then needs more than the 256 KB all annotations may take, every patch
+    (finalizer removal included) is refused, and the job can never be deleted. kubetune's handlers
+    never read kopf's diffs (the daemon reconciles the whole object), so the essence needs only to
+    change when the spec does.
+    """
+
+    def build(self, *, body: kopf.Body, extra_fields: Iterable[kopf.FieldSpec] | None = None) -> kopf.BodyEssence:
+        spec = json.dumps(dict(body.spec), sort_keys=True, separators=(",", ":"), default=str)
+        return cast(kopf.BodyEssence, {"spec": {"sha256": hashlib.sha256(spec.encode()).hexdigest()}})
 
 
 def build_registry(settings: OperatorSettings, kube: Kube | None = None) -> kopf.OperatorRegistry:  # noqa: PLR0915 - handlers declared in one place
@@ -58,9 +76,7 @@ def build_registry(settings: OperatorSettings, kube: Kube | None = None) -> kopf
         settings.watching.connect_timeout = 30
         settings.persistence.finalizer = names.FINALIZER
         settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
-        settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
-            prefix=GROUP, key="last-handled-configuration"
-        )
+        settings.persistence.diffbase_storage = SpecDigestStorage(prefix=GROUP, key="last-handled-configuration")
         settings.posting.level = logging.WARNING
         settings.execution.max_workers = _settings.workers
         settings.batching.error_delays = (1, 2, 5, 10, 30)
@@ -68,6 +84,26 @@ def build_registry(settings: OperatorSettings, kube: Kube | None = None) -> kopf
             start_http_server(_settings.metrics_port)
 
     _settings = settings
+
+    async def sweep_forever() -> None:
+        """Delete orphaned cluster-scoped children at start-up and then every resync (Controller.sweep)."""
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                await loop.run_in_executor(executor, controller().sweep)
+            except Exception:
+                log.exception("sweeping orphaned NodeClaims failed; retrying")
+            await asyncio.sleep(_settings.resync_seconds)
+
+    @kopf.on.startup(registry=registry)
+    async def start_sweeping(**_: Any) -> None:
+        state["sweeper"] = asyncio.get_running_loop().create_task(sweep_forever(), name="kubetune-sweep")
+
+    @kopf.on.cleanup(registry=registry)
+    async def stop_sweeping(**_: Any) -> None:
+        sweeper = state.get("sweeper")
+        if sweeper is not None:
+            sweeper.cancel()
 
     @kopf.daemon(GROUP, VERSION, PLURAL, registry=registry, cancellation_timeout=10)
     async def run(name: str, namespace: str | None, body: kopf.Body, stopped: kopf.DaemonStopped, **_: Any) -> None:

@@ -21,6 +21,9 @@ ROLE_LABEL: Final = f"{GROUP_PREFIX}/role"
 #: Taint put on provisioned GPU nodes so that only the job's pods land there.
 GPU_TAINT_KEY: Final = "nvidia.com/gpu"
 FINALIZER: Final = f"{GROUP_PREFIX}/release-nodes"
+#: On the publish Job: the result its pod reported (URI, digest, size), recorded by the operator once
+#: read, so that status.adapter is always derived from the operator's own child, never from status.
+RESULT_ANNOTATION: Final = f"{GROUP_PREFIX}/result"
 FIELD_MANAGER: Final = "kubetune-operator"
 TRAINER_CONTAINER: Final = "trainer"
 PUBLISH_CONTAINER: Final = "publish"
@@ -82,3 +85,8 @@ def job_labels(namespace: str, job: str) -> dict[str, str]:
 
 def selector(namespace: str, job: str) -> str:
     return ",".join(f"{k}={v}" for k, v in job_labels(namespace, job).items())
+
+
+def managed_selector() -> str:
+    """The label selector of everything the operator creates, for every job."""
+    return ",".join(f"{k}={v}" for k, v in MANAGED_BY.items())

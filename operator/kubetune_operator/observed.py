@@ -87,10 +87,29 @@ def current_attempt(jobs: list[Obj]) -> int:
     return max((attempt_of(j) for j in jobs), default=0)
 
 
-def reads_publish_pods(job: FineTuneJob, publish: Obj | None) -> bool:
-    """The publish pods carry its result (read once into status.adapter) or its failure message."""
-    recorded = job.status is not None and job.status.adapter is not None and job.status.adapter.digest is not None
-    return publish is not None and not (recorded and job_state(publish) == "Succeeded")
+def reads_publish_pods(publish: Obj | None) -> bool:
+    """The publish pods carry its result (read once, then recorded on the publish Job) or its failure message."""
+    return publish is not None and not (recorded_result(publish) is not None and job_state(publish) == "Succeeded")
+
+
+def recorded_result(publish: Obj | None) -> Adapter | None:
+    """The result recorded on the publish Job (names.RESULT_ANNOTATION), once read from its pod."""
+    text = ((publish or {}).get("metadata", {}).get("annotations") or {}).get(names.RESULT_ANNOTATION)
+    return _adapter(text) if text else None
+
+
+def result_annotation(adapter: Adapter) -> Obj:
+    """The merge patch that records ``adapter`` on the publish Job."""
+    text = json.dumps({"uri": adapter.uri, "digest": adapter.digest, "sizeBytes": adapter.size_bytes})
+    return {"metadata": {"annotations": {names.RESULT_ANNOTATION: text}}}
+
+
+def _adapter(text: str) -> Adapter | None:
+    try:
+        result: Obj = json.loads(text)
+        return Adapter(uri=result["uri"], digest=result.get("digest"), size_bytes=result.get("sizeBytes"))
+    except (ValueError, TypeError, KeyError):
+        return None
 
 
 def reads_serving(job: FineTuneJob, publish: Obj | None) -> bool:
@@ -166,24 +185,31 @@ def publish_result(pods: list[Obj]) -> Adapter | None:
             if terminated.get("exitCode") != 0:
                 continue
             lines = str(terminated.get("message") or "").strip().splitlines()
-            if not lines:
-                continue
-            try:
-                result: Obj = json.loads(lines[-1])
-                return Adapter(uri=result["uri"], digest=result.get("digest"), size_bytes=result.get("sizeBytes"))
-            except (ValueError, TypeError, KeyError):
-                continue
+            adapter = _adapter(lines[-1]) if lines else None
+            if adapter is not None:
+                return adapter
     return None
 
 
 def waiting_reasons(pods: list[Obj]) -> str:
-    """Why pods are not running yet, from their container states (a missing ConfigMap, say)."""
+    """Why pods are not running yet, as '; pod: reason: message' (a missing ConfigMap, Secret or claim, say).
+
+    A container waiting with a message (CreateContainerConfigError, a volume source not found) and
+    a pod the scheduler cannot place (a PersistentVolumeClaim that does not exist) both say why;
+    at most three reasons are quoted.
+    """
     reasons = []
     for pod in pods:
-        for status in (pod.get("status") or {}).get("containerStatuses") or []:
-            waiting = (status.get("state") or {}).get("waiting") or {}
+        status = pod.get("status") or {}
+        scheduled = conditions_of(pod).get("PodScheduled") or {}
+        if scheduled.get("status") == "False" and scheduled.get("message"):
+            reasons.append(f"pod {pod['metadata']['name']}: {scheduled.get('reason')}: {scheduled['message']}")
+            continue
+        for container in [*(status.get("initContainerStatuses") or []), *(status.get("containerStatuses") or [])]:
+            waiting = (container.get("state") or {}).get("waiting") or {}
             if waiting.get("message"):
                 reasons.append(f"pod {pod['metadata']['name']}: {waiting.get('reason')}: {waiting['message']}")
+                break
     return "; " + "; ".join(reasons[:3]) if reasons else ""
 
 
@@ -200,6 +226,35 @@ def serving_claims_note(claims: list[Obj]) -> str:
     if pending:
         return f"; {len(pending)} serving node(s) not ready yet"
     return ""
+
+
+def orphans(children: list[Obj], jobs: list[Obj], namespaces: tuple[str, ...] = ()) -> list[Obj]:
+    """The cluster-scoped ``children`` whose FineTuneJob is not among ``jobs``.
+
+    A child names its job by the namespace and job labels and, where it has one, the job's uid
+    label: a job deleted and created again under the same name is another job. Children of
+    namespaces outside ``namespaces`` (when given) belong to another operator's scope, and those
+    being deleted already are left alone.
+    """
+    alive = {(j["metadata"]["namespace"], j["metadata"]["name"], j["metadata"]["uid"]) for j in jobs}
+    alive_names = {(namespace, name) for namespace, name, _ in alive}
+    found: list[Obj] = []
+    for child in children:
+        meta = child["metadata"]
+        labels = meta.get("labels") or {}
+        namespace, name, uid = (
+            labels.get(names.NAMESPACE_LABEL),
+            labels.get(names.JOB_LABEL),
+            labels.get(names.UID_LABEL),
+        )
+        if not namespace or not name or meta.get("deletionTimestamp"):
+            continue
+        if namespaces and namespace not in namespaces:
+            continue
+        exists = (namespace, name, uid) in alive if uid else (namespace, name) in alive_names
+        if not exists:
+            found.append(child)
+    return found
 
 
 # -------------------------------------------------------------------------------- nodes

@@ -46,6 +46,8 @@ from kubetune_operator.observed import (
     failure_message,
     in_phase,
     publish_result,
+    recorded_result,
+    result_annotation,
     serving_claims_note,
     uses_karpenter,
     waiting_reasons,
@@ -71,7 +73,8 @@ def decide(observed: Observed, settings: OperatorSettings) -> Decision:
     facts = facts_of(observed, settings)
     previous = facts.previous
     decision = Decision(status=previous.model_copy())
-    conds = Conditions(previous.conditions, generation=observed.generation, now=observed.now)
+    own = [c for c in previous.conditions if c.type in conditions.TYPES]
+    conds = Conditions(own, generation=observed.generation, now=observed.now)
     _keep_node_claims(facts, decision)
     outcome = _phase(facts, conds, decision)
     if facts.release and conds.has(conditions.NODES_READY) and uses_karpenter(observed.job):
@@ -139,9 +142,13 @@ def _nodes_ready(facts: Facts, conds: Conditions, decision: Decision) -> Outcome
 def _complete(facts: Facts, conds: Conditions, decision: Decision) -> Outcome:
     """Published: record the result, then serve it (or stop a server that serving.enabled no longer wants)."""
     observed = facts.observed
-    adapter = facts.previous.adapter
-    if adapter is None or adapter.digest is None:
-        adapter = publish_result(observed.publish_pods) or adapter or Adapter(uri=result_uri(facts.target))
+    # Derived from the publish Job, never carried over from status (which a user may have written).
+    adapter = recorded_result(observed.publish_job)
+    if adapter is None:
+        adapter = publish_result(observed.publish_pods)
+        if adapter is not None and observed.publish_job is not None:
+            decision.patch.append((observed.publish_job, result_annotation(adapter)))
+    adapter = adapter or Adapter(uri=result_uri(facts.target))
     conds.set(conditions.TRAINING, "False", conditions.TRAINING_SUCCEEDED, "training finished")
     conds.set(
         conditions.COMPLETE,
@@ -167,7 +174,7 @@ def _publishing(facts: Facts, conds: Conditions, decision: Decision) -> Outcome:
         conditions.COMPLETE, "False", conditions.PUBLISHING, f"publishing the result to {result_uri(facts.target)}"
     )
     decision.requeue_after = _SOON
-    return Outcome("Publishing", facts.attempt, facts.previous.adapter)
+    return Outcome("Publishing", facts.attempt, None)
 
 
 def _failed(facts: Facts, conds: Conditions) -> Outcome:
@@ -198,14 +205,14 @@ def _failed(facts: Facts, conds: Conditions) -> Outcome:
     conds.set(conditions.FAILED, "True", why, message)
     conds.set(conditions.TRAINING, "False", why, message)
     conds.set(conditions.COMPLETE, "False", why, "")
-    return Outcome("Failed", facts.attempt, facts.previous.adapter)
+    return Outcome("Failed", facts.attempt, None)
 
 
 def _provisioning(facts: Facts, conds: Conditions, decision: Decision) -> Outcome:
     """Waiting for the nodes."""
     conds.set(conditions.NODES_READY, "False", facts.readiness.reason, facts.readiness.message)
     decision.requeue_after = _SOON
-    return Outcome("Provisioning", facts.attempt, facts.previous.adapter)
+    return Outcome("Provisioning", facts.attempt, None)
 
 
 def _launching(facts: Facts, conds: Conditions, decision: Decision) -> Outcome:
@@ -231,7 +238,7 @@ def _launching(facts: Facts, conds: Conditions, decision: Decision) -> Outcome:
     decision.create += [*([pvc] if pvc else []), build_service(launch)]
     decision.create.append(build_training_job(launch, suspend=facts.spec.run_policy.suspend))
     conds.set(conditions.TRAINING, "False", conditions.STARTING, f"starting attempt {attempt}")
-    return Outcome("Initializing", attempt, facts.previous.adapter)
+    return Outcome("Initializing", attempt, None)
 
 
 def _suspended(facts: Facts, conds: Conditions, decision: Decision) -> Outcome:
@@ -240,7 +247,7 @@ def _suspended(facts: Facts, conds: Conditions, decision: Decision) -> Outcome:
     if facts.current_state != "Suspended":
         decision.patch.append((facts.current, {"spec": {"suspend": True}}))
     conds.set(conditions.SUSPENDED, "True", conditions.SUSPENDED_BY_USER, "runPolicy.suspend is true; checkpoints kept")
-    return Outcome("Suspended", facts.attempt, facts.previous.adapter)
+    return Outcome("Suspended", facts.attempt, None)
 
 
 def _running(facts: Facts, conds: Conditions, decision: Decision) -> Outcome:
@@ -262,7 +269,7 @@ def _running(facts: Facts, conds: Conditions, decision: Decision) -> Outcome:
             conditions.QUEUED,
             f"waiting for Kueue to admit it from queue {spec.run_policy.queue_name}",
         )
-        return Outcome("Pending", facts.attempt, facts.previous.adapter)
+        return Outcome("Pending", facts.attempt, None)
     if len(running) + len(finished) >= spec.distributed.nodes and (running or finished):
         done = f", {len(finished)} finished" if finished else ""
         conds.set(
@@ -273,15 +280,16 @@ def _running(facts: Facts, conds: Conditions, decision: Decision) -> Outcome:
         )
         decision.scrape_progress = True
         decision.requeue_after = facts.settings.progress_interval_seconds
-        return Outcome("Training", facts.attempt, facts.previous.adapter)
+        return Outcome("Training", facts.attempt, None)
     conds.set(
         conditions.TRAINING,
         "False",
         conditions.STARTING,
-        f"attempt {facts.attempt}: {len(running)}/{spec.distributed.nodes} pods running",
+        f"attempt {facts.attempt}: {len(running)}/{spec.distributed.nodes} pods running"
+        f"{waiting_reasons(observed.pods)}",
     )
     decision.requeue_after = _SOON
-    return Outcome("Initializing", facts.attempt, facts.previous.adapter)
+    return Outcome("Initializing", facts.attempt, None)
 
 
 # ---------------------------------------------------------------------------------- serving

@@ -60,6 +60,12 @@ def test_bad_input_is_refused_naming_the_field(
     assert case.expect in result.stderr, f"{case.expect} not named in: {result.stderr}"
 
 
+def read_started(custom: client.CustomObjectsApi, namespace: str, name: str) -> object:
+    return (
+        custom.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name).get("status", {}).get("startTime")
+    )
+
+
 @pytest.mark.usefixtures("crd")
 def test_model_and_method_are_immutable_once_training_started(api: client.ApiClient, namespace: str) -> None:
     custom = client.CustomObjectsApi(api)
@@ -89,6 +95,13 @@ def test_model_and_method_are_immutable_once_training_started(api: client.ApiCli
             GROUP, VERSION, namespace, PLURAL, "frozen", {"spec": {"model": {"source": "hf://org/other"}}}
         )
     assert "spec.model" in str(refused_model.value.body)
+    # Nor can the mark be taken away through the status subresource to lift the rule.
+    for removal in ({"status": {"startTime": None}}, {"status": None}):
+        with pytest.raises(ApiException) as refused_removal:
+            custom.patch_namespaced_custom_object_status(GROUP, VERSION, namespace, PLURAL, "frozen", removal)
+        assert refused_removal.value.status == 422
+        assert "status.startTime" in str(refused_removal.value.body)
+    assert read_started(custom, namespace, "frozen") == "2026-11-29T10:00:00Z"
     # Other fields stay editable (for example to extend the training).
     patched = custom.patch_namespaced_custom_object(
         GROUP, VERSION, namespace, PLURAL, "frozen", {"spec": {"training": {"epochs": 5}}}

@@ -12,9 +12,15 @@ import pytest
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
+from kubetune_api.resource import load_job
 from kubetune_local import cluster
 from kubetune_local.catalog import FAILURES_CONFIGMAP
-from tests.factories import wait_until
+from kubetune_local.controlplane import free_port
+from kubetune_operator.children.target import Target
+from kubetune_operator.children.training import build_training_job
+from kubetune_operator.progress import scrape
+from kubetune_operator.settings import OperatorSettings
+from tests.factories import MINIMAL, finetunejob, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -336,3 +342,89 @@ def test_termination_message_and_log_fallback_reach_the_container_state(api: cli
         terminated = raw_pod(api, namespace, name)["status"]["containerStatuses"][0]["state"]["terminated"]
         assert terminated["exitCode"] == 2
         assert terminated["message"] == expected
+
+
+def test_commands_expand_only_the_pods_own_variables(
+    local_cluster: cluster.Cluster, api: client.ApiClient, namespace: str
+) -> None:
+    """$(VAR) in a command comes from the container's env, as a kubelet has it, never from the node daemon's."""
+    manifest = pod("expander", "import sys; print(sys.argv[1:])")
+    manifest["spec"]["containers"][0]["args"] = ["$(DECLARED)", "$$(DECLARED)", "$(HOME)", "$(PATH)", "a$$b"]
+    manifest["spec"]["containers"][0]["env"] = [{"name": "DECLARED", "value": "mine"}]
+    client.CoreV1Api(api).create_namespaced_pod(namespace, manifest)
+    assert wait_until(lambda: finished(api, namespace, "expander"), what="pod expander to end") == "Succeeded"
+    log = cluster.pod_log(local_cluster.home, "expander", namespace=namespace)
+    assert log.strip() == "['mine', '$(DECLARED)', '$(HOME)', '$(PATH)', 'a$b']"
+
+
+def test_a_deleted_job_pod_ends_failed_so_the_job_lets_it_go_and_fails(api: client.ApiClient, namespace: str) -> None:
+    """A kubelet reports a deleted pod's terminal phase before it goes: the Job's tracking finalizer waits for it."""
+    core, batch = client.CoreV1Api(api), client.BatchV1Api(api)
+    template = pod("unused", "import time; print('up', flush=True); time.sleep(300)")
+    batch.create_namespaced_job(
+        namespace,
+        {
+            "metadata": {"name": "victim"},
+            "spec": {
+                "backoffLimit": 0,
+                # As the training Jobs: a pod failure policy makes the Job controller wait for terminal phases.
+                "podFailurePolicy": {
+                    "rules": [
+                        {"action": "FailJob", "onExitCodes": {"containerName": "main", "operator": "In", "values": [2]}}
+                    ]
+                },
+                "template": {"spec": template["spec"]},
+            },
+        },
+    )
+
+    def running_pod() -> str | None:
+        pods = core.list_namespaced_pod(namespace, label_selector="job-name=victim").items
+        return next((p.metadata.name for p in pods if p.status.phase == "Running"), None)
+
+    name = wait_until(running_pod, what="the Job's pod to run")
+    core.delete_namespaced_pod(name, namespace)
+    assert wait_until(lambda: phase(api, namespace, name) == "Deleted", timeout=30, what="the deleted pod to go")
+
+    def failed() -> bool:
+        status = batch.read_namespaced_job("victim", namespace).status
+        return any(c.type == "Failed" and c.status == "True" for c in status.conditions or [])
+
+    wait_until(failed, timeout=30, what="the Job to count the deleted pod as failed")
+
+
+def test_pods_serve_their_metrics_on_their_own_address(api: client.ApiClient, namespace: str) -> None:
+    """Two trainers' metrics on one port: each pod serves on its own IP (the training pods' env), so each is
+    scraped for its own progress; on 0.0.0.0 the second could not listen and its scrape would read the first."""
+    port = free_port()
+    job = load_job(finetunejob("metrics", base=MINIMAL))
+    built = build_training_job(
+        Target(
+            name="metrics", namespace=namespace, uid="uid", spec=job.spec, settings=OperatorSettings(), gpus_per_node=0
+        )
+    )
+    env = [e for e in built["spec"]["template"]["spec"]["containers"][0]["env"] if "valueFrom" in e]
+    script = (
+        "import os, sys, time\n"
+        "from kubetune_trainer.training.metrics import TrainingMetrics\n"
+        "metrics = TrainingMetrics()\n"
+        "metrics.set('kubetune_train_step', float(sys.argv[1]))\n"
+        "address = os.environ.get('KUBETUNE_METRICS_ADDRESS') or '0.0.0.0'\n"
+        "print('serving' if metrics.serve(int(sys.argv[2]), address=address) else 'port taken', flush=True)\n"
+        "time.sleep(120)\n"
+    )
+    core = client.CoreV1Api(api)
+    for step in (1, 2):
+        manifest = pod(f"trainer-{step}", script)
+        manifest["spec"]["containers"][0]["args"] = [str(step), str(port)]
+        manifest["spec"]["containers"][0]["env"] = env
+        core.create_namespaced_pod(namespace, manifest)
+
+    def scraped(step: int) -> int | None:
+        found = raw_pod(api, namespace, f"trainer-{step}")
+        ip = (found.get("status") or {}).get("podIP")
+        progress = scrape(ip, port, timeout=1.0) if found["status"].get("phase") == "Running" and ip else None
+        return progress.step if progress is not None else None
+
+    assert wait_until(lambda: scraped(1), what="the first pod's metrics") == 1
+    assert wait_until(lambda: scraped(2), what="the second pod's metrics") == 2, "each pod is scraped for its own"

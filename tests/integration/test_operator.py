@@ -16,7 +16,7 @@ from kubetune_api.resource import GROUP, PLURAL, VERSION
 from kubetune_local.catalog import FAILURES_CONFIGMAP
 from kubetune_local.daemon import DEFAULT_NODE
 from kubetune_operator import names
-from tests.factories import create_job, finetunejob, read_job, wait_until
+from tests.factories import create_job, find_job, finetunejob, read_job, wait_until
 from tests.integration.conftest import OperatorProcess
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("operator")]
@@ -159,6 +159,15 @@ def test_deleting_after_nodes_are_ready_removes_claims_nodes_and_children(
     job = client.BatchV1Api(api).read_namespaced_job("gpus-train-0", namespace)
     container = job.spec.template.spec.containers[0]
     assert container.resources.limits["nvidia.com/gpu"] == "1", "GPUs per node read from the claimed nodes"
+
+    def says_why_pods_wait() -> str | None:
+        # The toy's source claim `models` does not exist here: the scheduler says so, and the status quotes it.
+        found = condition(api, namespace, "gpus", "Training")
+        message = str((found or {}).get("message", ""))
+        return message if 'persistentvolumeclaim "models" not found' in message else None
+
+    message = wait_until(says_why_pods_wait, what="the Training condition to say why the pods wait")
+    assert message.startswith("attempt 0: 0/2 pods running; pod gpus-train-0-")
     delete_and_expect_nothing_left(api, namespace, "gpus")
 
 
@@ -179,3 +188,55 @@ def test_operator_metrics_count_jobs_and_reconciles(
         < samples["kubetune_reconcile_duration_seconds_sum"] / samples["kubetune_reconcile_duration_seconds_count"]
         < 5
     )
+
+
+def test_claims_of_a_job_deleted_past_its_finalizer_are_swept_when_the_operator_returns(
+    operator: OperatorProcess, api: client.ApiClient, namespace: str
+) -> None:
+    """The job's finalizer is removed while no operator runs: the restarted operator's sweep finds its
+    NodeClaim without a FineTuneJob (by namespace, name and uid) and deletes it, and its node goes."""
+    custom, core = client.CustomObjectsApi(api), client.CoreV1Api(api)
+    create_job(
+        api, namespace, finetunejob("bypass", resources={"provisioner": "karpenter", "instanceType": "local-cpu"})
+    )
+    wait_until(lambda: "Node" in children(api, namespace, "bypass"), what="the job's claimed node")
+    claims = children(api, namespace, "bypass")["NodeClaim"]
+    operator.kill()
+    try:
+        custom.delete_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, "bypass")
+        custom.patch_namespaced_custom_object(
+            GROUP, VERSION, namespace, PLURAL, "bypass", {"metadata": {"finalizers": None}}
+        )
+        wait_until(lambda: find_job(api, namespace, "bypass") is None, what="the job to go without its finalizer")
+        assert children(api, namespace, "bypass")["NodeClaim"] == claims, "nothing released them"
+    finally:
+        operator.start()
+
+    def swept() -> bool:
+        left = children(api, namespace, "bypass")
+        return "NodeClaim" not in left and "Node" not in left
+
+    wait_until(swept, timeout=60, what="the orphaned NodeClaim and its node to be removed")
+    assert all(n.metadata.name not in claims for n in core.list_node().items)
+
+
+def test_a_job_with_a_legal_200_kb_annotation_is_reconciled_and_can_be_deleted(
+    api: client.ApiClient, namespace: str
+) -> None:
+    """kopf's copy of the annotations in its last-handled configuration would take all annotations
+    above the 256 KB limit, and every patch (the finalizer's removal too) would then be refused."""
+    body = finetunejob("heavy", resources={"provisioner": "byo", "nodeSelector": {"none": "x"}})
+    body["metadata"]["annotations"] = {"team.example.com/notes": "x" * 200_000}
+    create_job(api, namespace, body)
+
+    def handled() -> bool:
+        meta = read_job(api, namespace, "heavy")["metadata"]
+        return names.FINALIZER in meta.get("finalizers", []) and f"{GROUP}/last-handled-configuration" in meta.get(
+            "annotations", {}
+        )
+
+    wait_until(handled, what="the finalizer and kopf's last-handled configuration on the job")
+    assert condition(api, namespace, "heavy", "NodesReady") is not None, "reconciled"
+    stored = read_job(api, namespace, "heavy")["metadata"]["annotations"][f"{GROUP}/last-handled-configuration"]
+    assert len(stored) < 200, "a digest of the spec, not a copy of the job"
+    delete_and_expect_nothing_left(api, namespace, "heavy")

@@ -66,6 +66,19 @@ def test_a_served_adapter_answers_what_the_toy_data_taught(api: client.ApiClient
     job["spec"]["training"]["batchSizePerDevice"] = 16
     job["spec"]["serving"] = {"enabled": True, "runtime": "transformers", "modelName": "toy-chat", "port": port}
     create_job(api, namespace, job)
+    custom = client.CustomObjectsApi(api)
+
+    # A decoy written into status while training is dropped: the adapter comes from the publish Job.
+    wait_until(lambda: read_job(api, namespace, "chatbot").get("status", {}).get("phase") == "Training", timeout=600)
+    decoy = {"uri": "pvc://chatbot-workspace/decoy", "digest": "sha256:" + "0" * 64, "sizeBytes": 1}
+    custom.patch_namespaced_custom_object_status(
+        GROUP, VERSION, namespace, PLURAL, "chatbot", {"status": {"adapter": decoy}}
+    )
+    wait_until(
+        lambda: read_job(api, namespace, "chatbot").get("status", {}).get("adapter") != decoy,
+        timeout=60,
+        what="the operator to drop a status.adapter it did not write",
+    )
 
     def serving_ready() -> dict[str, Any] | None:
         status: dict[str, Any] = read_job(api, namespace, "chatbot").get("status", {})
@@ -77,6 +90,18 @@ def test_a_served_adapter_answers_what_the_toy_data_taught(api: client.ApiClient
     assert status["endpoint"] == {"url": f"http://chatbot-serve.{namespace}.svc:{port}/v1", "modelName": "toy-chat"}
     assert status["adapter"]["uri"] == "pvc://chatbot-workspace/adapter"
     assert status["adapter"]["digest"].startswith("sha256:")
+    published = status["adapter"]
+    # Once published too, the recorded result (on the publish Job) wins over a rewritten status.
+    custom.patch_namespaced_custom_object_status(
+        GROUP, VERSION, namespace, PLURAL, "chatbot", {"status": {"adapter": decoy}}
+    )
+    wait_until(
+        lambda: read_job(api, namespace, "chatbot").get("status", {}).get("adapter") == published,
+        timeout=60,
+        what="the operator to restore the adapter it published",
+    )
+    served = client.AppsV1Api(api).read_namespaced_deployment("chatbot-serve", namespace)
+    assert "decoy" not in json.dumps(api.sanitize_for_serialization(served))
     found = children(api, namespace, "chatbot")
     assert found["Deployment"] == ["chatbot-serve"]
     assert "chatbot-serve" in found["Service"]
@@ -121,7 +146,7 @@ def test_a_served_adapter_answers_what_the_toy_data_taught(api: client.ApiClient
     assert streamed == whole["choices"][0]["message"]["content"]
 
     # Serving off: the server goes, the job stays Complete with its adapter.
-    client.CustomObjectsApi(api).patch_namespaced_custom_object(
+    custom.patch_namespaced_custom_object(
         GROUP, VERSION, namespace, PLURAL, "chatbot", {"spec": {"serving": {"enabled": False}}}
     )
 

@@ -130,7 +130,9 @@ def test_two_node_zero2_lora_job_completes_with_progress_and_releases_its_claims
 
 
 @pytest.mark.usefixtures("operator")
-def test_deleting_while_training_stops_the_gang_and_leaks_nothing(api: client.ApiClient, namespace: str) -> None:
+def test_a_deleted_trainer_pod_restarts_the_gang_and_deleting_the_job_leaks_nothing(
+    api: client.ApiClient, namespace: str
+) -> None:
     toy_claim(api, namespace)
     create_job(api, namespace, toy_job("midway", steps=2000, every=500))
 
@@ -139,6 +141,27 @@ def test_deleting_while_training_stops_the_gang_and_leaks_nothing(api: client.Ap
         return status.get("phase") == "Training" and bool((status.get("progress") or {}).get("step"))
 
     wait_until(training, timeout=300, what="the job to be training")
+    # A deleted pod ends Failed (the kubelet's final status), the Job lets it go and fails, and the
+    # operator restarts the gang: no pod stays Terminating, no job stays "Training" on a pod that is gone.
+    core = client.CoreV1Api(api)
+    victim = next(
+        p.metadata.name
+        for p in core.list_namespaced_pod(namespace, label_selector="kubetune.io/attempt=0").items
+        if p.metadata.name.startswith("midway-train-0-1")
+    )
+    core.delete_namespaced_pod(victim, namespace)
+
+    def gone() -> bool:
+        return victim not in {p.metadata.name for p in core.list_namespaced_pod(namespace).items}
+
+    wait_until(gone, timeout=60, what=f"the deleted pod {victim} to go")
+
+    def restarted() -> dict[str, Any] | None:
+        status: dict[str, Any] = read_job(api, namespace, "midway").get("status", {})
+        return status if status.get("restarts") == 1 else None
+
+    status = wait_until(restarted, timeout=60, what="the gang to restart as attempt 1")
+    assert status["workload"]["jobName"] == "midway-train-1"
     delete_and_expect_nothing_left(api, namespace, "midway")
 
 

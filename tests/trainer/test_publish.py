@@ -10,14 +10,12 @@ from __future__ import annotations
 import base64
 import gzip
 import hashlib
-import http.server
 import io
 import json
 import os
 import subprocess
 import sys
 import tarfile
-import threading
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -34,6 +32,7 @@ from kubetune_trainer.publishing.oci.credentials import Credentials
 from kubetune_trainer.publishing.oci.layout import MANIFEST_MEDIA_TYPE
 from kubetune_trainer.publishing.oci.reference import Reference
 from tests.conftest import OciRegistry
+from tests.factories import serve_folder
 from tests.trainer.conftest import finetunejob, kubetune_train, write_manifest
 
 pytestmark = pytest.mark.trainer
@@ -376,7 +375,7 @@ def test_pvc_destinations_must_stay_inside_a_mounted_claim(tmp_path: Path) -> No
     output = fake_output(tmp_path / "out")
     for destination, message in (
         ("pvc://results", "must name a folder inside claim results"),
-        ("pvc://results/../../escape", "must name a folder inside claim results"),
+        ("pvc://results/../../escape", "'..' would leave claim results"),
         ("pvc://other/x", "claim 'other' is not mounted"),
     ):
         done = kubetune(
@@ -450,19 +449,8 @@ def archive_server(tmp_path: Path) -> Iterator[str]:
             info = tarfile.TarInfo(name)
             info.size = len(body)
             tar.addfile(info, io.BytesIO(body))
-
-    class Handler(http.server.SimpleHTTPRequestHandler):
-        def __init__(self, *args: Any, **kwargs: Any) -> None:
-            super().__init__(*args, directory=str(site), **kwargs)
-
-        def log_message(self, *args: Any) -> None:
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    server.server_close()
+    with serve_folder(site) as url:
+        yield url
 
 
 def model_config(tmp: Path, source: str, **extra: Any) -> Path:

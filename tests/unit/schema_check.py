@@ -1,7 +1,8 @@
 """Check a manifest against the generated CRD schema the way the apiserver does, offline.
 
 Defaults are applied, unknown fields are refused (kubectl's strict field validation), the
-OpenAPI keywords are checked with jsonschema and every CEL rule is evaluated with cel-python.
+OpenAPI keywords are checked with jsonschema and every CEL rule is evaluated with cel-python (with
+the part of Kubernetes' quantity library the rules use).
 This catches a CEL typo or a rule that disagrees with the pydantic models in a unit test;
 the same corpus also goes to a real apiserver in the integration tests of the local runtime.
 """
@@ -10,13 +11,36 @@ from __future__ import annotations
 
 import copy
 import re
-from typing import Any
+from typing import Any, Final
 
 import celpy
 import jsonschema
+from celpy import celtypes
 from celpy.adapter import json_to_cel
 
+from kubetune_api.spec import quantity_value
+
 Schema = dict[str, Any]
+
+
+def _is_quantity(text: Any) -> celtypes.BoolType:
+    try:
+        quantity_value(str(text))
+    except ValueError:
+        return celtypes.BoolType(False)
+    return celtypes.BoolType(True)
+
+
+def _compare_to(left: Any, right: Any) -> celtypes.IntType:
+    return celtypes.IntType((left > right) - (left < right))
+
+
+#: The part of Kubernetes' CEL quantity library the CRD's rules use, for the quantities the schema admits.
+QUANTITY_LIBRARY: Final[dict[str, Any]] = {
+    "isQuantity": _is_quantity,
+    "quantity": lambda text: quantity_value(str(text)),
+    "compareTo": _compare_to,
+}
 
 
 def apply_defaults(value: Any, schema: Schema) -> Any:
@@ -62,7 +86,7 @@ def _cel_errors(value: Any, schema: Schema, path: str, env: celpy.Environment) -
     for rule in schema.get("x-kubernetes-validations", []):
         if "oldSelf" in rule["rule"]:
             continue  # transition rules need an update; tested on a real apiserver
-        program = env.program(env.compile(rule["rule"]))
+        program = env.program(env.compile(rule["rule"]), functions=QUANTITY_LIBRARY)
         if not program.evaluate({"self": json_to_cel(value)}):
             found.append(path + rule.get("fieldPath", "") + ": " + rule["message"])
     if isinstance(value, dict):

@@ -9,7 +9,9 @@ import pytest
 
 from kubetune_api import InvalidManifestError, TrainerConfig
 from kubetune_api.resource import load_job
+from kubetune_local.pods.environment import expand
 from kubetune_operator import names
+from kubetune_operator.children import pod as pod_parts
 from kubetune_operator.children.nodes import build_node_claims, build_serving_node_claims
 from kubetune_operator.children.publish import build_publish_job
 from kubetune_operator.children.serving import (
@@ -129,7 +131,7 @@ class TestTrainingJob:
         spec["resources"]["cpu"] = "16"
         spec["distributed"]["processesPerNode"] = 4
         env = {
-            e["name"]: e["value"]
+            e["name"]: e.get("value")
             for e in container(build_training_job(target(spec, gpus=4, example="byo-gpu-nodes")))["env"]
         }
         assert env["OMP_NUM_THREADS"] == "4"
@@ -329,3 +331,54 @@ class TestServingDeployment:
         assert [c["metadata"]["name"] for c in claims] == ["ml-support-bot-serve-0", "ml-support-bot-serve-1"]
         assert claims[0]["metadata"]["labels"][names.ROLE_LABEL] == "server"
         assert claims[0]["spec"]["requirements"][0]["values"] == ["Standard_NC24ads_A100_v4"]
+
+
+class TestCommandLines:
+    """The kubelet expands $(VAR) in commands and args: strings from a spec must reach the process as written."""
+
+    def test_argv_doubles_every_dollar_and_writes_references_for_the_kubelet(self) -> None:
+        assert pod_parts.argv("a$b", "$(HOME)", "$$", pod_parts.EnvRef("JOB_COMPLETION_INDEX")) == [
+            "a$$b",
+            "$$(HOME)",
+            "$$$$",
+            "$(JOB_COMPLETION_INDEX)",
+        ]
+
+    def test_paths_from_the_spec_are_not_expanded_in_the_servers_command(self) -> None:
+        deployment = build_serving_deployment(
+            serving_target(
+                model={"source": "pvc://models/$(HOME)/model", "secretRef": None},
+                output={"destination": None, "secretRef": None},
+                serving={"runtime": "transformers", "modelName": "toy"},
+            ),
+            "pvc://store/$(KUBERNETES_SERVICE_HOST)/adapter",
+        )
+        command = pod_spec(deployment)["containers"][0]["command"]
+        assert "/var/run/kubetune/sources/pvc/models/$$(HOME)/model" in command
+        assert "toy=/var/run/kubetune/sources/pvc/store/$$(KUBERNETES_SERVICE_HOST)/adapter" in command
+        # What a kubelet makes of it, with both variables set: exactly the paths of the spec.
+        expanded = [expand(a, {"HOME": "/leak", "KUBERNETES_SERVICE_HOST": "10.0.0.1"}) for a in command]
+        assert "/var/run/kubetune/sources/pvc/models/$(HOME)/model" in expanded
+        assert "toy=/var/run/kubetune/sources/pvc/store/$(KUBERNETES_SERVICE_HOST)/adapter" in expanded
+
+    def test_every_builders_command_round_trips_through_the_kubelets_expansion(self) -> None:
+        t = target(attempt=1)
+        containers = [
+            container(build_training_job(t)),
+            container(build_publish_job(t)),
+            *pod_spec(build_serving_deployment(serving_target(), ADAPTER))["containers"],
+            *pod_spec(build_serving_deployment(serving_target(), ADAPTER))["initContainers"],
+        ]
+        for built in containers:
+            for arg in built["command"]:
+                if arg == "$(JOB_COMPLETION_INDEX)":
+                    continue
+                assert expand(arg, {"JOB_COMPLETION_INDEX": "1"}) == arg.replace("$$", "$"), arg
+                assert "$(" not in arg.replace("$$", ""), f"unescaped reference in {arg!r}"
+
+
+class TestTrainerMetrics:
+    def test_rank_zero_serves_its_metrics_on_the_pods_own_address(self) -> None:
+        env = container(build_training_job(target()))["env"]
+        # The variable the trainer reads (kubetune_api.METRICS_ADDRESS_ENV): a contract with the trainer image.
+        assert {"name": "KUBETUNE_METRICS_ADDRESS", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}} in env

@@ -85,10 +85,12 @@ def test_crd_shape() -> None:
 def test_immutable_fields_have_transition_rules() -> None:
     rules = openapi_schema()["x-kubernetes-validations"]
     transition = {r["fieldPath"] for r in rules if "oldSelf" in r["rule"]}
-    assert transition == {".spec.model", ".spec.method"}
+    assert transition == {".spec.model", ".spec.method", ".status.startTime"}
     for rule in rules:
         if "oldSelf" in rule["rule"]:
             assert "oldSelf.status.startTime" in rule["rule"], "immutable only once training started"
+    kept = next(r for r in rules if r.get("fieldPath") == ".status.startTime")
+    assert "has(self.status.startTime)" in kept["rule"], "the mark they hinge on cannot be removed"
 
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)

@@ -7,13 +7,14 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from kubetune_local.catalog import CATALOG
 from kubetune_local.network import AddressBook
 from kubetune_local.nodeclaims import capacity_of, requested_instance_type
-from kubetune_local.pods.environment import expand
+from kubetune_local.pods.environment import command_line, environment, expand
 from kubetune_local.pods.volumes import rewrite_paths
 
 pytestmark = pytest.mark.unit
@@ -58,6 +59,69 @@ class TestRewriting:
     def test_variable_expansion(self) -> None:
         env = {"RANK": "1", "HOST": "h"}
         assert expand("--node-rank=$(RANK) $(MISSING) $$(RANK)", env) == "--node-rank=1 $(MISSING) $(RANK)"
+
+    @pytest.mark.parametrize(
+        ("text", "expanded"),
+        [
+            ("a$$b", "a$b"),  # $$ is an escaped $ anywhere, as in Kubernetes
+            ("$$$$", "$$"),
+            ("$$$(RANK)", "$1"),
+            ("price $5", "price $5"),
+            ("end$", "end$"),
+            ("$(RANK", "$(RANK"),
+            ("$()", "$()"),
+            ("$(RANK)$(RANK)", "11"),
+        ],
+    )
+    def test_variable_expansion_follows_kubernetes(self, text: str, expanded: str) -> None:
+        assert expand(text, {"RANK": "1"}) == expanded
+
+
+class StubRuntime:
+    """What environment() reads of the node runtime."""
+
+    def __init__(self, home: Path) -> None:
+        self.home = home
+        self.apiserver_port = 6443
+        self.addresses = AddressBook()
+
+    def subdomains(self, namespace: str) -> set[str]:
+        return set()
+
+
+class StubPod:
+    """What environment() and command_line() read of a pod."""
+
+    def __init__(self, root: Path) -> None:
+        self.runtime = StubRuntime(root / "runtime")
+        self.root = root / "pod"
+        self.namespace, self.name, self.uid, self.hostname, self.node_name = "ml", "p", "uid-1", "p", "node"
+        self.pod: dict[str, Any] = {"metadata": {"name": "p", "namespace": "ml", "uid": "uid-1"}, "spec": {}}
+        self.spec: dict[str, Any] = {}
+
+
+def test_commands_expand_only_the_containers_own_variables(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A kubelet expands $(VAR) from the container's env, never from its own: the daemon's secrets stay out."""
+    monkeypatch.setenv("SOME_VAR", "the-daemons-secret")
+    container = {
+        "name": "main",
+        "command": [
+            "serve",
+            "leak-$(SOME_VAR)",
+            "$(DECLARED)",
+            "$$(DECLARED)",
+            "$(LATER)",
+            "$(KUBERNETES_SERVICE_PORT)",
+        ],
+        "env": [
+            {"name": "DECLARED", "value": "mine"},
+            {"name": "LATER", "value": "$(DECLARED)-$(SOME_VAR)"},
+        ],
+    }
+    pod = StubPod(tmp_path)
+    env = environment(pod, container, {})  # type: ignore[arg-type]
+    argv = command_line(pod, container, env, {})  # type: ignore[arg-type]
+    assert argv == ["serve", "leak-$(SOME_VAR)", "mine", "$(DECLARED)", "mine-$(SOME_VAR)", "6443"]
 
 
 class TestCatalog:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
@@ -168,6 +169,33 @@ class TestLaunch:
         assert decision.status.workload is not None
         assert decision.status.workload.nodes == ["ml-support-bot-0", "ml-support-bot-1"]
 
+    def test_pods_waiting_for_a_missing_secret_or_claim_say_so_in_the_training_condition(self) -> None:
+        secret = pod(0, phase="Pending")
+        secret["status"]["containerStatuses"][0]["state"] = {
+            "waiting": {"reason": "CreateContainerConfigError", "message": 'secret "hf-token" not found'}
+        }
+        claim_missing = pod(1, phase="Pending")
+        claim_missing["status"] = {
+            "phase": "Pending",
+            "conditions": [
+                {
+                    "type": "PodScheduled",
+                    "status": "False",
+                    "reason": "Unschedulable",
+                    "message": 'persistentvolumeclaim "models" not found',
+                }
+            ],
+        }
+        decision = run(job(), training_jobs=[training_job(0, "active")], pods=[secret, claim_missing], **ready_nodes())
+        assert decision.status.phase == "Initializing"
+        status, reason, message = condition(decision, conditions.TRAINING)
+        assert (status, reason) == ("False", conditions.STARTING)
+        assert message == (
+            "attempt 0: 0/2 pods running; "
+            'pod support-bot-train-0-0: CreateContainerConfigError: secret "hf-token" not found; '
+            'pod support-bot-train-0-1: Unschedulable: persistentvolumeclaim "models" not found'
+        )
+
     def test_reconciling_twice_changes_nothing(self) -> None:
         first = run(job(), training_jobs=[training_job(0, "active")], pods=[pod(0), pod(1)], **ready_nodes())
         again_job = job(status=first.status.model_dump(mode="json", by_alias=True, exclude_none=True))
@@ -245,6 +273,40 @@ class TestEndings:
         assert condition(decision, conditions.COMPLETE)[:2] == ("True", conditions.PUBLISHED)
         assert [e.reason for e in decision.events] == ["Complete"]
         assert decision.status.endpoint is None
+        # The result is recorded on the publish Job, where later passes read it (not from status).
+        [(patched, patch)] = decision.patch
+        assert patched["metadata"]["name"] == "support-bot-publish"
+        assert json.loads(patch["metadata"]["annotations"][names.RESULT_ANNOTATION]) == json.loads(RESULT)
+
+    def test_a_status_adapter_written_by_a_user_is_neither_kept_nor_served(self) -> None:
+        decoy = {"uri": "oci://attacker.example/decoy:v1", "digest": "sha256:bad", "sizeBytes": 1}
+        hand = {
+            "type": "Approved",
+            "status": "True",
+            "reason": "ByHand",
+            "message": "written into status",
+            "lastTransitionTime": "2026-11-29T10:00:00Z",
+        }
+        training = run(
+            job(status={"phase": "Training", "adapter": decoy, "conditions": [hand]}),
+            training_jobs=[training_job(0, "active")],
+            pods=[pod(0), pod(1)],
+            **ready_nodes(),
+        )
+        assert training.status.phase == "Training"
+        assert training.status.adapter is None, "no adapter before the publish Job reports one"
+        assert {c.type for c in training.status.conditions} == {conditions.NODES_READY, conditions.TRAINING}
+        recorded = publish_job("complete")
+        recorded["metadata"]["annotations"] = {names.RESULT_ANNOTATION: RESULT}
+        serving = run(
+            job(status={"phase": "Serving", "adapter": decoy}, serving={"enabled": True, "runtime": "transformers"}),
+            **published(publish_job=recorded, publish_pods=[]),
+        )
+        assert serving.status.adapter is not None
+        assert serving.status.adapter.uri == "oci://registry.example/adapters/support-bot:v1"
+        assert serving.patch == [], "already recorded"
+        deployed = next(m for m in serving.apply if m["kind"] == "Deployment")
+        assert "oci://attacker.example/decoy:v1" not in json.dumps(deployed)
 
     def test_without_a_destination_the_result_is_the_jobs_volume(self) -> None:
         ftj = job(status={"phase": "Publishing"}, output={"destination": None, "secretRef": None})

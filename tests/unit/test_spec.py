@@ -13,9 +13,11 @@ from kubetune_api import (
     parse_uri,
 )
 from kubetune_api.resource import load_job
+from kubetune_api.spec import MAX_STEPS, quantity_value
 from kubetune_api.uris import DATASET_SCHEMES, MODEL_SCHEMES, OUTPUT_SCHEMES
 from kubetune_operator.crd import openapi_schema
 from tests.factories import MINIMAL, finetunejob
+from tests.unit import schema_check
 from tests.unit.schema_check import apply_defaults
 
 pytestmark = pytest.mark.unit
@@ -177,3 +179,68 @@ class TestImmutability:
         old = load_job(manifest()).spec
         new = load_job(manifest(training={"epochs": 5})).spec
         assert changed_immutable_fields(old, new) == []
+
+
+def refusals(document: dict[str, Any]) -> tuple[list[str], list[str]]:
+    """The fields the models name and the problems the CRD schema reports, for one manifest."""
+    try:
+        load_job(document)
+    except InvalidManifestError as error:
+        fields = [p.field for p in error.problems]
+    else:
+        fields = []
+    return fields, schema_check.check(document, openapi_schema())
+
+
+class TestBounds:
+    """Names and numbers the pods' command lines and the cluster cannot take are refused on both sides."""
+
+    @pytest.mark.parametrize("name", ["leak-$(SOME_VAR)", "a=b", "two words", "-dash", ".hidden", "x" * 129, ""])
+    def test_served_model_names_that_break_command_lines_are_refused(self, name: str) -> None:
+        fields, schema = refusals(manifest(serving={"enabled": True, "modelName": name}))
+        assert fields == ["spec.serving.modelName"]
+        assert any(p.startswith("spec.serving.modelName") for p in schema), schema
+
+    @pytest.mark.parametrize("name", ["support-bot", "Llama-3.1_ft", "x" * 128, "7b"])
+    def test_served_model_names_of_letters_digits_dots_dashes_are_accepted(self, name: str) -> None:
+        assert refusals(manifest(serving={"enabled": True, "modelName": name})) == ([], [])
+
+    @pytest.mark.parametrize(("steps", "ok"), [(MAX_STEPS, True), (MAX_STEPS + 1, False), (2**63 - 1, False)])
+    def test_step_counts_are_bounded(self, steps: int, ok: bool) -> None:
+        for field in ("maxSteps", "checkpointEverySteps"):
+            fields, schema = refusals(manifest(training={field: steps}))
+            if ok:
+                assert (fields, schema) == ([], [])
+            else:
+                assert fields == [f"spec.training.{field}"]
+                assert any(p.startswith(f"spec.training.{field}") for p in schema), schema
+
+    @pytest.mark.parametrize(
+        ("size", "ok"),
+        [
+            ("50Gi", True),
+            ("1Pi", True),
+            ("1024Ti", True),
+            ("1125899906842624", True),
+            ("1.125P", True),
+            ("1125899906842625", False),
+            ("1025Ti", False),
+            ("1.5Pi", False),
+            ("2P", False),
+            ("8Ei", False),
+        ],
+    )
+    def test_storage_is_at_most_a_pebibyte_by_the_models_and_the_crd_alike(self, size: str, ok: bool) -> None:
+        fields, schema = refusals(manifest(resources={"storage": {"size": size}}))
+        if ok:
+            assert (fields, schema) == ([], [])
+        else:
+            assert fields == ["spec.resources.storage.size"]
+            assert schema == ["spec.resources.storage.size: must be at most 1Pi"]
+
+    def test_quantity_values_are_exact(self) -> None:
+        assert quantity_value("1.5Gi") == 3 * 2**29
+        assert quantity_value("500m") * 2 == 1
+        assert quantity_value("2k") == 2000
+        with pytest.raises(ValueError, match="not a quantity"):
+            quantity_value("10GB")

@@ -43,10 +43,13 @@ def test_pvc_and_configmap_sources_map_to_their_mounts(tmp_path: Path) -> None:
         tmp_path, mounts={"claims": {"models": str(tmp_path / "claim")}, "configMaps": {"small": str(tmp_path / "cm")}}
     )
     assert locate(cfg, "pvc://models/data/train.jsonl") == (
-        fetch.LocalSource(tmp_path / "claim/data/train.jsonl"),
+        fetch.LocalSource(tmp_path / "claim/data/train.jsonl", root=(tmp_path / "claim").resolve()),
         [],
     )
-    assert locate(cfg, "configmap://small/train.jsonl") == (fetch.LocalSource(tmp_path / "cm/train.jsonl"), [])
+    assert locate(cfg, "configmap://small/train.jsonl") == (
+        fetch.LocalSource(tmp_path / "cm/train.jsonl", root=(tmp_path / "cm").resolve()),
+        [],
+    )
     found, problems = locate(cfg, "pvc://other/x.jsonl")
     assert found is None
     assert "claim 'other' is not mounted" in problems[0]

@@ -7,6 +7,7 @@
 The rooms import nothing of each other (``.importlinter``). What they share is here:
 :mod:`.errors` (exit codes, problem lists, the termination message), :mod:`.config_file` (reading
 a TrainerConfig or a FineTuneJob manifest), :mod:`.fetch` (fetching model and dataset sources),
+:mod:`.archive` (unpacking tar archives within bounds, for sources and pulled images),
 :mod:`.process` (log format, scratch folder) and :mod:`.toy` (a tiny model and data for tests and
 the demo).
 

@@ -6,6 +6,12 @@ reported together, before any download starts; only then is it *fetched*. URL so
 checked against every address their host resolves to and fetched from the checked address, so a
 DNS answer that changes between the check and the download cannot reach an internal service.
 
+A ``pvc://`` or ``configmap://`` source must stay inside the folder where its claim or ConfigMap
+is mounted: a path whose real location (``..`` and symbolic links resolved) is outside it, or a
+folder holding a symbolic link that leads outside it, is refused naming the field and the claim.
+Archives (``.tar``, ``.tar.gz``, ``.tgz`` over http(s)) are unpacked within the bounds of
+:mod:`kubetune_trainer.archive`, and a download stops once it passes the same maximum size.
+
 ``kubetune train`` fetches the model and the dataset with it while preparing a run, and
 ``kubetune fetch-model`` the model for the serving pod.
 """
@@ -20,7 +26,6 @@ import os
 import shutil
 import socket
 import ssl
-import tarfile
 import tempfile
 import urllib.parse
 from dataclasses import dataclass
@@ -29,6 +34,7 @@ from typing import Final, Literal
 
 from kubetune_api import TrainerConfig, parse_uri
 from kubetune_api.uris import DATASET_SCHEMES, MODEL_SCHEMES
+from kubetune_trainer.archive import ArchiveError, escaping_links, human, max_unpacked_bytes, unpack
 from kubetune_trainer.errors import ProblemList
 
 log = logging.getLogger(__name__)
@@ -47,6 +53,8 @@ class LocalSource:
     """A file or folder already on this machine (a local path, a mounted claim or ConfigMap)."""
 
     path: Path
+    root: Path | None = None
+    """The real path of the mount that ``path`` must stay inside (a claim's, a ConfigMap's); ``None`` for a local path."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,8 +105,8 @@ def locate(  # noqa: PLR0911 - one return per scheme
                 "on a workstation use a local path instead of pvc://",
             )
             return None
-        return _existing(
-            Path(mounts.claims[claim]) / parsed.path, field, problems, hint=f"check the path inside claim {claim}"
+        return _inside(
+            Path(mounts.claims[claim]), parsed.path, field, problems, what=f"claim {claim}", uri=uri, hint="path"
         )
     if parsed.scheme == "configmap":
         name = parsed.authority
@@ -109,8 +117,8 @@ def locate(  # noqa: PLR0911 - one return per scheme
                 f"{sorted(mounts.config_maps) or 'none'})",
             )
             return None
-        return _existing(
-            Path(mounts.config_maps[name]) / parsed.path, field, problems, hint=f"check the key of ConfigMap {name}"
+        return _inside(
+            Path(mounts.config_maps[name]), parsed.path, field, problems, what=f"ConfigMap {name}", uri=uri, hint="key"
         )
     if parsed.scheme in ("http", "https"):
         if kind == "model" and not parsed.path.endswith(_ARCHIVE_SUFFIXES):
@@ -143,6 +151,38 @@ def _existing(path: Path, field: str, problems: ProblemList, *, hint: str) -> Lo
         problems.add(field, f"{path} does not exist; {hint}")
         return None
     return LocalSource(path)
+
+
+def _inside(
+    mount: Path, inner: str, field: str, problems: ProblemList, *, what: str, uri: str, hint: str
+) -> LocalSource | None:
+    """``inner`` under ``mount``, refused when its real path, or a link in it, leads outside the mount."""
+    root = mount.resolve()
+    path = mount / inner.lstrip("/")
+    try:
+        real = path.resolve()
+    except (OSError, RuntimeError):  # a link loop
+        problems.add(field, f"{uri}: {path} cannot be resolved (a loop of symbolic links?); check the {hint} in {what}")
+        return None
+    if not real.is_relative_to(root):
+        problems.add(
+            field,
+            f"{uri} leaves {what}: it leads to {real}, outside the folder where {what} is mounted ({root}); "
+            f"name a {hint} inside {what}, without '..' and without symbolic links that point out of it",
+        )
+        return None
+    if not path.exists():
+        problems.add(field, f"{path} does not exist; check the {hint} inside {what}")
+        return None
+    escaping = escaping_links(path, root)
+    if escaping:
+        problems.add(
+            field,
+            f"{uri} holds symbolic links that lead outside {what} (mounted at {root}): {'; '.join(escaping)}; "
+            f"a source may only link to files inside {what}",
+        )
+        return None
+    return LocalSource(path, root=root)
 
 
 def hub_token(secret_ref: str | None, config: TrainerConfig) -> tuple[str | None, str | None]:
@@ -244,7 +284,15 @@ class FetchError(Exception):
 
 
 def download(url: str, target: Path, *, allow_private: bool) -> Path:
-    """Fetch ``url`` into ``target`` (atomically), following redirects, each hop's addresses checked."""
+    """Fetch ``url`` into ``target`` (atomically), following redirects, each hop's addresses checked.
+
+    A body above :func:`~kubetune_trainer.archive.max_unpacked_bytes` is refused (permanent), by its
+    Content-Length when it gives one, else once that many bytes have arrived.
+    """
+    try:
+        limit = max_unpacked_bytes()
+    except ArchiveError as exc:
+        raise FetchError(str(exc), permanent=True) from None
     current = url
     for _ in range(_MAX_REDIRECTS + 1):
         reason = check_url(current, allow_private=allow_private)
@@ -275,16 +323,39 @@ def download(url: str, target: Path, *, allow_private: bool) -> Path:
                     f"{current}: HTTP {response.status} {response.reason}",
                     permanent=400 <= response.status < 500 and response.status not in (408, 429),
                 )
-            target.parent.mkdir(parents=True, exist_ok=True)
-            with tempfile.NamedTemporaryFile(dir=target.parent, prefix=".part-", delete=False) as part:
-                shutil.copyfileobj(response, part, length=1 << 20)
-            os.replace(part.name, target)
+            _save(response, target, url=current, limit=limit)
             return target
         except OSError as exc:
             raise FetchError(f"{current}: {exc}", permanent=False) from exc
         finally:
             connection.close()
     raise FetchError(f"{url}: more than {_MAX_REDIRECTS} redirects", permanent=True)
+
+
+def _save(response: http.client.HTTPResponse, target: Path, *, url: str, limit: int) -> None:
+    """Write ``response``'s body to ``target`` atomically, refusing (permanent) a body above ``limit`` bytes."""
+    too_big = FetchError(
+        f"{url} is larger than {human(limit)}, the most a source may download "
+        "(raise $KUBETUNE_MAX_UNPACKED_BYTES for larger sources)",
+        permanent=True,
+    )
+    length = response.getheader("Content-Length")
+    if length and length.strip().isdigit() and int(length) > limit:
+        raise too_big
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=target.parent, prefix=".part-", delete=False) as part:
+        try:
+            received = 0
+            while chunk := response.read(1 << 20):
+                received += len(chunk)
+                if received > limit:
+                    raise too_big
+                part.write(chunk)
+        except BaseException:
+            part.close()
+            Path(part.name).unlink(missing_ok=True)
+            raise
+    os.replace(part.name, target)
 
 
 # -------------------------------------------------------------------------------------- fetch
@@ -303,7 +374,7 @@ def fetch(located: Located, *, cache: Path) -> Path:
             log.info("downloading %s", located.url)
             download(located.url, target, allow_private=located.allow_private)
         if name.endswith(_ARCHIVE_SUFFIXES):
-            return _unpack(target, folder / "unpacked")
+            return _unpack(target, folder / "unpacked", located.url)
         return target
     from huggingface_hub import snapshot_download  # noqa: PLC0415 - only hf:// sources need it
 
@@ -323,11 +394,17 @@ def fetch(located: Located, *, cache: Path) -> Path:
     return Path(path)
 
 
-def _unpack(archive: Path, folder: Path) -> Path:
+def _unpack(archive: Path, folder: Path, url: str) -> Path:
+    """``archive`` unpacked into ``folder`` (within :mod:`kubetune_trainer.archive`'s bounds); refusals are permanent."""
     if not folder.exists():
         staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=".unpack-"))
-        with tarfile.open(archive) as tar:
-            tar.extractall(staging, filter="data")
+        try:
+            unpack(archive, staging, name=f"the archive {url}")
+        except BaseException as exc:
+            shutil.rmtree(staging, ignore_errors=True)
+            if isinstance(exc, ArchiveError):
+                raise FetchError(f"{exc}; refused", permanent=True) from None
+            raise
         os.replace(staging, folder)
     entries = [p for p in folder.iterdir() if not p.name.startswith(".")]
     # An archive of one folder (model/config.json) is that folder.

@@ -97,7 +97,8 @@ kubetune_operator/kube.py (every API call), controller.py and handlers.py (what 
   resources: [nodes]
   verbs: [list, watch]
 # Karpenter NodeClaims (cluster-scoped, one per training node): the controller creates them, lists a
-# job's claims by label, and deletes them on completion or from the finalizer; kopf watches them.
+# job's claims by label, and deletes them on completion or from the finalizer; kopf watches them; the
+# sweep lists the operator's claims and deletes those whose FineTuneJob is gone.
 - apiGroups: [karpenter.sh]
   resources: [nodeclaims]
   verbs: [list, watch, create, delete]
@@ -144,7 +145,8 @@ kubetune_operator/kube.py (every API call), controller.py and handlers.py (what 
   resources: [finetunejobs/finalizers]
   verbs: [update]
 # Training Jobs (Indexed, one per gang attempt) and the publish Job: created once, listed by label,
-# patched to toggle spec.suspend (runPolicy.suspend, Kueue); kopf watches them to wake the job.
+# patched to toggle spec.suspend (runPolicy.suspend, Kueue) and to record the publish result
+# (annotation kubetune.io/result); kopf watches them to wake the job.
 - apiGroups: [batch]
   resources: [jobs]
   verbs: [list, watch, create, patch]

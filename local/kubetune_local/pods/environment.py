@@ -2,17 +2,19 @@
 
 The environment is this runtime's own (less what only the runtime may see), plus ``env`` and
 ``envFrom`` with ConfigMap, Secret, downward-API and resource references resolved and ``$(VAR)``
-expanded. Mount paths in values and arguments are rewritten to their folders and the cluster DNS
-names of the runtime's pods to their addresses. A pod with a service-account token mounted gets a
-kubeconfig holding it: in-cluster config, locally.
+expanded. As a kubelet does, ``$(VAR)`` in values, commands and arguments expands only from the
+container's own declared environment (and the API's service variables), never from the runtime's,
+and ``$$`` stands for ``$``. Mount paths in values and arguments are rewritten to their folders and
+the cluster DNS names of the runtime's pods to their addresses. A pod with a service-account token
+mounted gets a kubeconfig holding it: in-cluster config, locally.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import re
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
@@ -29,14 +31,45 @@ _SERVICE_ACCOUNT_DIR: Final = "/var/run/secrets/kubernetes.io/serviceaccount"
 
 
 def expand(text: str, env: dict[str, str]) -> str:
-    """Kubernetes' ``$(VAR)`` expansion; ``$$(VAR)`` stays literal."""
+    """Kubernetes' ``$(VAR)`` expansion (its third_party ``expansion`` package, rule for rule).
 
-    def replace(match: re.Match[str]) -> str:
-        if match.group(1):
-            return "$(" + match.group(2) + ")"
-        return env.get(match.group(2), match.group(0))
+    ``$(VAR)`` becomes VAR's value from ``env`` and stays as written when VAR is not there; ``$$``
+    is an escaped ``$``, so ``$$(VAR)`` stays ``$(VAR)``; any other ``$`` is kept, as is an
+    unclosed ``$(``.
+    """
+    out: list[str] = []
+    checkpoint = 0
+    cursor = 0
+    while cursor < len(text):
+        if text[cursor] == "$" and cursor + 1 < len(text):
+            out.append(text[checkpoint:cursor])
+            following = text[cursor + 1]
+            if following == "$":  # an escaped operator
+                out.append("$")
+                cursor += 1
+            elif following == "(":
+                closer = text.find(")", cursor + 2)
+                if closer == -1:  # an incomplete reference: kept as it is
+                    out.append("$(")
+                    cursor += 1
+                else:
+                    name = text[cursor + 2 : closer]
+                    out.append(env.get(name, f"$({name})"))
+                    cursor = closer
+            else:  # not a reference: the operator and the character after it are kept
+                out.append("$" + following)
+                cursor += 1
+            checkpoint = cursor + 1
+        cursor += 1
+    return "".join(out) + text[checkpoint:]
 
-    return re.sub(r"(\$)?\$\(([A-Za-z_][A-Za-z0-9_.-]*)\)", replace, text)
+
+def service_variables(pod: PodContext) -> dict[str, str]:
+    """The variables a kubelet gives every container for the API's Service, in any namespace."""
+    return {
+        "KUBERNETES_SERVICE_HOST": "127.0.0.1",
+        "KUBERNETES_SERVICE_PORT": str(pod.runtime.apiserver_port),
+    }
 
 
 def _env_from_source(pod: PodContext, kind: str, name: str, optional: bool) -> dict[str, str]:
@@ -46,7 +79,18 @@ def _env_from_source(pod: PodContext, kind: str, name: str, optional: bool) -> d
     return {k: v.decode(errors="replace") for k, v in files_of(kind, obj, None).items()}
 
 
-def environment(pod: PodContext, container: Obj, mounts: dict[str, Path]) -> dict[str, str]:
+@dataclass(frozen=True, slots=True)
+class Environment:
+    """What a container's process is started with, and what its command line expands from."""
+
+    process: dict[str, str]
+    """The process's environment: the runtime's own (less what only it may see) and the container's."""
+    variables: dict[str, str]
+    """What ``$(VAR)`` expands from: the container's declared variables and the API's service variables,
+    as a kubelet has them (values as declared, before mount paths and DNS names are made local)."""
+
+
+def environment(pod: PodContext, container: Obj, mounts: dict[str, Path]) -> Environment:
     """The container's environment; VolumeNotReady when a referenced ConfigMap or Secret (key) is missing."""
     runtime = pod.runtime
     env = {k: v for k, v in os.environ.items() if k not in _NOT_INHERITED}
@@ -75,7 +119,7 @@ def environment(pod: PodContext, container: Obj, mounts: dict[str, Path]) -> dic
         spec_env.update({prefix + k: v for k, v in values.items()})
     for item in container.get("env", []):
         if "valueFrom" not in item:
-            spec_env[item["name"]] = expand(str(item.get("value", "")), spec_env)
+            spec_env[item["name"]] = expand(str(item.get("value", "")), {**service_variables(pod), **spec_env})
             continue
         source = item["valueFrom"]
         if "fieldRef" in source:
@@ -100,9 +144,8 @@ def environment(pod: PodContext, container: Obj, mounts: dict[str, Path]) -> dic
     token = mounts.get(_SERVICE_ACCOUNT_DIR)
     if token is not None and (token / "token").exists():
         env["KUBECONFIG"] = str(_service_account_kubeconfig(pod, token))
-    env["KUBERNETES_SERVICE_HOST"] = "127.0.0.1"
-    env["KUBERNETES_SERVICE_PORT"] = str(runtime.apiserver_port)
-    return env
+    env.update(service_variables(pod))
+    return Environment(process=env, variables={**service_variables(pod), **spec_env})
 
 
 def _service_account_kubeconfig(pod: PodContext, directory: Path) -> Path:
@@ -131,8 +174,9 @@ def _service_account_kubeconfig(pod: PodContext, directory: Path) -> Path:
     return path
 
 
-def command_line(pod: PodContext, container: Obj, env: dict[str, str], mounts: dict[str, Path]) -> list[str]:
-    """The container's command and args: ``$(VAR)`` expanded, mount paths and pod DNS names made local."""
-    argv = [expand(a, env) for a in [*container.get("command", []), *container.get("args", [])]]
+def command_line(pod: PodContext, container: Obj, env: Environment, mounts: dict[str, Path]) -> list[str]:
+    """The container's command and args: ``$(VAR)`` expanded from the container's variables, mount paths and
+    pod DNS names made local."""
+    argv = [expand(a, env.variables) for a in [*container.get("command", []), *container.get("args", [])]]
     subdomains = pod.runtime.subdomains(pod.namespace)
     return [pod.runtime.addresses.resolve(rewrite_paths(a, mounts), pod.namespace, subdomains) for a in argv]

@@ -51,7 +51,7 @@ def start(pod: PodContext, run: ContainerRun, mounts: dict[str, Path]) -> bool:
             run,
             f"image {container.get('image')!r}: the local runtime cannot run an image's entrypoint; set command",
         )
-    executable = _executable(argv[0], env)
+    executable = _executable(argv[0], env.process)
     if executable is None:
         return _start_failed(pod, run, f"executable {argv[0]!r} not found in $PATH")
     workdir = Path(rewrite_paths(container.get("workingDir") or str(pod.root), mounts))
@@ -62,7 +62,7 @@ def start(pod: PodContext, run: ContainerRun, mounts: dict[str, Path]) -> bool:
     with open(pod.log_file(run.name), "ab") as log:
         run.process = subprocess.Popen(
             [executable, *argv[1:]],
-            env=env,
+            env=env.process,
             cwd=workdir,
             stdout=log,
             stderr=subprocess.STDOUT,

@@ -44,6 +44,7 @@ class PodRunner(threading.Thread):
         self.stopping = threading.Event()
         self.stop_reason = ""
         self.stop_message = ""
+        self.deleting = False
         self.grace = float(self.spec.get("terminationGracePeriodSeconds", 30))
         self.init_runs = [ContainerRun(c, init=True) for c in self.spec.get("initContainers", [])]
         self.runs = [ContainerRun(c) for c in self.spec.get("containers", [])]
@@ -54,23 +55,30 @@ class PodRunner(threading.Thread):
         self.start_time = stamp()
         self.finished = threading.Event()
 
-    def stop(self, grace: float | None = None, *, reason: str = "", message: str = "") -> None:
+    def stop(self, grace: float | None = None, *, reason: str = "", message: str = "", deleting: bool = False) -> None:
         """Stop the pod: SIGTERM the processes, SIGKILL after the grace period.
 
-        With a ``reason`` (the node went away) the pod is then reported Failed with it; without
-        one the pod is being deleted and no status is left to write.
+        With a ``reason`` (the node went away) the pod is then reported Failed with it. A pod being
+        ``deleting`` gracefully ends in a terminal phase as a kubelet reports it: Succeeded if every
+        container exited 0, else Failed, so that finalizers waiting for that (a Job's pod tracking)
+        let it go. Otherwise (the runtime stops, the object is gone) no status is written.
         """
         if grace is not None:
             self.grace = grace
         self.stop_reason, self.stop_message = reason, message
+        self.deleting = self.deleting or deleting
         self.stopping.set()
 
     def run(self) -> None:
         try:
             self._run()
-            if self.stopping.is_set() and self.stop_reason and self.phase not in ("Succeeded", "Failed"):
-                self.phase, self.reason, self.message = "Failed", self.stop_reason, self.stop_message
-                self._report()
+            if self.stopping.is_set() and self.phase not in ("Succeeded", "Failed"):
+                if self.stop_reason:
+                    self.phase, self.reason, self.message = "Failed", self.stop_reason, self.stop_message
+                    self._report()
+                elif self.deleting:
+                    self.phase = "Succeeded" if self._all_exited_zero() else "Failed"
+                    self._report()
         except Exception as exc:  # a bug or an API failure: say so in the pod, never die silently
             self.runtime.log(f"pod {self.namespace}/{self.pod_name}: {exc!r}")
             self._kill_all()
@@ -178,6 +186,10 @@ class PodRunner(threading.Thread):
             if changed:
                 self._report()
             time.sleep(0.2)
+
+    def _all_exited_zero(self) -> bool:
+        """Whether every container ran and its last run exited 0 (what makes a deleted pod Succeeded)."""
+        return all((r.last_state.get("terminated") or {}).get("exitCode") == 0 for r in self.runs)
 
     def _deadline_exceeded(self) -> None:
         self._kill_all()

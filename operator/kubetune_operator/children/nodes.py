@@ -11,6 +11,10 @@ from kubetune_operator.children.target import Target
 NODE_CLAIM_API_VERSION: Final = "karpenter.sh/v1"
 NODE_CLAIM_KIND: Final = "NodeClaim"
 INSTANCE_TYPE_LABEL: Final = "node.kubernetes.io/instance-type"
+#: The cluster-scoped kinds the operator creates for a job, as (apiVersion, kind): no owner reference
+#: reaches them, so the finalizer releases them, and the operator's sweep deletes those whose job
+#: is gone anyway (its finalizer was removed while no operator ran).
+CLUSTER_SCOPED_CHILDREN: Final[tuple[tuple[str, str], ...]] = ((NODE_CLAIM_API_VERSION, NODE_CLAIM_KIND),)
 
 
 def _node_claim(target: Target, name: str, instance_type: str, role: str) -> Obj:

@@ -170,6 +170,31 @@ def source_volumes(target: Target) -> tuple[list[SourceVolume], Mounts]:
 # ------------------------------------------------------------------------------ containers
 
 
+@dataclass(frozen=True, slots=True)
+class EnvRef:
+    """``$(NAME)`` in a command line: the kubelet puts the container's variable ``NAME`` there."""
+
+    name: str
+
+
+def literal(text: str) -> str:
+    """``text`` written so that it reaches the process unchanged as a command or argument.
+
+    The kubelet expands ``$(VAR)`` in a container's command and args from the container's
+    environment and turns ``$$`` into ``$``: with every ``$`` doubled, a ``$(VAR)`` in a user's
+    string (a model name, a URI, a path) stays what the user wrote.
+    """
+    return text.replace("$", "$$")
+
+
+def argv(*parts: str | EnvRef) -> list[str]:
+    """A container's command line: every string as a :func:`literal`, every :class:`EnvRef` for the kubelet to expand.
+
+    Every builder writes its commands through this, so no string from a spec is ever expanded.
+    """
+    return [f"$({part.name})" if isinstance(part, EnvRef) else literal(part) for part in parts]
+
+
 def base_env(*, termination_message: bool = False) -> list[Obj]:
     """The environment of every container: PYTHONUNBUFFERED, after KUBETUNE_TERMINATION_MESSAGE_PATH for those that report."""
     reports = [{"name": "KUBETUNE_TERMINATION_MESSAGE_PATH", "value": TERMINATION_MESSAGE_PATH}]

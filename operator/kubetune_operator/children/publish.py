@@ -36,14 +36,14 @@ def build_publish_job(target: Target) -> Obj:
     container: Obj = {
         "name": names.PUBLISH_CONTAINER,
         "image": target.settings.trainer_image,
-        "command": [
+        "command": pod.argv(
             "kubetune",
             "publish",
             "--config",
             f"{CONFIG_MOUNT}/{pod.CONFIG_FILE}",
             "--default-uri",
             default_result_uri(target),
-        ],
+        ),
         "env": pod.base_env(termination_message=True),
         "resources": {"requests": {"cpu": "100m", "memory": "256Mi"}},
         "securityContext": pod.container_security(),

@@ -83,7 +83,7 @@ def _serving_files(target: Target, adapter_uri: str) -> _ServingFiles:
             {
                 "name": name,
                 "image": target.settings.trainer_image,
-                "command": command,
+                "command": pod.argv(*command),
                 "env": _server_env(),
                 "securityContext": pod.container_security(),
                 "volumeMounts": [
@@ -149,7 +149,11 @@ def _serving_files(target: Target, adapter_uri: str) -> _ServingFiles:
 
 
 def serving_command(target: Target, files: _ServingFiles) -> list[str]:
-    """The server's command line: ``kubetune serve`` or ``vllm serve``."""
+    """The server's command line: ``kubetune serve`` or ``vllm serve``, every part a :func:`~.pod.literal`."""
+    return pod.argv(*_serving_arguments(target, files))
+
+
+def _serving_arguments(target: Target, files: _ServingFiles) -> list[str]:
     serving = target.spec.serving
     name = serving_model_name(target)
     port = str(serving.port)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from typing import Final
 
-from kubetune_api import CONFIG_MOUNT, TrainerConfig
+from kubetune_api import CONFIG_MOUNT, METRICS_ADDRESS_ENV, TrainerConfig
 from kubetune_api.objects import Obj
 from kubetune_operator import names
 from kubetune_operator.children import pod
@@ -76,7 +76,7 @@ def build_service(target: Target) -> Obj:
 def trainer_command(target: Target) -> list[str]:
     """``kubetune train`` with the gang's shape; the node rank comes from the completion index."""
     distributed = target.spec.distributed
-    return [
+    return pod.argv(
         "kubetune",
         "train",
         "--config",
@@ -84,14 +84,14 @@ def trainer_command(target: Target) -> list[str]:
         "--nnodes",
         str(distributed.nodes),
         "--node-rank",
-        "$(JOB_COMPLETION_INDEX)",
+        pod.EnvRef("JOB_COMPLETION_INDEX"),
         "--nproc-per-node",
         str(target.processes_per_node),
         "--master-addr",
         names.rank_zero_host(target.name, target.attempt, target.namespace),
         "--master-port",
         str(distributed.master_port),
-    ]
+    )
 
 
 def build_training_job(target: Target, *, suspend: bool = False) -> Obj:
@@ -102,7 +102,12 @@ def build_training_job(target: Target, *, suspend: bool = False) -> Obj:
         "name": names.TRAINER_CONTAINER,
         "image": target.settings.trainer_image,
         "command": trainer_command(target),
-        "env": [*pod.base_env(termination_message=True), *pod.thread_env(target, target.processes_per_node)],
+        "env": [
+            *pod.base_env(termination_message=True),
+            *pod.thread_env(target, target.processes_per_node),
+            # Rank 0 serves its metrics on the pod's own address, the one the operator scrapes.
+            {"name": METRICS_ADDRESS_ENV, "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
+        ],
         "ports": [
             {"name": "metrics", "containerPort": target.settings.trainer_metrics_port},
             {"name": "rendezvous", "containerPort": spec.distributed.master_port},

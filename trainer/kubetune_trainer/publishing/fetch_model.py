@@ -3,8 +3,9 @@
 The source is located and fetched with :mod:`kubetune_trainer.fetch`. Downloads go to a hidden
 staging folder inside the target, whence they are moved, or to ``$KUBETUNE_CACHE_DIR`` when it is
 set, whence they are copied; the model's files reach the target only once all of them are there.
-A source that retrying cannot fix (a missing Hub repository or revision, a refused download, a
-file where a model folder is needed) is a :class:`PermanentError`; other failures are retryable.
+A source that retrying cannot fix (a missing Hub repository or revision, a refused download or
+archive, a file where a model folder is needed, a symbolic link that leads out of the claim or out
+of the download) is a :class:`PermanentError`; other failures are retryable.
 """
 
 from __future__ import annotations
@@ -35,14 +36,26 @@ def _hub_error_is_permanent(exc: BaseException) -> bool:
     return isinstance(exc, errors.HfHubHTTPError) and status in (401, 403, 404)
 
 
-def _materialize(source: Path, target: Path, movable: Path | None) -> tuple[int, int]:
+def _materialize(source: Path, target: Path, movable: Path | None, root: Path | None) -> tuple[int, int]:
     """Put ``source``'s files in ``target``: moved when they lie under ``movable`` (a scratch cache), else copied.
 
-    Returns the number of files and their total size.
+    Every file's real path must lie under ``root`` (the claim's mount, the download cache), when
+    one is given: a symbolic link that leads anywhere else is refused. Returns the number of files
+    and their total size.
     """
     moved: dict[Path, Path] = {}
     count = size = 0
-    for name, path in list_files(source).items():
+    files = list_files(source)
+    for name, path in files.items():
+        real = path.resolve()
+        if root is not None and not real.is_relative_to(root):
+            raise PermanentError.one(
+                "spec.model.source",
+                f"{name} in the model folder {source} is a symbolic link that leads to {real}, outside {root}; "
+                "a model folder may only link to files inside its claim",
+                summary="the model cannot be fetched",
+            )
+    for name, path in files.items():
         destination = target / name
         destination.parent.mkdir(parents=True, exist_ok=True)
         real = path.resolve()
@@ -94,7 +107,8 @@ def fetch_model(config: TrainerConfig, into: Path) -> dict[str, object]:
             )
         model = staging / "model"
         model.mkdir()
-        count, size = _materialize(path, model, (staging / "cache").resolve() if own_cache else None)
+        root = located.root if isinstance(located, fetch.LocalSource) else cache.resolve()
+        count, size = _materialize(path, model, (staging / "cache").resolve() if own_cache else None, root)
         move_into(model, into)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

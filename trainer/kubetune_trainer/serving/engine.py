@@ -57,14 +57,18 @@ class Engine:
         self.base_name = base_name
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.tokenizer: Any = AutoTokenizer.from_pretrained(model_path)
-        model: Any = AutoModelForCausalLM.from_pretrained(model_path, dtype="auto")
+        # Weights only from safetensors files: unpickling a model's weights can run code.
+        model: Any = AutoModelForCausalLM.from_pretrained(model_path, dtype="auto", use_safetensors=True)
+        # peft names adapters after module keys, where a '.' (legal in a served model's name) is not
+        # allowed: each adapter gets an internal name of its own.
+        self._peft_names = {name: f"adapter{index}" for index, name in enumerate(adapters)}
         if adapters:
             from peft import PeftModel  # noqa: PLC0415
 
             names = list(adapters)
-            model = PeftModel.from_pretrained(model, adapters[names[0]], adapter_name=names[0])
+            model = PeftModel.from_pretrained(model, adapters[names[0]], adapter_name=self._peft_names[names[0]])
             for name in names[1:]:
-                model.load_adapter(adapters[name], adapter_name=name)
+                model.load_adapter(adapters[name], adapter_name=self._peft_names[name])
         self.model: Any = model.to(self.device).eval()
         self.adapters = list(adapters)
         #: The model name the weights are set up for (peft starts with the first adapter active).
@@ -170,7 +174,7 @@ class Engine:
             self.model.base_model.disable_adapter_layers()
         else:
             self.model.base_model.enable_adapter_layers()
-            self.model.set_adapter(name)
+            self.model.set_adapter(self._peft_names[name])
 
     def _pick(self, logits: Any, sampling: Sampling, generator: Any) -> int:
         import torch  # noqa: PLC0415

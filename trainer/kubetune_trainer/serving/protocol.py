@@ -2,10 +2,15 @@
 
 Every check raises a :class:`RequestError` that names the offending field (``param``) and
 carries the HTTP status to answer with; nothing here touches the model or the network.
+:func:`parse_body` turns the raw body into a JSON object, refusing what JSON allows but the
+server cannot use: nesting deeper than :data:`MAX_DEPTH`, integers of thousands of digits, and
+strings with a lone surrogate (``"\\ud800"``, which no tokenizer can encode). Integer fields
+must fit in 64 bits.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any, Final
@@ -14,6 +19,11 @@ from typing import Any, Final
 DEFAULT_COMPLETION_TOKENS: Final = 16
 #: At most this many stop sequences (as OpenAI).
 MAX_STOP_SEQUENCES: Final = 4
+#: Deepest nesting of arrays and objects accepted in a request body (a chat request needs 5).
+MAX_DEPTH: Final = 64
+#: Integer fields hold a signed 64-bit integer (what torch takes as a seed).
+INT64_MIN: Final = -(2**63)
+INT64_MAX: Final = 2**63 - 1
 
 
 class RequestError(Exception):
@@ -68,7 +78,62 @@ def _integer(body: dict[str, Any], name: str) -> int | None:
         return None
     if isinstance(value, bool) or not isinstance(value, int):
         raise RequestError(f"'{name}' must be an integer", param=name)
+    if not INT64_MIN <= value <= INT64_MAX:
+        raise RequestError(f"'{name}' must be a 64-bit integer (between -2^63 and 2^63-1)", param=name)
     return value
+
+
+def _where(path: str, key: object) -> str:
+    return f"{path}[{key}]" if isinstance(key, int) else f"{path}.{key}" if path else str(key)
+
+
+def _is_text(value: str) -> bool:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _check_value(body: Any) -> None:
+    """Refuse nesting deeper than :data:`MAX_DEPTH` and lone surrogates, walking ``body`` without recursion."""
+    stack: list[tuple[Any, str, int]] = [(body, "", 0)]
+    while stack:
+        value, path, depth = stack.pop()
+        if isinstance(value, str):
+            if not _is_text(value):
+                raise RequestError(
+                    f"'{path}' holds a lone UTF-16 surrogate (such as \\ud800), which is not text", param=path
+                )
+            continue
+        if not isinstance(value, dict | list):
+            continue
+        if depth >= MAX_DEPTH:
+            raise RequestError(f"the request body is nested more than {MAX_DEPTH} levels deep")
+        items = value.items() if isinstance(value, dict) else enumerate(value)
+        for key, item in items:
+            if isinstance(key, str) and not _is_text(key):
+                raise RequestError(
+                    f"a key of {repr(path) if path else 'the request body'} holds a lone UTF-16 surrogate, which is not text",
+                    param=path or None,
+                )
+            stack.append((item, _where(path, key), depth + 1))
+
+
+def parse_body(raw: bytes) -> dict[str, Any]:
+    """The request body as a JSON object, checked as the module's docstring says."""
+    try:
+        body = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise RequestError(f"the request body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise RequestError(f"the request body is nested more than {MAX_DEPTH} levels deep") from None
+    except ValueError as exc:  # an integer of more digits than Python converts
+        raise RequestError(f"the request body is not valid JSON: {str(exc).split(';')[0]}") from None
+    if not isinstance(body, dict):
+        raise RequestError("the request body must be a JSON object")
+    _check_value(body)
+    return body
 
 
 def parse_sampling(body: dict[str, Any], *, default_max_tokens: int, limit: int) -> Sampling:

@@ -25,6 +25,7 @@ from kubetune_trainer.serving.protocol import (
     DEFAULT_COMPLETION_TOKENS,
     RequestError,
     Sampling,
+    parse_body,
     parse_messages,
     parse_prompt,
     parse_sampling,
@@ -326,14 +327,7 @@ class Handler(BaseHTTPRequestHandler):
             raise RequestError(
                 f"the request body must be at most {MAX_BODY_BYTES} bytes", status=HTTPStatus.REQUEST_ENTITY_TOO_LARGE
             )
-        raw = self.rfile.read(length)
-        try:
-            body = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise RequestError(f"the request body is not valid JSON: {exc}") from None
-        if not isinstance(body, dict):
-            raise RequestError("the request body must be a JSON object")
-        return body
+        return parse_body(self.rfile.read(length))
 
     def _send(self, status: int, payload: bytes, content_type: str) -> None:
         self.send_response(status)

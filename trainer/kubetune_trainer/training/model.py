@@ -4,6 +4,11 @@ Precision is resolved once, with the reason logged when the machine cannot do wh
 (bf16 on a CPU without bf16 instructions trains in fp32; fp16 mixed precision needs a GPU). The
 model's layout is checked against the spec on the meta device, before any weight is read, so a
 misspelt target module fails in seconds with the module names that do exist.
+
+Weights are read only from safetensors files: a model folder whose weights are pickles
+(``pytorch_model.bin``, ``*.pt``, ``*.pth``, ``*.ckpt``) is refused before anything is loaded,
+because unpickling a file can run code, and a pickle that torch's restricted loader blocks would
+otherwise fail every retry of the job.
 """
 
 from __future__ import annotations
@@ -24,6 +29,8 @@ log = logging.getLogger("kubetune.train")
 
 PrecisionName = Literal["bf16", "fp16", "fp32"]
 ALL_LINEAR = "all-linear"
+#: Suffixes of weight files that are Python pickles, which kubetune never loads.
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,12 +91,32 @@ def linear_module_names(model_dir: Path, *, trust_remote_code: bool) -> tuple[se
     return names, head_name.rsplit(".", 1)[-1]
 
 
+def weights_problem(model_dir: Path) -> str | None:
+    """Why the weights of ``model_dir`` will not be loaded (none in safetensors, pickles instead), or ``None``."""
+    names = sorted(p.name for p in model_dir.iterdir() if p.is_file())
+    if any(name.endswith(".safetensors") for name in names):
+        return None
+    pickles = [name for name in names if name.endswith(PICKLE_SUFFIXES)]
+    if pickles:
+        return (
+            f"{model_dir} holds its weights only as pickle files ({', '.join(pickles[:5])}), which kubetune does not "
+            "load because unpickling can run code; convert the model to safetensors on a trusted machine "
+            "(AutoModelForCausalLM.from_pretrained(DIR).save_pretrained(OUT) writes model.safetensors) "
+            "and point the source at the result"
+        )
+    return f"{model_dir} holds no *.safetensors weights; point the source at a transformers model folder with them"
+
+
 def check_model(model_dir: Path, spec: FineTuneJobSpec, problems: ProblemList) -> None:
     """Record what about the model folder or the method's target modules cannot work."""
     if not (model_dir / "config.json").is_file():
         problems.add(
             "spec.model.source", f"{model_dir} has no config.json; point the source at a transformers model folder"
         )
+        return
+    weights = weights_problem(model_dir)
+    if weights:
+        problems.add("spec.model.source", weights)
         return
     try:
         names, head = linear_module_names(model_dir, trust_remote_code=spec.model.trust_remote_code)
@@ -140,7 +167,11 @@ def load_model(
     """
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig  # noqa: PLC0415
 
-    kwargs: dict[str, Any] = {"dtype": precision.dtype, "trust_remote_code": spec.model.trust_remote_code}
+    kwargs: dict[str, Any] = {
+        "dtype": precision.dtype,
+        "trust_remote_code": spec.model.trust_remote_code,
+        "use_safetensors": True,  # never a pickle (see the module's docstring)
+    }
     quantization = spec.method.effective_quantization
     if quantization is not None:
         kwargs["quantization_config"] = BitsAndBytesConfig(

@@ -97,14 +97,16 @@ def prepare_run(config: TrainerConfig, folder: Path, *, world_size: int, cuda: b
         raise AssertionError
 
     cache = fetch.cache_dir(config)
-    try:
-        model_dir = fetch.fetch(model_at, cache=cache)
-        data_path = fetch.fetch(data_at, cache=cache)
-    except fetch.FetchError as exc:
-        if exc.permanent:
-            problems.add("spec.source", str(exc))
-            problems.raise_if_any("a source cannot be fetched")
-        raise
+    fetched: dict[str, Path] = {}
+    for kind, located in (("model", model_at), ("dataset", data_at)):
+        try:
+            fetched[kind] = fetch.fetch(located, cache=cache)
+        except fetch.FetchError as exc:
+            if not exc.permanent:
+                raise
+            problems.add(f"spec.{kind}.source", str(exc))
+    problems.raise_if_any("a source cannot be fetched")
+    model_dir, data_path = fetched["model"], fetched["dataset"]
 
     check_model(model_dir, spec, problems)
     problems.raise_if_any("the model does not fit the spec")

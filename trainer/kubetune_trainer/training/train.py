@@ -31,7 +31,7 @@ from datasets import load_from_disk
 from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-from kubetune_api import TrainerConfig
+from kubetune_api import METRICS_ADDRESS_ENV, TrainerConfig
 from kubetune_trainer.training.data.collate import Collator
 from kubetune_trainer.training.deepspeed_config import deepspeed_config
 from kubetune_trainer.training.metrics import Throughput, TrainingMetrics, is_tty, peak_memory_bytes, progress_line
@@ -172,7 +172,9 @@ def run(config: TrainerConfig, prepared: PreparedRun) -> dict[str, Any]:  # noqa
 
     metrics = TrainingMetrics() if rank == 0 else None
     if metrics is not None:
-        metrics.serve(config.metrics_port)
+        # The pod's own address when the operator gives it (KUBETUNE_METRICS_ADDRESS from status.podIP):
+        # pods that share a network namespace (the local runtime's) then never answer for one another.
+        metrics.serve(config.metrics_port, address=os.environ.get(METRICS_ADDRESS_ENV) or "0.0.0.0")  # noqa: S104
     throughput = Throughput()
     progress = PublishProgress(metrics, throughput, rank=rank)
 
@@ -268,7 +270,9 @@ def merge_adapter(model_dir: Path, adapter: Path, target: Path, trust_remote_cod
     from peft import PeftModel  # noqa: PLC0415
     from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: PLC0415
 
-    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto", trust_remote_code=trust_remote_code)
+    base = AutoModelForCausalLM.from_pretrained(
+        model_dir, dtype="auto", trust_remote_code=trust_remote_code, use_safetensors=True
+    )
     merged = PeftModel.from_pretrained(base, adapter).merge_and_unload()
     staging = target.with_name(target.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)

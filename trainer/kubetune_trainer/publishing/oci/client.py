@@ -8,6 +8,7 @@ that remains is an :class:`OciAuthError` naming where the credentials came from,
 
 from __future__ import annotations
 
+import json
 import re
 import time
 import urllib.parse
@@ -26,6 +27,8 @@ _READ_TIMEOUT_S: Final = 300.0
 #: Tries of one request when the registry cannot be reached or answers 5xx/429, and the pause before each retry.
 ATTEMPTS: Final = 3
 _BACKOFF_S: Final = 1.0
+#: Most bytes of an error answer read for its message.
+_MAX_ERROR_BYTES: Final = 64 << 10
 
 
 class OciError(Exception):
@@ -224,11 +227,16 @@ class RegistryClient(oras.provider.Registry):  # type: ignore[misc]  # oras ship
         if 200 <= response.status_code < 300:
             return
         detail = ""
+        try:  # the first 64 KiB of the body at most: a registry's words are short
+            head = next(response.iter_content(chunk_size=_MAX_ERROR_BYTES), b"")
+        except requests.exceptions.RequestException:
+            head = b""
         try:
-            errors = response.json().get("errors") or []
-            detail = "; ".join(f"{e.get('code', '')}: {e.get('message', '')}" for e in errors if isinstance(e, dict))
-        except (ValueError, AttributeError):
-            detail = response.text[:200]
+            errors = json.loads(head).get("errors") or []
+            words = [f"{e.get('code', '')}: {e.get('message', '')}" for e in errors if isinstance(e, dict)]
+            detail = "; ".join(words)[:500]
+        except (ValueError, AttributeError, RecursionError, TypeError):
+            detail = head[:200].decode("utf-8", "replace")
         raise OciError(
             f"registry {self.host} answered HTTP {response.status_code} {response.reason} to {what}"
             + (f" ({detail})" if detail else ""),

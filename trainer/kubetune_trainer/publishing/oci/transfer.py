@@ -5,6 +5,21 @@ manifest, in the layout of :mod:`.layout`, and checks the digest the registry re
 reads that layout and also plain ``oras push`` artifacts: tar layers are unpacked, other
 layers are written under their ``org.opencontainers.image.title``; when the result has a ``data/``
 folder, its content is what lands in the target folder.
+
+A registry is not trusted to be honest. ``pull`` refuses, permanently:
+
+- a manifest above :data:`MAX_MANIFEST_BYTES` (4 MiB, what registries themselves accept), one that
+  is not a JSON object, and one with more than :data:`MAX_LAYERS` (32) layers (an adapter image
+  has one; an artifact pushed file by file has one per file);
+- a layer whose descriptor has no usable ``size``, a blob whose body is larger than that size (it
+  stops reading there and writes nothing past it), and layers whose sizes add up to more than
+  ``$KUBETUNE_MAX_UNPACKED_BYTES`` (see :mod:`kubetune_trainer.archive`);
+- a tar layer that :func:`kubetune_trainer.archive.unpack` refuses: one that unpacks to more than
+  its bound (a gzip bomb), holds too many entries, or a symbolic or hard link that leads out of its
+  folder (``data/up -> ..``), or that is not a readable tar at all;
+- a result with a symbolic link that leads outside the folder whose content is pulled.
+
+A blob that arrives short (the connection broke) or with another digest is retryable.
 """
 
 from __future__ import annotations
@@ -14,7 +29,6 @@ import json
 import logging
 import re
 import shutil
-import tarfile
 import tempfile
 import time
 from collections.abc import Mapping
@@ -24,6 +38,7 @@ from typing import Any, Final
 
 import requests
 
+from kubetune_trainer.archive import ArchiveError, escaping_links, human, max_unpacked_bytes, unpack, unpacked_limit
 from kubetune_trainer.publishing.folders import move_into
 from kubetune_trainer.publishing.oci.client import OciError, RegistryClient, short_reason
 from kubetune_trainer.publishing.oci.credentials import Credentials
@@ -45,6 +60,10 @@ log = logging.getLogger("kubetune.oci")
 
 #: Layers above this size are uploaded in chunks of this size (oras reads a plain upload into memory).
 CHUNK_BYTES: Final = 64 << 20
+#: Largest manifest read: registries accept manifests of at least 4 MiB, and kubetune's are a few KiB.
+MAX_MANIFEST_BYTES: Final = 4 << 20
+#: Most layers a pulled manifest may list.
+MAX_LAYERS: Final = 32
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,49 +161,119 @@ _TAR_MEDIA_TYPES: Final = (
 )
 
 
+def _read_manifest(response: requests.Response, ref: Reference) -> bytes:
+    too_big = OciError(
+        f"{ref}: the registry sent a manifest larger than {human(MAX_MANIFEST_BYTES)}; refused", permanent=True
+    )
+    length = response.headers.get("Content-Length", "")
+    if length.strip().isdigit() and int(length) > MAX_MANIFEST_BYTES:
+        raise too_big
+    body = bytearray()
+    try:
+        for chunk in response.iter_content(chunk_size=64 << 10):
+            body += chunk
+            if len(body) > MAX_MANIFEST_BYTES:
+                raise too_big
+    except requests.exceptions.RequestException as exc:
+        raise OciError(
+            f"the download of the manifest of {ref} broke off ({short_reason(exc)})", permanent=False
+        ) from None
+    return bytes(body)
+
+
 def fetch_manifest(registry: RegistryClient, ref: Reference) -> tuple[dict[str, Any], str]:
-    """The manifest that ``ref`` names and its digest (checked against ``ref``'s digest when it has one)."""
+    """The manifest that ``ref`` names and its digest (checked against ``ref``'s digest when it has one).
+
+    Its layers are checked as far as they can be before a download: at most :data:`MAX_LAYERS`,
+    each an object with a media type, a sha256 digest and a size.
+    """
     container = registry.container(ref)
     accept = ", ".join([MANIFEST_MEDIA_TYPE, DOCKER_MANIFEST_MEDIA_TYPE, *INDEX_MEDIA_TYPES])
     response = registry.do_request(
-        f"{registry.prefix}://{container.manifest_url(ref.reference)}", "GET", headers={"Accept": accept}
+        f"{registry.prefix}://{container.manifest_url(ref.reference)}", "GET", headers={"Accept": accept}, stream=True
     )
-    if response.status_code == 404:
-        raise OciError(
-            f"{ref} does not exist (registry {ref.host} answered 404); check the repository and tag", permanent=True
-        )
-    registry.check(response, f"the manifest GET for {ref}")
-    body = response.content
+    try:
+        if response.status_code == 404:
+            raise OciError(
+                f"{ref} does not exist (registry {ref.host} answered 404); check the repository and tag",
+                permanent=True,
+            )
+        registry.check(response, f"the manifest GET for {ref}")
+        body = _read_manifest(response, ref)
+    finally:
+        response.close()
     digest = "sha256:" + hashlib.sha256(body).hexdigest()
     if ref.digest and ref.digest != digest:
         raise OciError(f"{ref}: the registry sent a manifest whose digest is {digest}", permanent=True)
     try:
         manifest = json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):  # not JSON, a number of thousands of digits, nesting too deep
         raise OciError(f"{ref}: the manifest is not JSON", permanent=True) from None
+    if not isinstance(manifest, dict):
+        raise OciError(
+            f"{ref}: the manifest is a JSON {type(manifest).__name__}, not an object; the registry sent no image manifest",
+            permanent=True,
+        )
     media_type = manifest.get("mediaType") or response.headers.get("Content-Type", "")
     if media_type in INDEX_MEDIA_TYPES or "manifests" in manifest:
         raise OciError(
             f"{ref} is an image index (several platforms); kubetune pull reads a single image or artifact manifest",
             permanent=True,
         )
-    if not isinstance(manifest.get("layers"), list):
+    layers = manifest.get("layers")
+    if not isinstance(layers, list):
         raise OciError(f"{ref}: the manifest lists no layers", permanent=True)
+    if len(layers) > MAX_LAYERS:
+        raise OciError(
+            f"{ref}: the manifest lists {len(layers)} layers, more than the {MAX_LAYERS} kubetune pull reads "
+            "(an adapter image has one)",
+            permanent=True,
+        )
+    for index, layer in enumerate(layers):
+        _check_descriptor(ref, index, layer)
     return manifest, digest
 
 
+def _check_descriptor(ref: Reference, index: int, layer: Any) -> None:
+    if not isinstance(layer, dict):
+        raise OciError(f"{ref}: layer {index} is not an object", permanent=True)
+    digest = layer.get("digest")
+    if not isinstance(digest, str) or not re.fullmatch(r"sha256:[a-f0-9]{64}", digest):
+        raise OciError(f"{ref}: layer {index} has an unsupported digest {digest!r} (only sha256)", permanent=True)
+    size = layer.get("size")
+    if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+        raise OciError(f"{ref}: layer {index} has no size in bytes (found {size!r})", permanent=True)
+    if not isinstance(layer.get("mediaType", ""), str):
+        raise OciError(f"{ref}: layer {index} has a mediaType that is not a string", permanent=True)
+    annotations = layer.get("annotations")
+    if annotations is not None and not (
+        isinstance(annotations, dict) and all(isinstance(v, str) for v in annotations.values())
+    ):
+        raise OciError(f"{ref}: the annotations of layer {index} are not an object of strings", permanent=True)
+
+
 def _download(registry: RegistryClient, ref: Reference, layer: Mapping[str, Any], target: Path) -> None:
-    digest = str(layer.get("digest", ""))
-    if not re.fullmatch(r"sha256:[a-f0-9]{64}", digest):
-        raise OciError(f"{ref}: a layer has an unsupported digest {digest!r} (only sha256)", permanent=True)
+    """Download the blob of ``layer`` (a checked descriptor) into ``target``, never past its ``size``."""
+    digest = str(layer["digest"])
+    expected = int(layer["size"])
     url = f"{registry.prefix}://{registry.container(ref).get_blob_url(digest)}"
     response = registry.do_request(url, "GET", stream=True)
-    registry.check(response, f"the GET of blob {digest}")
+    too_big = OciError(
+        f"{ref}: the registry sent more than the {expected:,} bytes that the manifest gives for blob {digest}; refused",
+        permanent=True,
+    )
     sha = hashlib.sha256()
     size = 0
     try:
+        registry.check(response, f"the GET of blob {digest}")
+        length = response.headers.get("Content-Length", "")
+        identity = response.headers.get("Content-Encoding", "identity").strip().lower() in ("", "identity")
+        if identity and length.strip().isdigit() and int(length) > expected:
+            raise too_big
         with open(target, "wb") as out:
             for chunk in response.iter_content(chunk_size=1 << 20):
+                if size + len(chunk) > expected:
+                    raise too_big
                 sha.update(chunk)
                 size += len(chunk)
                 out.write(chunk)
@@ -194,6 +283,10 @@ def _download(registry: RegistryClient, ref: Reference, layer: Mapping[str, Any]
         ) from None
     finally:
         response.close()
+    if size < expected:
+        raise OciError(
+            f"the download of {digest} from {ref.host} broke off after {size:,} of {expected:,} bytes", permanent=False
+        )
     if "sha256:" + sha.hexdigest() != digest:
         raise OciError(
             f"{ref}: blob {digest} arrived with digest sha256:{sha.hexdigest()} ({size} bytes)", permanent=False
@@ -207,6 +300,44 @@ def _safe_relative(name: str) -> PurePosixPath | None:
     return path
 
 
+def _pull_layer(  # noqa: PLR0917 - the pull's state, passed along
+    registry: RegistryClient, ref: Reference, index: int, layer: dict[str, Any], staging: Path, root: Path, budget: int
+) -> int:
+    """Download layer ``index`` and unpack or place it under ``root``; return the bytes it added (at most ``budget``)."""
+    media_type = str(layer.get("mediaType", ""))
+    title = str((layer.get("annotations") or {}).get(TITLE_ANNOTATION, ""))
+    size = int(layer["size"])
+    blob = staging / f"blob-{index}"
+    try:
+        if media_type in _TAR_MEDIA_TYPES:
+            _download(registry, ref, layer, blob)
+            try:
+                return unpack(blob, root, limit=min(unpacked_limit(size), budget), name=f"layer {index} of {ref}")
+            except ArchiveError as exc:
+                raise OciError(f"{exc}; refused", permanent=True) from None
+        if media_type.endswith("+zstd"):
+            raise OciError(
+                f"{ref}: layer {index} is zstd-compressed, which kubetune pull cannot unpack", permanent=True
+            )
+        if title:
+            relative = _safe_relative(title)
+            if relative is None:
+                raise OciError(f"{ref}: layer {index} has the unsafe title {title!r}", permanent=True)
+            destination = root / relative
+            destination.parent.mkdir(parents=True, exist_ok=True)
+            if not destination.parent.resolve().is_relative_to(root.resolve()) or destination.is_symlink():
+                raise OciError(
+                    f"{ref}: layer {index} ({title!r}) would be written through a symbolic link; refused",
+                    permanent=True,
+                )
+            _download(registry, ref, layer, destination)
+            return size
+        log.info("skipping layer %d of %s (%s, no title)", index, ref, media_type)
+        return 0
+    finally:
+        blob.unlink(missing_ok=True)
+
+
 def pull(ref: Reference, into: Path, *, credentials: Credentials | None, credential_source: str) -> Pulled:
     """Pull ``ref`` so that its files (the ``data/`` folder's content, when it has one) end up directly in ``into``.
 
@@ -216,6 +347,17 @@ def pull(ref: Reference, into: Path, *, credentials: Credentials | None, credent
     """
     registry = RegistryClient(ref.host, credentials, credential_source=credential_source)
     manifest, digest = fetch_manifest(registry, ref)
+    try:
+        budget = max_unpacked_bytes()
+    except ArchiveError as exc:
+        raise OciError(str(exc), permanent=True) from None
+    declared = sum(int(layer["size"]) for layer in manifest["layers"])
+    if declared > budget:
+        raise OciError(
+            f"{ref}: its layers hold {human(declared)}, more than the {human(budget)} a pull may "
+            "(raise $KUBETUNE_MAX_UNPACKED_BYTES for larger images)",
+            permanent=True,
+        )
     into.mkdir(parents=True, exist_ok=True)
     for stale in into.glob(".kubetune-pull-*"):
         shutil.rmtree(stale, ignore_errors=True)
@@ -224,29 +366,13 @@ def pull(ref: Reference, into: Path, *, credentials: Credentials | None, credent
         root = staging / "root"
         root.mkdir()
         for index, layer in enumerate(manifest["layers"]):
-            if not isinstance(layer, dict):
-                raise OciError(f"{ref}: layer {index} is not an object", permanent=True)
-            media_type = str(layer.get("mediaType", ""))
-            title = str((layer.get("annotations") or {}).get(TITLE_ANNOTATION, ""))
-            blob = staging / f"blob-{index}"
-            if media_type in _TAR_MEDIA_TYPES:
-                _download(registry, ref, layer, blob)
-                with tarfile.open(blob, "r:*") as tar:
-                    tar.extractall(root, filter="data")
-            elif media_type.endswith("+zstd"):
-                raise OciError(
-                    f"{ref}: layer {index} is zstd-compressed, which kubetune pull cannot unpack", permanent=True
-                )
-            elif title:
-                relative = _safe_relative(title)
-                if relative is None:
-                    raise OciError(f"{ref}: layer {index} has the unsafe title {title!r}", permanent=True)
-                (root / relative).parent.mkdir(parents=True, exist_ok=True)
-                _download(registry, ref, layer, root / relative)
-            else:
-                log.info("skipping layer %d of %s (%s, no title)", index, ref, media_type)
-            blob.unlink(missing_ok=True)
+            budget -= _pull_layer(registry, ref, index, layer, staging, root, budget)
         source = root / DATA_DIR if (root / DATA_DIR).is_dir() else root
+        if source.is_symlink():
+            raise OciError(f"{ref}: its {DATA_DIR} folder is a symbolic link; refused", permanent=True)
+        escaping = escaping_links(source, source.resolve())
+        if escaping:
+            raise OciError(f"{ref} holds symbolic links that lead out of it: {'; '.join(escaping)}", permanent=True)
         names = sorted(str(p.relative_to(source)) for p in source.rglob("*") if p.is_file())
         if not names:
             raise OciError(f"{ref} holds no files", permanent=True)
