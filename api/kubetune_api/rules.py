@@ -34,6 +34,9 @@ class Rule:
         return "." + self.field
 
 
+#: The largest LoRA rank vLLM serves (its largest ``--max-lora-rank``).
+MAX_VLLM_LORA_RANK: Final = 512
+
 RULES: Final[tuple[Rule, ...]] = (
     Rule(
         field="method.lora",
@@ -120,6 +123,34 @@ RULES: Final[tuple[Rule, ...]] = (
         cel="!self.serving.enabled || self.serving.runtime != 'vllm' || self.method.type != 'dora' || self.output.merge",
         holds=lambda s: (
             not s.serving.enabled or s.serving.runtime != "vllm" or s.method.type != "dora" or s.output.merge
+        ),
+    ),
+    Rule(
+        field="method.lora.r",
+        message="vLLM serves LoRA adapters of rank at most 512 (its largest --max-lora-rank); set method.lora.r "
+        "to 512 or less, or serving.runtime: transformers",
+        cel="!self.serving.enabled || self.serving.runtime != 'vllm' || self.method.type == 'full' "
+        "|| (self.method.type == 'dora' && self.output.merge) || !has(self.method.lora) || self.method.lora.r <= 512",
+        holds=lambda s: (
+            not s.serving.enabled
+            or s.serving.runtime != "vllm"
+            or s.method.type == "full"
+            or (s.method.type == "dora" and s.output.merge)
+            or s.method.lora is None
+            or s.method.lora.r <= MAX_VLLM_LORA_RANK
+        ),
+    ),
+    Rule(
+        field="method.quantization.bits",
+        message="8-bit weights cannot be sharded by ZeRO-3; set method.quantization.bits: 4 (which ZeRO-3 shards) "
+        "or distributed.deepspeed.zeroStage: 2",
+        cel="self.method.type != 'qlora' || !has(self.method.quantization) || self.method.quantization.bits != 8 "
+        "|| self.distributed.deepspeed.zeroStage != 3",
+        holds=lambda s: (
+            s.method.type != "qlora"
+            or s.method.quantization is None
+            or s.method.quantization.bits != 8
+            or s.distributed.deepspeed.zero_stage != 3
         ),
     ),
     Rule(

@@ -133,9 +133,9 @@ class ModelSpec(SpecModel):
     """The base model to fine-tune."""
 
     source: Uri
-    """Where the base model lives: hf://org/name[@revision], https://…, pvc://claim/path, oci://registry/repo:tag or s3://bucket/key."""
+    """Where the base model lives: hf://org/name[@revision], https://…/model.tar.gz or pvc://claim/path (s3:// and oci:// are not supported yet)."""
     secret_ref: ResourceName | None = None
-    """Name of a Secret in the job's namespace with the credentials for the source (key `token` for hf://, `.dockerconfigjson` for oci://, AWS keys for s3://)."""
+    """Name of a Secret in the job's namespace with the credentials for the source (key `token` for hf://)."""
     trust_remote_code: bool = False
     """Run Python code shipped with the model (transformers' trust_remote_code). Off unless the model needs it."""
 
@@ -161,7 +161,7 @@ class DatasetSpec(SpecModel):
     """The training data and how to turn it into token sequences."""
 
     source: Uri
-    """Where the data lives: hf://org/name, https://…/file.jsonl, pvc://claim/path, oci://…, s3://bucket/key or configmap://name/key (small data). JSONL, JSON, CSV, Parquet and saved Hugging Face datasets are read."""
+    """Where the data lives: hf://org/name, https://…/file.jsonl, pvc://claim/path or configmap://name/key (small data); s3:// and oci:// are not supported yet. JSONL, JSON, CSV, Parquet and saved Hugging Face datasets are read."""
     secret_ref: ResourceName | None = None
     """Name of a Secret in the job's namespace with the credentials for the source."""
     format: DatasetFormat = "auto"
@@ -396,9 +396,9 @@ class OutputSpec(SpecModel):
     """Where the trained adapter (or full model) goes."""
 
     destination: Uri | None = None
-    """pvc://claim/path, oci://registry/repository:tag or s3://bucket/key; the job's own volume when unset."""
+    """pvc://claim/path or oci://registry/repository:tag (s3:// is not supported yet); the job's own volume when unset."""
     secret_ref: ResourceName | None = None
-    """Name of a Secret with push credentials (`.dockerconfigjson` for oci://, AWS keys for s3://)."""
+    """Name of a Secret with push credentials (`.dockerconfigjson` for oci://)."""
     merge: bool = False
     """Also merge the adapter into the base weights and publish the merged model (needed to serve DoRA with vLLM)."""
 

@@ -263,7 +263,23 @@ class TestServingDeployment:
         deployment = build_serving_deployment(serving_target(model={"secretRef": None}), ADAPTER)
         args = pod_spec(deployment)["containers"][0]["command"]
         assert args[2] == "microsoft/Phi-3-mini-4k-instruct"
+        assert "--revision" not in args
         assert [c["name"] for c in pod_spec(deployment)["initContainers"]] == ["pull-adapter"]
+
+    def test_a_hub_revision_is_passed_to_vllm_as_its_own_flag(self) -> None:
+        source = "hf://microsoft/Phi-3-mini-4k-instruct@0a67737cc96d2554230f90338b163bc6380a2a85"
+        deployment = build_serving_deployment(serving_target(model={"source": source, "secretRef": None}), ADAPTER)
+        args = pod_spec(deployment)["containers"][0]["command"]
+        assert args[2] == "microsoft/Phi-3-mini-4k-instruct"
+        assert args[args.index("--revision") + 1] == "0a67737cc96d2554230f90338b163bc6380a2a85"
+        assert args[args.index("--tokenizer-revision") + 1] == "0a67737cc96d2554230f90338b163bc6380a2a85"
+
+    def test_a_rank_above_what_vllm_serves_is_refused_at_admission(self) -> None:
+        with pytest.raises(InvalidManifestError, match=r"method\.lora\.r.*at most 512"):
+            serving_target(method={"lora": {"r": 600}})
+        # Served by the built-in server, or merged (DoRA), the rank is not vLLM's concern.
+        serving_target(method={"lora": {"r": 600}}, serving={"runtime": "transformers", "gpus": 0})
+        serving_target(method={"type": "dora", "lora": {"r": 600}}, output={"merge": True})
 
     def test_rank_is_rounded_up_to_a_rank_vllm_accepts(self) -> None:
         deployment = build_serving_deployment(serving_target(method={"lora": {"r": 24}}), ADAPTER)

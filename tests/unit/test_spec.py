@@ -81,13 +81,18 @@ class TestSources:
             "https://example.org/x/model",
             "pvc://models/llama/8b",
             "pvc://models",
-            "oci://registry.example:5000/adapters/bot:v1",
-            "oci://registry.example/a/b@sha256:" + "a" * 64,
-            "s3://bucket-1/key/model",
         ],
     )
     def test_model_sources_accepted(self, uri: str) -> None:
         assert str(parse_uri(uri, MODEL_SCHEMES)) == uri
+
+    @pytest.mark.parametrize(
+        "uri", ["oci://registry.example:5000/adapters/bot:v1", "s3://bucket-1/key/model"], ids=["oci", "s3"]
+    )
+    def test_sources_not_supported_yet_are_refused_naming_what_works(self, uri: str) -> None:
+        for schemes in (MODEL_SCHEMES, DATASET_SCHEMES):
+            with pytest.raises(ValueError, match=r"unsupported scheme .*; use hf://org/name\[@revision\].*pvc://"):
+                parse_uri(uri, schemes)
 
     def test_configmap_only_for_datasets(self) -> None:
         assert parse_uri("configmap://toy-data/train.jsonl", DATASET_SCHEMES).authority == "toy-data"

@@ -64,7 +64,8 @@ def test_s3_and_oci_are_refused_as_not_supported_yet(tmp_path: Path) -> None:
     for uri in ("s3://bucket/key.jsonl", "oci://registry.example/data/x:v1"):
         found, problems = locate(cfg, uri)
         assert found is None
-        assert "not supported by this trainer yet" in problems[0]
+        assert "(not supported here yet)" in problems[0]
+        assert "pvc://claim/path" in problems[0], "names what works"
 
 
 @pytest.mark.parametrize(

@@ -132,18 +132,13 @@ def locate(  # noqa: PLR0911 - one return per scheme
             problems.add(field, reason)
             return None
         return UrlSource(uri, allow_private=config.allow_private_addresses)
-    if parsed.scheme == "hf":
-        repo, _, revision = parsed.location.partition("@")
-        token, token_problem = hub_token(secret_ref, config)
-        if token_problem:
-            problems.add(f"spec.{kind}.secretRef", token_problem)
-            return None
-        return HubSource(repo_id=repo, revision=revision or None, repo_type=kind, token=token)
-    problems.add(
-        field,
-        f"{parsed.scheme}:// sources are not supported by this trainer yet; copy the data to a PVC and use pvc://claim/path",
-    )
-    return None
+    # parse_uri accepted only the schemes above and hf:// (s3:// and oci:// sources are refused at admission).
+    repo, _, revision = parsed.location.partition("@")
+    token, token_problem = hub_token(secret_ref, config)
+    if token_problem:
+        problems.add(f"spec.{kind}.secretRef", token_problem)
+        return None
+    return HubSource(repo_id=repo, revision=revision or None, repo_type=kind, token=token)
 
 
 def _existing(path: Path, field: str, problems: ProblemList, *, hint: str) -> LocalSource | None:

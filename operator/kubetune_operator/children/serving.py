@@ -7,6 +7,7 @@ from typing import Final
 
 from kubetune_api import CONFIG_MOUNT, SECRETS_MOUNT, SOURCES_MOUNT, parse_uri
 from kubetune_api.objects import Obj
+from kubetune_api.rules import MAX_VLLM_LORA_RANK
 from kubetune_api.uris import MODEL_SCHEMES, OUTPUT_SCHEMES
 from kubetune_operator import names
 from kubetune_operator.children import pod
@@ -16,7 +17,7 @@ from kubetune_operator.children.target import Target
 SERVE_MODEL_MOUNT: Final = "/var/run/kubetune/model"
 SERVE_ADAPTER_MOUNT: Final = "/var/run/kubetune/adapter"
 #: LoRA ranks vLLM accepts for --max-lora-rank.
-VLLM_LORA_RANKS: Final = (8, 16, 32, 64, 128, 256, 320, 512)
+VLLM_LORA_RANKS: Final = (8, 16, 32, 64, 128, 256, 320, MAX_VLLM_LORA_RANK)
 
 
 def serving_gpus(target: Target) -> int:
@@ -59,6 +60,8 @@ class _ServingFiles:
     model_path: str
     adapter_path: str | None
     """None when the merged model is served (vLLM with a DoRA adapter)."""
+    model_revision: str | None = None
+    """The hub revision of a public ``hf://org/name@revision`` model vLLM downloads itself."""
 
 
 def _serving_files(target: Target, adapter_uri: str) -> _ServingFiles:
@@ -119,10 +122,13 @@ def _serving_files(target: Target, adapter_uri: str) -> _ServingFiles:
         return _ServingFiles(volumes, mounts, inits, SERVE_MODEL_MOUNT, None)
 
     model = parse_uri(spec.model.source, MODEL_SCHEMES)
+    model_revision = None
     if model.scheme == "pvc":
         model_path = claim_path(model.authority, model.path)
     elif model.scheme == "hf" and spec.serving.runtime == "vllm" and not spec.model.secret_ref:
-        model_path = model.location  # vLLM downloads public hub models itself
+        # vLLM downloads public hub models itself; a revision is its own flag, not part of the name.
+        model_path, _, revision = model.location.partition("@")
+        model_revision = revision or None
     else:
         if spec.model.secret_ref:
             volumes.append({"name": "model-secret", "secret": {"secretName": spec.model.secret_ref}})
@@ -145,7 +151,7 @@ def _serving_files(target: Target, adapter_uri: str) -> _ServingFiles:
     else:
         init("pull-adapter", [*pull, SERVE_ADAPTER_MOUNT, *docker_config], "adapter", SERVE_ADAPTER_MOUNT)
         adapter_path = SERVE_ADAPTER_MOUNT
-    return _ServingFiles(volumes, mounts, inits, model_path, adapter_path)
+    return _ServingFiles(volumes, mounts, inits, model_path, adapter_path, model_revision)
 
 
 def serving_command(target: Target, files: _ServingFiles) -> list[str]:
@@ -159,6 +165,9 @@ def _serving_arguments(target: Target, files: _ServingFiles) -> list[str]:
     port = str(serving.port)
     if serving.runtime == "vllm":
         command = ["vllm", "serve", files.model_path, "--host", "0.0.0.0", "--port", port]  # noqa: S104
+        if files.model_revision:
+            # vLLM takes the tokenizer from the default branch unless told otherwise.
+            command += ["--revision", files.model_revision, "--tokenizer-revision", files.model_revision]
         if files.adapter_path is None:
             return [*command, "--served-model-name", name]
         lora = target.spec.method.effective_lora

@@ -132,7 +132,7 @@ def main(args: argparse.Namespace) -> int:
 
         Path(config.mounts.output).mkdir(parents=True, exist_ok=True)
         work = Path(tempfile.mkdtemp(prefix="kubetune-prepared-", dir=os.environ.get(WORK_DIR_ENV)))
-        prepared = prepare_run(config, work, world_size=topology.world_size, cuda=cuda)
+        prepared = prepare_run(config, work, cuda=cuda)
         if topology.world_size == 1:
             from kubetune_trainer.training.train import run  # noqa: PLC0415
 

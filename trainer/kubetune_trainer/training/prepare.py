@@ -59,16 +59,10 @@ class PreparedRun:
         return config, cls(folder=folder, model_dir=Path(saved["model_dir"]), stats=DataStats(**saved["stats"]))
 
 
-def check_combination(config: TrainerConfig, problems: ProblemList, *, world_size: int, cuda: bool) -> None:
-    """Record combinations the models allow but this trainer cannot run here."""
+def log_combination(config: TrainerConfig, *, cuda: bool) -> None:
+    """Say where this run does what the spec asks differently (combinations that cannot run at all,
+    such as 8-bit weights under ZeRO-3, are refused by the spec's RULES at admission)."""
     spec = config.spec
-    quantization = spec.method.effective_quantization
-    zero3 = spec.distributed.deepspeed.used_with(world_size) and spec.distributed.deepspeed.zero_stage == 3
-    if quantization is not None and quantization.bits == 8 and zero3:
-        problems.add(
-            "spec.method.quantization.bits",
-            "8-bit weights cannot be sharded by ZeRO-3; use bits: 4 (which ZeRO-3 shards) or distributed.deepspeed.zeroStage: 2",
-        )
     if not cuda and spec.training.optimizer == "paged-adamw-8bit":
         log.info("paged-adamw-8bit pages optimizer state between GPU and host; on a CPU it behaves as adamw-8bit")
     if spec.output.destination and not spec.output.destination.startswith("pvc://"):
@@ -79,13 +73,13 @@ def check_combination(config: TrainerConfig, problems: ProblemList, *, world_siz
         )
 
 
-def prepare_run(config: TrainerConfig, folder: Path, *, world_size: int, cuda: bool) -> PreparedRun:
+def prepare_run(config: TrainerConfig, folder: Path, *, cuda: bool) -> PreparedRun:
     """Check everything, fetch the sources and tokenize the data into ``folder``; raise PermanentError on any problem."""
     from kubetune_trainer.training.model import check_model, load_tokenizer  # noqa: PLC0415 - imports transformers
 
     spec = config.spec
     problems = ProblemList()
-    check_combination(config, problems, world_size=world_size, cuda=cuda)
+    log_combination(config, cuda=cuda)
     model_at = fetch.locate(
         spec.model.source, kind="model", secret_ref=spec.model.secret_ref, config=config, problems=problems
     )
