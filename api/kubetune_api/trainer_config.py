@@ -7,9 +7,10 @@ plain FineTuneJob manifest on a workstation) and nothing else; it never talks to
 
 from __future__ import annotations
 
+import ipaddress
 from typing import Annotated, Final, Literal
 
-from pydantic import Field
+from pydantic import AfterValidator, Field
 
 from kubetune_api.spec import FineTuneJobSpec, SpecModel
 
@@ -28,6 +29,17 @@ DEFAULT_METRICS_PORT: Final = 9400
 METRICS_ADDRESS_ENV: Final = "KUBETUNE_METRICS_ADDRESS"
 
 MountPath = Annotated[str, Field(min_length=1, max_length=4096, pattern=r"^/")]
+
+
+def network(text: str) -> str:
+    """``text`` as a CIDR network (``10.20.0.0/16``, ``fd00::/8``, a single address); ValueError otherwise."""
+    try:
+        return str(ipaddress.ip_network(text, strict=False))
+    except ValueError:
+        raise ValueError(f"{text!r} is not a network; use CIDR notation such as 10.20.0.0/16") from None
+
+
+Network = Annotated[str, AfterValidator(network)]
 
 
 class Mounts(SpecModel):
@@ -64,4 +76,8 @@ class TrainerConfig(SpecModel):
     """Port on which rank 0 serves Prometheus metrics (step, loss, tokens/s, ETA…), on the address in
     the environment variable METRICS_ADDRESS_ENV (the pod's IP)."""
     allow_private_addresses: bool = False
-    """Let https:// and http:// sources reach loopback, private and link-local addresses (off: such URLs are refused)."""
+    """Let https:// and http:// sources reach loopback, private and link-local addresses (off: such URLs are
+    refused). For `kubetune train` on a workstation; the operator sets private_networks instead."""
+    private_networks: Annotated[list[Network], Field(max_length=64)] = Field(default_factory=list)
+    """Private networks (CIDR) that https:// and http:// sources may reach: the operator's
+    --allow-private-network (chart value sources.allowPrivateNetworks), chosen by the cluster's admins."""

@@ -105,6 +105,7 @@ def _demo(args: argparse.Namespace) -> int:
 def _operator(args: argparse.Namespace) -> int:
     import logging
 
+    from kubetune_api.trainer_config import network
     from kubetune_operator.handlers import run_operator
     from kubetune_operator.settings import NodeClassRef, OperatorSettings
 
@@ -114,6 +115,11 @@ def _operator(args: argparse.Namespace) -> int:
     group, kind, name = (
         args.node_class.split("/") if args.node_class else ("karpenter.azure.com", "AKSNodeClass", "default")
     )
+    try:
+        networks = tuple(network(text) for text in args.allow_private_network or ())
+    except ValueError as exc:
+        print(f"kubetune operator: --allow-private-network: {exc}", file=sys.stderr)
+        return 2
     settings = OperatorSettings(
         trainer_image=args.trainer_image,
         vllm_image=args.vllm_image,
@@ -124,6 +130,7 @@ def _operator(args: argparse.Namespace) -> int:
         health_port=args.health_port,
         progress_interval_seconds=args.progress_interval,
         node_class=NodeClassRef(group=group, kind=kind, name=name),
+        private_networks=networks,
     )
     run_operator(settings, standalone=args.peering is None)
     return 0
@@ -364,6 +371,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     operator.add_argument(
         "--node-class", help="Karpenter NodeClass as GROUP/KIND/NAME (default karpenter.azure.com/AKSNodeClass/default)"
+    )
+    operator.add_argument(
+        "--allow-private-network",
+        action="append",
+        metavar="CIDR",
+        help="a private network http(s) sources may reach, such as an in-cluster data server's (repeatable); "
+        "non-public addresses are refused otherwise",
     )
     operator.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     operator.set_defaults(run=_operator)

@@ -54,5 +54,7 @@ class OperatorSettings:
     """Port of kopf's /healthz (the liveness probe), on 0.0.0.0; 0 serves none."""
     node_class: NodeClassRef = field(default_factory=NodeClassRef)
     """NodeClass for provisioner karpenter."""
+    private_networks: tuple[str, ...] = ()
+    """Private networks (CIDR) that http(s) sources may reach (TrainerConfig.private_networks); none by default."""
     gpu_taint_value: str = "true"
     """Value of the nvidia.com/gpu:NoSchedule taint on provisioned nodes."""

@@ -125,7 +125,13 @@ def test_defaults_watch_the_cluster_with_one_standalone_replica(helm: Helm) -> N
     assert args.peering is None, "one replica runs standalone"
     assert args.metrics_port == 8080
     assert args.trainer_image == DEFAULT_TRAINER_IMAGE, "the chart's default trainer is the operator's default"
+    assert args.allow_private_network is None, "URL sources reach only public addresses by default"
     assert not of_kind(manifests, "Role")
+
+
+def test_private_networks_for_sources_are_passed_to_the_operator(helm: Helm) -> None:
+    manifests = helm.template("--set", "sources.allowPrivateNetworks={10.20.0.0/16,fd00::/8}")
+    assert operator_args(manifests).allow_private_network == ["10.20.0.0/16", "fd00::/8"]
 
 
 def test_namespaced_install_passes_each_namespace_and_binds_a_role_in_each(helm: Helm) -> None:

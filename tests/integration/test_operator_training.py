@@ -21,7 +21,7 @@ import pytest
 from kubernetes import client, watch
 
 from kubetune_local import cluster
-from tests.factories import create_job, finetunejob, read_job, wait_until
+from tests.factories import create_job, finetunejob, read_job, serve_folder, wait_until
 from tests.integration.conftest import OperatorProcess
 from tests.integration.test_operator import delete_and_expect_nothing_left
 
@@ -232,6 +232,40 @@ def test_a_bad_dataset_fails_once_with_a_dataset_reason(api: client.ApiClient, n
     time.sleep(5)
     jobs = client.BatchV1Api(api).list_namespaced_job(namespace).items
     assert [j.metadata.name for j in jobs] == ["baddata-train-0"], "no restart loop"
+
+
+def test_a_dataset_on_an_in_cluster_server_is_read_once_the_admins_allow_its_network(
+    operator: OperatorProcess, api: client.ApiClient, namespace: str
+) -> None:
+    """A URL source on a private address fails the job for good, naming the operator's allow-list
+    (users cannot reach the TrainerConfig); once the operator allows the network, the job trains."""
+    folder = toy_claim(api, namespace)
+    with serve_folder(folder / "data") as url:
+        refused = toy_job("private-data", steps=4, nodes=1)
+        refused["spec"]["dataset"]["source"] = f"{url}/train.jsonl"
+        create_job(api, namespace, refused)
+        assert (
+            wait_until(lambda: ended(api, namespace, "private-data"), timeout=300, what="the job to fail") == "Failed"
+        )
+        failed = next(
+            c for c in read_job(api, namespace, "private-data")["status"]["conditions"] if c["type"] == "Failed"
+        )
+        assert failed["reason"] == "PermanentFailure"
+        assert "a loopback address" in failed["message"]
+        assert "--allow-private-network" in failed["message"], "names the setting that allows it"
+        operator.stop()
+        operator.extra_args = ("--allow-private-network", "127.0.0.0/8")
+        operator.start()
+        try:
+            allowed = toy_job("allowed-data", steps=4, nodes=1)
+            allowed["spec"]["dataset"]["source"] = f"{url}/train.jsonl"
+            create_job(api, namespace, allowed)
+            done = wait_until(lambda: ended(api, namespace, "allowed-data"), timeout=300, what="the job to end")
+            assert done == "Complete", read_job(api, namespace, "allowed-data")["status"]
+        finally:
+            operator.stop()
+            operator.extra_args = ()
+            operator.start()
 
 
 def test_operator_sigkilled_ten_times_duplicates_nothing(

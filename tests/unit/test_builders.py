@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from typing import Any
 
@@ -159,6 +160,10 @@ class TestTrainingJob:
         config = TrainerConfig.model_validate(json.loads(build_config_map(t)["data"]["config.json"]))
         assert config.mounts.claims == {"models": "/var/run/kubetune/sources/pvc/models"}
         assert config.spec == t.spec
+        assert config.private_networks == [], "URL sources reach only public addresses by default"
+        allowed = dataclasses.replace(t, settings=OperatorSettings(private_networks=("10.20.0.0/16",)))
+        config = TrainerConfig.model_validate(json.loads(build_config_map(allowed)["data"]["config.json"]))
+        assert config.private_networks == ["10.20.0.0/16"], "the admins' allow-list reaches the trainer"
 
 
 class TestStaging:

@@ -10,6 +10,7 @@ from typing import Any
 
 import huggingface_hub
 import pytest
+from pydantic import ValidationError
 
 from kubetune_api import ALLOW_LOCAL_PATHS, TrainerConfig
 from kubetune_trainer import fetch
@@ -109,7 +110,25 @@ def test_a_url_whose_host_resolves_to_any_internal_address_is_refused(
 def test_localhost_is_refused_unless_allowed(tmp_path: Path) -> None:
     _, problems = locate(config(tmp_path), "http://localhost:8000/train.jsonl")
     assert "loopback" in problems[0]
-    assert "allowPrivateAddresses" in problems[0]
+    # The fix is the admins' (a user cannot reach the TrainerConfig), and the message says where.
+    assert "--allow-private-network CIDR" in problems[0]
+    assert "sources.allowPrivateNetworks" in problems[0]
+
+
+def test_a_private_network_the_operator_allows_is_reached_and_no_other(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(fetch, "_resolve", lambda host, port: ["10.20.3.4"])
+    allowed = config(tmp_path, privateNetworks=["10.20.0.0/16"])
+    found, problems = locate(allowed, "http://data.team.svc/train.jsonl")
+    assert problems == []
+    assert found == fetch.UrlSource("http://data.team.svc/train.jsonl", allow_private=False, networks=("10.20.0.0/16",))
+    monkeypatch.setattr(fetch, "_resolve", lambda host, port: ["10.20.3.4", "169.254.169.254"])
+    found, problems = locate(allowed, "http://data.team.svc/train.jsonl")
+    assert found is None
+    assert "169.254.169.254, a link-local" in problems[0], "every resolved address must be allowed"
+    with pytest.raises(ValidationError, match="not a network"):
+        config(tmp_path, privateNetworks=["10.20.0.0/33"])
 
 
 def test_a_model_over_https_must_be_an_archive(tmp_path: Path) -> None:

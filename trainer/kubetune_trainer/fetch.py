@@ -63,6 +63,8 @@ class UrlSource:
 
     url: str
     allow_private: bool
+    networks: tuple[str, ...] = ()
+    """Private networks (CIDR) the operator lets URL sources reach (TrainerConfig.private_networks)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,11 +129,12 @@ def locate(  # noqa: PLR0911 - one return per scheme
                 f"a model over {parsed.scheme}:// must be a .tar or .tar.gz archive of the model folder; use hf:// or pvc:// for a folder",
             )
             return None
-        reason = check_url(uri, allow_private=config.allow_private_addresses)
+        networks = tuple(config.private_networks)
+        reason = check_url(uri, allow_private=config.allow_private_addresses, networks=networks)
         if reason:
             problems.add(field, reason)
             return None
-        return UrlSource(uri, allow_private=config.allow_private_addresses)
+        return UrlSource(uri, allow_private=config.allow_private_addresses, networks=networks)
     # parse_uri accepted only the schemes above and hf:// (s3:// and oci:// sources are refused at admission).
     repo, _, revision = parsed.location.partition("@")
     token, token_problem = hub_token(secret_ref, config)
@@ -204,11 +207,16 @@ def hub_token(secret_ref: str | None, config: TrainerConfig) -> tuple[str | None
 # ---------------------------------------------------------------------------------------- URLs
 
 
-def refused_address(address: str) -> str | None:
-    """Why ``address`` may not be fetched from (loopback, private, link-local, metadata…), or ``None``."""
+def refused_address(address: str, networks: tuple[str, ...] = ()) -> str | None:
+    """Why ``address`` may not be fetched from (loopback, private, link-local, metadata…), or ``None``.
+
+    An address inside one of ``networks`` (CIDR, allowed by the operator's settings) is not refused.
+    """
     ip = ipaddress.ip_address(address.split("%", 1)[0])
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
         ip = ip.ipv4_mapped
+    if any(ip in ipaddress.ip_network(network, strict=False) for network in networks):
+        return None
     for test, what in (
         (ip.is_unspecified, "unspecified"),
         (ip.is_loopback, "loopback"),
@@ -229,8 +237,9 @@ def _resolve(host: str, port: int) -> list[str]:
     return sorted({str(info[4][0]) for info in infos})
 
 
-def check_url(url: str, *, allow_private: bool) -> str | None:
-    """Why ``url`` may not be fetched, or ``None``: every address its host resolves to must be public."""
+def check_url(url: str, *, allow_private: bool, networks: tuple[str, ...] = ()) -> str | None:
+    """Why ``url`` may not be fetched, or ``None``: every address its host resolves to must be public
+    or inside one of ``networks``."""
     parts = urllib.parse.urlsplit(url)
     host = parts.hostname or ""
     try:
@@ -240,11 +249,12 @@ def check_url(url: str, *, allow_private: bool) -> str | None:
     if allow_private:
         return None
     for address in addresses:
-        why = refused_address(address)
+        why = refused_address(address, networks)
         if why:
             return (
                 f"{host} resolves to {address}, a {why} address; URL sources may only reach public addresses "
-                "(set allowPrivateAddresses in the trainer config to allow it)"
+                "and the private networks the operator allows (a cluster admin allows one with "
+                "`kubetune operator --allow-private-network CIDR`, chart value sources.allowPrivateNetworks)"
             )
     return None
 
@@ -278,7 +288,7 @@ class FetchError(Exception):
         self.permanent = permanent
 
 
-def download(url: str, target: Path, *, allow_private: bool) -> Path:
+def download(url: str, target: Path, *, allow_private: bool, networks: tuple[str, ...] = ()) -> Path:
     """Fetch ``url`` into ``target`` (atomically), following redirects, each hop's addresses checked.
 
     A body above :func:`~kubetune_trainer.archive.max_unpacked_bytes` is refused (permanent), by its
@@ -290,14 +300,14 @@ def download(url: str, target: Path, *, allow_private: bool) -> Path:
         raise FetchError(str(exc), permanent=True) from None
     current = url
     for _ in range(_MAX_REDIRECTS + 1):
-        reason = check_url(current, allow_private=allow_private)
+        reason = check_url(current, allow_private=allow_private, networks=networks)
         if reason:
             raise FetchError(f"{current}: {reason}", permanent=True)
         parts = urllib.parse.urlsplit(current)
         host = parts.hostname or ""
         port = parts.port or (443 if parts.scheme == "https" else 80)
         address = _resolve(host, port)[0]
-        if not allow_private and refused_address(address):  # resolution changed since the check
+        if not allow_private and refused_address(address, networks):  # resolution changed since the check
             raise FetchError(f"{current}: {host} now resolves to {address}; refused", permanent=True)
         cls = _PinnedHTTPSConnection if parts.scheme == "https" else _PinnedHTTPConnection
         connection = cls(host, address, port, _TIMEOUT_S)
@@ -367,7 +377,7 @@ def fetch(located: Located, *, cache: Path) -> Path:
         target = folder / name
         if not target.exists():
             log.info("downloading %s", located.url)
-            download(located.url, target, allow_private=located.allow_private)
+            download(located.url, target, allow_private=located.allow_private, networks=located.networks)
         if name.endswith(_ARCHIVE_SUFFIXES):
             return _unpack(target, folder / "unpacked", located.url)
         return target

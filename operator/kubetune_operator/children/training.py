@@ -43,6 +43,7 @@ def build_trainer_config(target: Target) -> TrainerConfig:
         spec=target.spec,
         mounts=mounts,
         metrics_port=target.settings.trainer_metrics_port,
+        private_networks=list(target.settings.private_networks),
     )
 
 
