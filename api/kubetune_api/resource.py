@@ -110,6 +110,8 @@ class Adapter(StatusModel):
     """Content digest, for example sha256:…"""
     size_bytes: Annotated[int, Field(ge=0)] | None = None
     """Total size of the published files."""
+    merged_uri: Annotated[str, Field(max_length=2048)] | None = None
+    """Where the merged model was published (output.merge)."""
 
 
 class Endpoint(StatusModel):

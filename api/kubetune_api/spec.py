@@ -400,7 +400,7 @@ class OutputSpec(SpecModel):
     secret_ref: ResourceName | None = None
     """Name of a Secret with push credentials (`.dockerconfigjson` for oci://)."""
     merge: bool = False
-    """Also merge the adapter into the base weights and publish the merged model (needed to serve DoRA with vLLM)."""
+    """Also merge the adapter into the base weights and publish the merged model beside the adapter (`…/path-merged`, `…:tag-merged`; status.adapter.mergedUri); needed to serve DoRA with vLLM."""
 
     @field_validator("destination")
     @classmethod

@@ -100,14 +100,19 @@ def recorded_result(publish: Obj | None) -> Adapter | None:
 
 def result_annotation(adapter: Adapter) -> Obj:
     """The merge patch that records ``adapter`` on the publish Job."""
-    text = json.dumps({"uri": adapter.uri, "digest": adapter.digest, "sizeBytes": adapter.size_bytes})
+    text = adapter.model_dump_json(by_alias=True, exclude_none=True)
     return {"metadata": {"annotations": {names.RESULT_ANNOTATION: text}}}
 
 
 def _adapter(text: str) -> Adapter | None:
     try:
         result: Obj = json.loads(text)
-        return Adapter(uri=result["uri"], digest=result.get("digest"), size_bytes=result.get("sizeBytes"))
+        return Adapter(
+            uri=result["uri"],
+            digest=result.get("digest"),
+            size_bytes=result.get("sizeBytes"),
+            merged_uri=result.get("mergedUri"),
+        )
     except (ValueError, TypeError, KeyError):
         return None
 

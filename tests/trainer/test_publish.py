@@ -386,6 +386,50 @@ def test_pvc_destinations_must_stay_inside_a_mounted_claim(tmp_path: Path) -> No
     assert not (tmp_path / "escape").exists()
 
 
+def fake_merged(output: Path) -> dict[str, str]:
+    """A merged model in ``output``/merged (what training leaves with output.merge); its files' hashes."""
+    merged = output / "merged"
+    merged.mkdir()
+    (merged / "config.json").write_text('{"model_type": "llama"}')
+    (merged / "model.safetensors").write_bytes(os.urandom(50_000))
+    return hashes(merged)
+
+
+def test_the_merged_model_is_published_beside_the_adapter(oci_registry: OciRegistry, tmp_path: Path) -> None:
+    output = fake_output(tmp_path / "out")
+    merged = fake_merged(output)
+    # pvc://: a sibling folder, copied whole.
+    config = trainer_config(tmp_path, output, destination="pvc://results/adapters/toy", merge=True)
+    result = kubetune("publish", "--config", str(config), tmp=tmp_path).result
+    assert result["uri"] == "pvc://results/adapters/toy"
+    assert result["mergedUri"] == "pvc://results/adapters/toy-merged"
+    assert hashes(tmp_path / "claims" / "results" / "adapters" / "toy-merged") == merged
+    assert "config.json" not in hashes(tmp_path / "claims" / "results" / "adapters" / "toy")
+    # oci://: the same repository, the tag with -merged, marked as the merged model.
+    oci_registry.docker_config(tmp_path / "secrets" / "regcred")
+    destination = f"oci://{oci_registry.host}/team/toy:v1"
+    config = trainer_config(tmp_path, output, destination=destination, secretRef="regcred", merge=True)
+    result = kubetune("publish", "--config", str(config), tmp=tmp_path).result
+    assert result["mergedUri"] == f"{destination}-merged"
+    manifest = registry_manifest(oci_registry, "team/toy", "v1-merged")
+    assert manifest["annotations"]["io.kubetune.merged"] == "true"
+    docker_config = oci_registry.docker_config(tmp_path / "docker", name="config.json")
+    into = tmp_path / "pulled-merged"
+    kubetune("pull", result["mergedUri"], str(into), "--docker-config", str(docker_config), tmp=tmp_path)
+    assert {name: digest for name, digest in hashes(into).items() if name != "summary.json"} == merged
+    # No destination: it stays in the job's volume, beside the adapter.
+    config = trainer_config(tmp_path, output, merge=True)
+    done = kubetune("publish", "--config", str(config), "--default-uri", "pvc://workspace-toy/adapter", tmp=tmp_path)
+    assert done.result["mergedUri"] == "pvc://workspace-toy/merged"
+
+
+def test_merge_without_a_merged_model_is_permanent(tmp_path: Path) -> None:
+    output = fake_output(tmp_path / "out")
+    done = kubetune("publish", "--config", str(trainer_config(tmp_path, output, merge=True)), tmp=tmp_path)
+    assert done.code == 2
+    assert "no merged model" in done.termination
+
+
 def test_no_destination_publishes_in_place_under_the_default_uri(tmp_path: Path) -> None:
     output = fake_output(tmp_path / "out")
     config = trainer_config(tmp_path, output)

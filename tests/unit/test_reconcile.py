@@ -308,6 +308,15 @@ class TestEndings:
         deployed = next(m for m in serving.apply if m["kind"] == "Deployment")
         assert "oci://attacker.example/decoy:v1" not in json.dumps(deployed)
 
+    def test_a_published_merged_model_is_named_in_status(self) -> None:
+        merged = RESULT.replace("}", ', "mergedUri": "oci://registry.example/adapters/support-bot:v1-merged"}')
+        pods = [pod(0, "Succeeded", exit_code=0, message=f"pushed\n{merged}")]
+        decision = run(job(status={"phase": "Publishing"}, serving={"enabled": False}), **published(publish_pods=pods))
+        assert decision.status.adapter is not None
+        assert decision.status.adapter.merged_uri == "oci://registry.example/adapters/support-bot:v1-merged"
+        [(_, patch)] = decision.patch
+        assert json.loads(patch["metadata"]["annotations"][names.RESULT_ANNOTATION])["mergedUri"].endswith("-merged")
+
     def test_without_a_destination_the_result_is_the_jobs_volume(self) -> None:
         ftj = job(status={"phase": "Publishing"}, output={"destination": None, "secretRef": None})
         decision = run(ftj, **published(publish_pods=[]))

@@ -14,14 +14,18 @@ Torch-free (they run in short pods without the ML stack):
   - ``oci://registry[:port]/repository:tag``: pushed as a Kaito-compatible adapter image (see
     :mod:`kubetune_trainer.publishing.oci.layout`), with the credentials of ``spec.output.secretRef`` (a
     ``kubernetes.io/dockerconfigjson`` Secret mounted under ``mounts.secrets``);
-  - ``s3://`` is not supported yet: the spec refuses it at admission (``OUTPUT_SCHEMES``).
+  - ``s3://`` is not supported yet: the spec refuses it at admission (``OUTPUT_SCHEMES``);
+  - with ``spec.output.merge``, the merged model is published beside the adapter
+    (``…/path-merged``, ``…:tag-merged``) or, with no destination, stays beside it in the volume
+    (:mod:`kubetune_trainer.publishing.publish`).
 
 - ``pull oci://… DIR [--docker-config FILE]`` puts an adapter image's files directly in ``DIR``.
 - ``fetch-model --config FILE --into DIR`` fetches ``spec.model.source`` (with :mod:`kubetune_trainer.fetch`)
   and leaves the model's files in ``DIR``, for the serving pod's init container.
 
 Each prints its result as JSON on the last line of standard output, and ``publish`` also writes it
-to ``$KUBETUNE_TERMINATION_MESSAGE_PATH``: ``{"uri": …, "digest": "sha256:…", "sizeBytes": N}``.
+to ``$KUBETUNE_TERMINATION_MESSAGE_PATH``: ``{"uri": …, "digest": "sha256:…", "sizeBytes": N}``, plus
+``"mergedUri": …`` when a merged model was published.
 The digest of an ``oci://`` result is the manifest's digest. The digest of a folder (``pvc://``, or
 the unset destination) is the sha256 of the text made of one line ``<sha256 of the file>  <path>\\n``
 per file, sorted by path (relative, ``/``-separated; hidden files are not published): what

@@ -5,10 +5,16 @@ What is published is the result folder (``adapter/``, or ``model/`` for method f
 mounted claim, replaced whole once the copy is complete; an ``oci://`` destination is an adapter
 image pushed with the credentials of ``spec.output.secretRef``. :mod:`.commands` documents the
 result each gives.
+
+With ``spec.output.merge`` the merged model training left in ``merged/`` is published too, beside
+the adapter: ``pvc://claim/path`` → ``pvc://claim/path-merged``, ``oci://…/repository:tag`` →
+``oci://…/repository:tag-merged`` (the same layout, the model's files under ``data/``); with no
+destination it stays in the job's volume, beside ``adapter/``. The result names it (``mergedUri``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -31,6 +37,11 @@ from kubetune_trainer.publishing.oci.transfer import push
 log = logging.getLogger("kubetune.publish")
 
 SUMMARY_FILE: Final = "summary.json"
+#: Where training leaves the merged model (``spec.output.merge``), and what its published copy adds to the destination.
+MERGED_FOLDER: Final = "merged"
+MERGED_SUFFIX: Final = "-merged"
+#: The longest tag the OCI distribution spec allows.
+MAX_TAG_LENGTH: Final = 128
 #: The keys of a kubernetes.io/dockerconfigjson Secret, and of the legacy kubernetes.io/dockercfg one.
 DOCKER_CONFIG_KEYS: Final = (".dockerconfigjson", ".dockercfg")
 
@@ -42,10 +53,15 @@ class Result:
     uri: str
     digest: str
     size_bytes: int
+    merged_uri: str | None = None
+    """Where the merged model was published (``spec.output.merge``)."""
 
     def as_json(self) -> str:
-        """One line of JSON: ``{"uri": …, "digest": …, "sizeBytes": …}``."""
-        return json.dumps({"uri": self.uri, "digest": self.digest, "sizeBytes": self.size_bytes})
+        """One line of JSON: ``{"uri": …, "digest": …, "sizeBytes": …}``, and ``mergedUri`` with a merged model."""
+        result: dict[str, object] = {"uri": self.uri, "digest": self.digest, "sizeBytes": self.size_bytes}
+        if self.merged_uri:
+            result["mergedUri"] = self.merged_uri
+        return json.dumps(result)
 
 
 def published_files(config: TrainerConfig) -> tuple[Path, dict[str, Path]]:
@@ -67,24 +83,60 @@ def published_files(config: TrainerConfig) -> tuple[Path, dict[str, Path]]:
     return folder, files
 
 
+def merged_files(config: TrainerConfig) -> tuple[Path, dict[str, Path]] | None:
+    """The merged model's folder and files with ``spec.output.merge`` (an adapter method), else ``None``."""
+    if not config.spec.output.merge or config.spec.method.type == "full":
+        return None
+    folder = Path(config.mounts.output) / MERGED_FOLDER
+    files = list_files(folder) if folder.is_dir() else {}
+    if not files:
+        raise PermanentError.one(
+            "spec.output.merge",
+            f"training left no merged model at {folder}; a training with output.merge saves it there",
+            summary="there is nothing to publish",
+        )
+    return folder, files
+
+
 def publish(config: TrainerConfig, *, default_uri: str | None = None) -> Result:
     """Publish the trained adapter (or model) to ``spec.output.destination``; see the module's docstring."""
     folder, files = published_files(config)
+    merged = merged_files(config)
     destination = config.spec.output.destination
     if destination is None:
         adapter_files = list_files(folder)
         digest = folder_digest({name: file_sha256(path) for name, path in adapter_files.items()})
         log.info("publish: no spec.output.destination; the %d files stay in %s", len(adapter_files), folder)
-        return Result(
-            default_uri or folder.resolve().as_uri(), digest, sum(p.stat().st_size for p in adapter_files.values())
-        )
+        uri = default_uri or folder.resolve().as_uri()
+        merged_uri = None
+        if merged is not None:
+            # The merged model stays in the same volume, beside the result folder.
+            merged_uri = uri.rpartition("/")[0] + "/" + MERGED_FOLDER if default_uri else merged[0].resolve().as_uri()
+        return Result(uri, digest, sum(p.stat().st_size for p in adapter_files.values()), merged_uri)
     try:
         parsed = parse_uri(destination, OUTPUT_SCHEMES)
     except ValueError as exc:
         raise PermanentError.one("spec.output.destination", str(exc), summary="the destination is invalid") from None
     if parsed.scheme == "pvc":
-        return _publish_pvc(config, folder, files, parsed)
-    return _publish_oci(config, files, destination)
+        result = _publish_pvc(config, folder, files, parsed)
+        if merged is not None:
+            beside = parse_uri(f"{str(parsed).rstrip('/')}{MERGED_SUFFIX}", OUTPUT_SCHEMES)
+            result = dataclasses.replace(result, merged_uri=_publish_pvc(config, merged[0], merged[1], beside).uri)
+        return result
+    result = _publish_oci(config, files, destination)
+    if merged is not None:
+        ref = _oci_reference(destination)
+        if ref.tag is None or len(ref.tag) + len(MERGED_SUFFIX) > MAX_TAG_LENGTH:
+            raise PermanentError.one(
+                "spec.output.destination",
+                f"{destination}: the merged model is pushed under the tag + {MERGED_SUFFIX!r}, which needs a tag "
+                f"of at most {MAX_TAG_LENGTH - len(MERGED_SUFFIX)} characters",
+                summary="the destination is invalid",
+            )
+        tagged = f"oci://{ref.host}/{ref.repository}:{ref.tag}{MERGED_SUFFIX}"
+        pushed = _publish_oci(config, merged[1], tagged, merged=True)
+        result = dataclasses.replace(result, merged_uri=pushed.uri)
+    return result
 
 
 def _publish_pvc(config: TrainerConfig, folder: Path, files: dict[str, Path], destination: SourceURI) -> Result:
@@ -161,11 +213,15 @@ def _secret_docker_config(config: TrainerConfig, secret: str) -> Path:
     )
 
 
-def _publish_oci(config: TrainerConfig, files: dict[str, Path], destination: str) -> Result:
+def _oci_reference(destination: str) -> Reference:
     try:
-        ref = Reference.parse(destination).with_tag()
+        return Reference.parse(destination).with_tag()
     except ValueError as exc:
         raise PermanentError.one("spec.output.destination", str(exc), summary="the destination is invalid") from None
+
+
+def _publish_oci(config: TrainerConfig, files: dict[str, Path], destination: str, *, merged: bool = False) -> Result:
+    ref = _oci_reference(destination)
     secret = config.spec.output.secret_ref
     credentials = None
     if secret:
@@ -199,6 +255,7 @@ def _publish_oci(config: TrainerConfig, files: dict[str, Path], destination: str
         "io.kubetune.job": f"{config.namespace}/{config.job_name}",
         "io.kubetune.base-model": spec.model.source,
         "io.kubetune.method": spec.method.type,
+        **({"io.kubetune.merged": "true"} if merged else {}),
     }
     pushed = push(
         files,
