@@ -107,6 +107,7 @@ def environment(pod: PodContext, container: Obj, mounts: dict[str, Path]) -> Env
             "KUBETUNE_LOCAL_POD": pod.uid,
         }
     )
+    services = service_variables(pod)
     spec_env: dict[str, str] = {}
     for source in container.get("envFrom", []):
         prefix = source.get("prefix", "")
@@ -119,7 +120,7 @@ def environment(pod: PodContext, container: Obj, mounts: dict[str, Path]) -> Env
         spec_env.update({prefix + k: v for k, v in values.items()})
     for item in container.get("env", []):
         if "valueFrom" not in item:
-            spec_env[item["name"]] = expand(str(item.get("value", "")), {**service_variables(pod), **spec_env})
+            spec_env[item["name"]] = expand(str(item.get("value", "")), {**services, **spec_env})
             continue
         source = item["valueFrom"]
         if "fieldRef" in source:
@@ -144,8 +145,8 @@ def environment(pod: PodContext, container: Obj, mounts: dict[str, Path]) -> Env
     token = mounts.get(_SERVICE_ACCOUNT_DIR)
     if token is not None and (token / "token").exists():
         env["KUBECONFIG"] = str(_service_account_kubeconfig(pod, token))
-    env.update(service_variables(pod))
-    return Environment(process=env, variables={**service_variables(pod), **spec_env})
+    env.update(services)
+    return Environment(process=env, variables={**services, **spec_env})
 
 
 def _service_account_kubeconfig(pod: PodContext, directory: Path) -> Path:
