@@ -26,10 +26,13 @@ T = TypeVar("T")
 Section = Mapping[str, Any]
 
 #: A toy job on the local runtime: the tiny model and its data in the claim `models`, four steps.
+#: The pre-flight is off: tests of what comes after it start there (tests/integration/test_preflight.py
+#: and the 2-node job of test_operator_training.py run it, as `make demo` does).
 CLUSTER_TOY: Final[Mapping[str, Section]] = {
     "model": {"source": "pvc://models/tiny"},
     "dataset": {"source": "pvc://models/data/train.jsonl"},
     "training": {"maxSteps": 4},
+    "preflight": {"enabled": False},
 }
 #: The least a manifest needs, with sources the spec accepts but nothing reads (validation tests).
 MINIMAL: Final[Mapping[str, Section]] = {

@@ -2,8 +2,10 @@
 
 ``kubetune plan`` prints these numbers and, when a job does not fit, what would (a ZeRO stage,
 offload, QLoRA, more GPUs). It is arithmetic only (no torch; the model is described by its
-``config.json``), so the operator can run it before it provisions GPUs; the operator does not call
-it yet.
+``config.json``), so the operator runs it before it provisions GPUs: the pre-flight Job reports the
+model's shape from its ``config.json`` and the operator plans it for the devices of the job's
+instance type (:mod:`kubetune_api.instances`), failing the job with these suggestions when it
+would not fit.
 
 Model states follow the ZeRO paper (Rajbhandari et al., 2020, §3): with mixed precision and Adam
 each trained parameter costs 2 bytes (16-bit weight) + 2 (gradient) + K = 12 (fp32 master weight,
@@ -375,16 +377,28 @@ def plan(shape: ModelShape, setup: Setup, *, device_bytes: float | None = None) 
     return replace(result, suggestions=suggestions[:5])
 
 
-def world_size_of(spec: FineTuneJobSpec) -> int:
-    """Training processes in all, as the operator will start them."""
-    per_node = spec.distributed.processes_per_node or spec.resources.gpus_per_node or 1
+def world_size_of(spec: FineTuneJobSpec, gpus_per_node: int | None = None) -> int:
+    """Training processes in all, as the operator will start them (``gpus_per_node`` when the spec leaves it unset)."""
+    gpus = spec.resources.gpus_per_node if spec.resources.gpus_per_node is not None else gpus_per_node
+    per_node = spec.distributed.processes_per_node or gpus or 1
     return spec.distributed.nodes * per_node
 
 
-def plan_job(spec: FineTuneJobSpec, model_config: dict[str, Any], *, device_gib: float | None = 80.0) -> MemoryPlan:
-    """The plan for ``spec`` on GPUs of ``device_gib`` GiB, with the model described by its ``config.json``."""
+def plan_job(
+    spec: FineTuneJobSpec,
+    model_config: dict[str, Any],
+    *,
+    device_gib: float | None = 80.0,
+    gpus_per_node: int | None = None,
+    accelerator: Accelerator = "cuda",
+) -> MemoryPlan:
+    """The plan for ``spec`` on devices of ``device_gib`` GiB, with the model described by its ``config.json``.
+
+    ``gpus_per_node`` counts the processes per node where the spec leaves resources.gpusPerNode
+    unset (every GPU of the instance type); ``accelerator`` is ``cpu`` for jobs that train on CPUs.
+    """
     shape = ModelShape.from_config(model_config)
-    setup = Setup.from_spec(spec, world_size=world_size_of(spec))
+    setup = Setup.from_spec(spec, world_size=world_size_of(spec, gpus_per_node), accelerator=accelerator)
     return plan(shape, setup, device_bytes=None if device_gib is None else device_gib * GiB)
 
 

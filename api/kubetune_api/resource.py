@@ -30,6 +30,7 @@ MAX_NAME_LENGTH: Final = 40
 
 Phase = Literal[
     "Pending",
+    "Preflight",
     "Provisioning",
     "Initializing",
     "Training",
@@ -114,6 +115,41 @@ class Adapter(StatusModel):
     """Where the merged model was published (output.merge)."""
 
 
+class Preflight(StatusModel):
+    """What the pre-flight found: the data as training will see it, and the memory plan for the job's devices."""
+
+    format: Annotated[str, Field(max_length=64)] = ""
+    """The dataset format used (detected when format is auto)."""
+    records: Annotated[int, Field(ge=0)] = 0
+    """Records read from the dataset."""
+    train_examples: Annotated[int, Field(ge=0)] = 0
+    """Examples to train on (after truncation, drops and the validation split)."""
+    eval_examples: Annotated[int, Field(ge=0)] = 0
+    """Examples held out for evaluation."""
+    tokens: Annotated[int, Field(ge=0)] = 0
+    """Tokens in the training examples (one epoch)."""
+    truncated: Annotated[int, Field(ge=0)] = 0
+    """Examples cut to dataset.maxSeqLength."""
+    dropped: Annotated[int, Field(ge=0)] = 0
+    """Examples left with nothing to learn from after truncation."""
+    model_parameters: Annotated[int, Field(ge=0)] | None = None
+    """Parameters of the base model, from its config.json."""
+    trainable_parameters: Annotated[int, Field(ge=0)] | None = None
+    """Parameters the method trains."""
+    predicted_peak_gib: Annotated[float | None, Field(ge=0, alias="predictedPeakGiB")] = None
+    """The planner's predicted peak memory per training process, in GiB."""
+    device_memory_gib: Annotated[float | None, Field(ge=0, alias="deviceMemoryGiB")] = None
+    """Memory of one device (a GPU, or the host's share per process on CPUs), in GiB, when known."""
+    device: Annotated[str, Field(max_length=128)] = ""
+    """The device the plan is for, for example `A100 80 GiB (Standard_NC24ads_A100_v4)`."""
+    fits: bool | None = None
+    """Whether the predicted peak fits the device; unset when the device's memory is unknown."""
+    prepared_data_kept: bool = False
+    """Whether the tokenized data stays on the job's volume for training to reuse."""
+    duration_seconds: Annotated[float, Field(ge=0)] | None = None
+    """How long the pre-flight Job ran."""
+
+
 class Endpoint(StatusModel):
     """Where the served adapter answers."""
 
@@ -127,7 +163,7 @@ class FineTuneJobStatus(StatusModel):
     """What the operator observed and decided; recomputed on every reconcile."""
 
     phase: Phase = "Pending"
-    """Pending, Provisioning, Initializing, Training, Publishing, Serving, Complete, Failed or Suspended."""
+    """Pending, Preflight, Provisioning, Initializing, Training, Publishing, Serving, Complete, Failed or Suspended."""
     observed_generation: Annotated[int, Field(ge=0)] | None = None
     """The metadata.generation the status was computed from."""
     conditions: Annotated[
@@ -138,6 +174,8 @@ class FineTuneJobStatus(StatusModel):
         ),
     ] = []
     """Conditions in the Kubernetes shape."""
+    preflight: Preflight | None = None
+    """What the pre-flight found (spec.preflight)."""
     progress: Progress | None = None
     """Training progress."""
     workload: Workload | None = None

@@ -379,6 +379,8 @@ class ResourcesSpec(SpecModel):
     """Extended resource that counts GPUs on the nodes."""
     gpus_per_node: Annotated[int, Field(ge=0, le=64)] | None = None
     """GPUs each training pod requests; 0 trains on CPUs (the local runtime). When unset: every GPU of instanceType with provisioner karpenter, 1 with byo."""
+    gpu_memory_gib: Annotated[int | None, Field(ge=1, le=4096, alias="gpuMemoryGiB")] = None
+    """Memory of one GPU in GiB, for the pre-flight's memory plan; known for the instance types kubetune lists (docs/reference.md), needed for others and for byo nodes to get a verdict."""
     cpu: Quantity | None = None
     """CPU request of each training pod, for example `16`."""
     memory: Quantity | None = None
@@ -432,6 +434,16 @@ class ServingSpec(SpecModel):
     """Port of the OpenAI-compatible HTTP endpoint."""
 
 
+# ----------------------------------------------------------------------------------- preflight
+
+
+class PreflightSpec(SpecModel):
+    """The pre-flight: a CPU Job that checks the sources, the data and the memory plan before any GPU node is provisioned."""
+
+    enabled: bool = True
+    """Run the pre-flight (on by default); false goes straight to provisioning, and the training pods check everything themselves."""
+
+
 # ----------------------------------------------------------------------------------- runPolicy
 
 
@@ -474,6 +486,8 @@ class FineTuneJobSpec(SpecModel):
     """Serving the adapter after training."""
     run_policy: RunPolicy = Field(default_factory=RunPolicy, json_schema_extra={"default": {}})
     """Restarts, deadlines, node release and queueing."""
+    preflight: PreflightSpec = Field(default_factory=PreflightSpec, json_schema_extra={"default": {}})
+    """The checks run on a CPU before any GPU node is provisioned."""
 
     @model_validator(mode="after")
     def _cross_field_rules(self) -> FineTuneJobSpec:

@@ -81,3 +81,6 @@ class TrainerConfig(SpecModel):
     private_networks: Annotated[list[Network], Field(max_length=64)] = Field(default_factory=list)
     """Private networks (CIDR) that https:// and http:// sources may reach: the operator's
     --allow-private-network (chart value sources.allowPrivateNetworks), chosen by the cluster's admins."""
+    reuse_prepared_data: bool = False
+    """Train on the tokenized data the pre-flight left on the job's volume (`<output>/.preflight/<key>`) instead of
+    fetching and tokenizing the dataset again; set by the operator once the pre-flight passed with the data kept."""

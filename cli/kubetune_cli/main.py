@@ -131,6 +131,9 @@ def _operator(args: argparse.Namespace) -> int:
         progress_interval_seconds=args.progress_interval,
         node_class=NodeClassRef(group=group, kind=kind, name=name),
         private_networks=networks,
+        preflight_cpu=args.preflight_cpu,
+        preflight_memory=args.preflight_memory,
+        preflight_deadline_seconds=args.preflight_deadline,
     )
     run_operator(settings, standalone=args.peering is None)
     return 0
@@ -140,6 +143,12 @@ def _train(args: argparse.Namespace) -> int:
     from kubetune_trainer.training.launch import main as train
 
     return train(args)
+
+
+def _preflight(args: argparse.Namespace) -> int:
+    from kubetune_trainer.training.preflight import main as preflight
+
+    return preflight(args)
 
 
 def _plan(args: argparse.Namespace) -> int:
@@ -207,7 +216,7 @@ def _serve_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_trainer_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """``train``, ``plan``, ``serve``, ``publish``, ``pull``, ``fetch-model`` and ``toy-model``: the trainer's subcommands."""
+    """``train``, ``preflight``, ``plan``, ``serve``, ``publish``, ``pull``, ``fetch-model`` and ``toy-model``: the trainer's subcommands."""
     train = commands.add_parser(
         "train",
         help="fine-tune as the config says (one process, or torchrun for several); exit 2 on bad config or data",
@@ -234,6 +243,22 @@ def _add_trainer_commands(commands: argparse._SubParsersAction[argparse.Argument
     )
     train.add_argument("--metrics-port", type=int, help="port of rank 0's Prometheus metrics (default: the config's)")
     train.set_defaults(run=_train)
+
+    preflight = commands.add_parser(
+        "preflight",
+        help="check the sources, the model's layout and the whole dataset on a CPU, as training will; JSON findings last",
+    )
+    preflight.add_argument(
+        "--config", required=True, metavar="FILE", help="a TrainerConfig, or a FineTuneJob manifest with --output"
+    )
+    preflight.add_argument("--output", metavar="DIR", help="the job's output folder (required with a FineTuneJob)")
+    preflight.add_argument(
+        "--keep",
+        action="store_true",
+        help="leave the tokenized data in OUTPUT/.preflight/ for training to reuse (the operator passes it "
+        "when the job's volume is shared)",
+    )
+    preflight.set_defaults(run=_preflight)
 
     plan = commands.add_parser("plan", help="estimate each device's peak memory for a job and suggest what would fit")
     plan.add_argument("file", metavar="FILE", help="a FineTuneJob manifest or TrainerConfig")
@@ -378,6 +403,15 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="CIDR",
         help="a private network http(s) sources may reach, such as an in-cluster data server's (repeatable); "
         "non-public addresses are refused otherwise",
+    )
+    operator.add_argument("--preflight-cpu", default="1", help="CPU request of each pre-flight pod (default 1)")
+    operator.add_argument(
+        "--preflight-memory",
+        default="4Gi",
+        help="memory request and limit of each pre-flight pod, which tokenizes the whole dataset (default 4Gi)",
+    )
+    operator.add_argument(
+        "--preflight-deadline", type=int, default=3600, metavar="SECONDS", help="a pre-flight fails after this long"
     )
     operator.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     operator.set_defaults(run=_operator)

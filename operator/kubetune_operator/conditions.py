@@ -21,13 +21,19 @@ COMPLETE: Final = "Complete"
 FAILED: Final = "Failed"
 SUSPENDED: Final = "Suspended"
 SERVING_READY: Final = "ServingReady"
+PREFLIGHT_PASSED: Final = "PreflightPassed"
 #: Every type the operator sets: a pass starts from the previous conditions of these types only
 #: (their transition times carry over), so a condition written into status by hand does not stay.
-TYPES: Final = frozenset({NODES_READY, TRAINING, COMPLETE, FAILED, SUSPENDED, SERVING_READY})
+TYPES: Final = frozenset({PREFLIGHT_PASSED, NODES_READY, TRAINING, COMPLETE, FAILED, SUSPENDED, SERVING_READY})
 
 # Reasons
 SPEC_VALID: Final = "SpecValid"
 INVALID_SPEC: Final = "InvalidSpec"
+PREFLIGHT_RUNNING: Final = "PreflightRunning"
+PREFLIGHT_OK: Final = "PreflightPassed"
+PREFLIGHT_FAILED: Final = "PreflightFailed"
+WOULD_NOT_FIT: Final = "WouldNotFit"
+PREFLIGHT_SKIPPED: Final = "PreflightSkipped"
 WAITING_FOR_NODES: Final = "WaitingForNodes"
 NODE_CLAIM_FAILED: Final = "NodeClaimFailed"
 KARPENTER_MISSING: Final = "KarpenterNotInstalled"

@@ -29,8 +29,10 @@ from kubetune_operator.observed import (
     in_phase,
     node_labels,
     orphans,
+    preflight_job,
     publish_job,
     rank_zero,
+    reads_preflight_pods,
     reads_publish_pods,
     reads_serving,
     reads_serving_pods,
@@ -123,7 +125,7 @@ class Controller:
         claims = self.kube.list(NODE_CLAIM_API_VERSION, NODE_CLAIM_KIND, labels=selector) if installed else []
         nodes = self.nodes(node_labels(job, uid))
         children = self.kube.list("batch/v1", "Job", namespace=namespace, labels=selector)
-        jobs, publish = training_jobs(children), publish_job(children)
+        jobs, publish, preflight = training_jobs(children), publish_job(children), preflight_job(children)
         pods = (
             self.kube.list(
                 "v1", "Pod", namespace=namespace, labels=f"{selector},{names.ATTEMPT_LABEL}={current_attempt(jobs)}"
@@ -136,6 +138,13 @@ class Controller:
                 "v1", "Pod", namespace=namespace, labels=f"{selector},{names.ROLE_LABEL}={names.ROLE_PUBLISH}"
             )
             if reads_publish_pods(publish)
+            else []
+        )
+        preflight_pods = (
+            self.kube.list(
+                "v1", "Pod", namespace=namespace, labels=f"{selector},{names.ROLE_LABEL}={names.ROLE_PREFLIGHT}"
+            )
+            if reads_preflight_pods(preflight)
             else []
         )
         deployment = None
@@ -157,6 +166,8 @@ class Controller:
             training_jobs=jobs,
             pods=pods,
             progress=self._progress(uid, pods),
+            preflight_job=preflight,
+            preflight_pods=preflight_pods,
             publish_job=publish,
             publish_pods=publish_pods,
             serving_claims=serving_claims(claims),

@@ -14,6 +14,7 @@ from kubetune_api.objects import Obj
 from kubetune_api.resource import FineTuneJobStatus
 from kubetune_operator.children.target import Target
 from kubetune_operator.observed import JobState, NodeReadiness, Observed, attempt_of, job_state, node_readiness
+from kubetune_operator.preflight import Verdict, verdict
 from kubetune_operator.settings import OperatorSettings
 
 
@@ -33,6 +34,8 @@ class Facts:
     """Attempts that failed in a way a restart may fix."""
     attempt: int
     readiness: NodeReadiness
+    preflight: Verdict
+    """Where the pre-flight stands; nothing is provisioned until it is clear."""
     publish_state: JobState | None
     """The publish Job's state, once training succeeded and the Job exists."""
     trained: bool
@@ -62,12 +65,14 @@ def facts_of(observed: Observed, settings: OperatorSettings) -> Facts:
     attempt = attempt_of(current) if current is not None else 0
     current_state: JobState | None = states[-1] if current is not None else None
     readiness = node_readiness(observed)
+    preflight = verdict(observed)
     trained = current_state == "Succeeded"
     publish_state = job_state(observed.publish_job) if trained and observed.publish_job is not None else None
     terminal_success = publish_state == "Succeeded"
     publish_failed = publish_state in ("FailedPermanent", "FailedRetryable")
     terminal_failure = (
-        current_state == "FailedPermanent"
+        preflight.state == "Failed"
+        or current_state == "FailedPermanent"
         or (current_state == "FailedRetryable" and failures > spec.run_policy.max_restarts)
         or publish_failed
     )
@@ -82,6 +87,7 @@ def facts_of(observed: Observed, settings: OperatorSettings) -> Facts:
         failures=failures,
         attempt=attempt,
         readiness=readiness,
+        preflight=preflight,
         publish_state=publish_state,
         trained=trained,
         terminal_success=terminal_success,
@@ -96,5 +102,8 @@ def facts_of(observed: Observed, settings: OperatorSettings) -> Facts:
             settings=settings,
             gpus_per_node=readiness.gpus_per_node,
             attempt=attempt,
+            reuse_prepared_data=bool(
+                preflight.state == "Passed" and preflight.findings and preflight.findings.prepared_data_kept
+            ),
         ),
     )

@@ -27,10 +27,12 @@ RESULT_ANNOTATION: Final = f"{GROUP_PREFIX}/result"
 FIELD_MANAGER: Final = "kubetune-operator"
 TRAINER_CONTAINER: Final = "trainer"
 PUBLISH_CONTAINER: Final = "publish"
+PREFLIGHT_CONTAINER: Final = "preflight"
 SERVER_CONTAINER: Final = "server"
 #: Values of ROLE_LABEL.
 ROLE_TRAINER: Final = "trainer"
 ROLE_PUBLISH: Final = "publish"
+ROLE_PREFLIGHT: Final = "preflight"
 ROLE_SERVER: Final = "server"
 
 
@@ -66,6 +68,11 @@ def node_claim(namespace: str, job: str, index: int) -> str:
 def serving_node_claim(namespace: str, job: str, index: int) -> str:
     """A NodeClaim for one serving replica."""
     return f"{namespace}-{job}-serve-{index}"
+
+
+def preflight_job(job: str) -> str:
+    """The CPU Job that checks the sources, the data and the model before any node is provisioned."""
+    return f"{job}-preflight"
 
 
 def publish_job(job: str) -> str:

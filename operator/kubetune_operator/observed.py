@@ -39,6 +39,10 @@ class Observed:
     """Pods of the current attempt."""
     progress: Progress | None = None
     """Freshly read from the rank-0 trainer, when it was read."""
+    preflight_job: Obj | None = None
+    """The pre-flight Job, when it exists."""
+    preflight_pods: list[Obj] = field(default_factory=list)
+    """Its pods, while its findings are not recorded on it yet."""
     publish_job: Obj | None = None
     publish_pods: list[Obj] = field(default_factory=list)
     serving_claims: list[Obj] = field(default_factory=list)
@@ -75,7 +79,52 @@ def serving_claims(claims: list[Obj]) -> list[Obj]:
 
 
 def training_jobs(jobs: list[Obj]) -> list[Obj]:
-    return [j for j in jobs if role_of(j) != names.ROLE_PUBLISH]
+    return [j for j in jobs if role_of(j) not in (names.ROLE_PUBLISH, names.ROLE_PREFLIGHT)]
+
+
+def preflight_job(jobs: list[Obj]) -> Obj | None:
+    return next((j for j in jobs if role_of(j) == names.ROLE_PREFLIGHT), None)
+
+
+def reads_preflight_pods(preflight: Obj | None) -> bool:
+    """The pre-flight pods carry its findings (read once, then recorded on its Job) or why it failed."""
+    return preflight is not None and not (
+        recorded_findings(preflight) is not None and job_state(preflight) == "Succeeded"
+    )
+
+
+def recorded_findings(preflight: Obj | None) -> Obj | None:
+    """The pre-flight's findings recorded on its Job (names.RESULT_ANNOTATION), once read from its pod."""
+    text = ((preflight or {}).get("metadata", {}).get("annotations") or {}).get(names.RESULT_ANNOTATION)
+    return _findings(text) if text else None
+
+
+def findings_annotation(findings: Obj) -> Obj:
+    """The merge patch that records the pre-flight's ``findings`` on its Job."""
+    text = json.dumps(findings, separators=(",", ":"), sort_keys=True)
+    return {"metadata": {"annotations": {names.RESULT_ANNOTATION: text}}}
+
+
+def _findings(text: str) -> Obj | None:
+    try:
+        found = json.loads(text)
+    except ValueError:
+        return None
+    return found if isinstance(found, dict) and isinstance(found.get("records"), int) else None
+
+
+def preflight_findings(pods: list[Obj]) -> Obj | None:
+    """The findings the pre-flight container left as the last line of its termination message."""
+    for pod in pods:
+        for status in (pod.get("status") or {}).get("containerStatuses") or []:
+            terminated = (status.get("state") or {}).get("terminated") or {}
+            if terminated.get("exitCode") != 0:
+                continue
+            lines = str(terminated.get("message") or "").strip().splitlines()
+            found = _findings(lines[-1]) if lines else None
+            if found is not None:
+                return found
+    return None
 
 
 def publish_job(jobs: list[Obj]) -> Obj | None:

@@ -29,6 +29,7 @@ from kubetune_operator.children.nodes import (
     build_serving_node_claims,
 )
 from kubetune_operator.children.pod import workspace_claim
+from kubetune_operator.children.preflight import build_preflight_job, keeps_data, reads_workspace
 from kubetune_operator.children.publish import build_publish_job, result_uri
 from kubetune_operator.children.serving import (
     build_serving_deployment,
@@ -37,13 +38,14 @@ from kubetune_operator.children.serving import (
     serving_model_name,
 )
 from kubetune_operator.children.training import build_config_map, build_pvc, build_service, build_training_job
-from kubetune_operator.conditions import Conditions
+from kubetune_operator.conditions import Conditions, Status
 from kubetune_operator.decision import Decision, Event
 from kubetune_operator.facts import Facts, facts_of
 from kubetune_operator.observed import (
     Observed,
     conditions_of,
     failure_message,
+    findings_annotation,
     in_phase,
     publish_result,
     recorded_result,
@@ -75,6 +77,7 @@ def decide(observed: Observed, settings: OperatorSettings) -> Decision:
     decision = Decision(status=previous.model_copy())
     own = [c for c in previous.conditions if c.type in conditions.TYPES]
     conds = Conditions(own, generation=observed.generation, now=observed.now)
+    _preflight_condition(facts, conds, decision)
     _keep_node_claims(facts, decision)
     outcome = _phase(facts, conds, decision)
     if facts.release and conds.has(conditions.NODES_READY) and uses_karpenter(observed.job):
@@ -99,10 +102,26 @@ def decide(observed: Observed, settings: OperatorSettings) -> Decision:
     return decision
 
 
+def _preflight_condition(facts: Facts, conds: Conditions, decision: Decision) -> None:
+    """PreflightPassed from the verdict; the findings read from its pod this pass are recorded on its Job."""
+    preflight = facts.preflight
+    if preflight.state == "Skipped":
+        return
+    if preflight.record is not None and facts.observed.preflight_job is not None:
+        decision.patch.append((facts.observed.preflight_job, findings_annotation(preflight.record)))
+    status: Status = "True" if preflight.state == "Passed" else "False"
+    previous = conds.get(conditions.PREFLIGHT_PASSED)
+    if status == "True" and (previous is None or previous.status != "True"):
+        decision.events.append(Event("Normal", conditions.PREFLIGHT_OK, preflight.message))
+    conds.set(conditions.PREFLIGHT_PASSED, status, preflight.reason, preflight.message)
+
+
 def _keep_node_claims(facts: Facts, decision: Decision) -> None:
-    """NodeClaims exist from the start until release."""
+    """NodeClaims exist from a clear pre-flight until release (none is ever created for a job the pre-flight failed)."""
     observed = facts.observed
     if not (uses_karpenter(observed.job) and observed.karpenter_installed):
+        return
+    if not facts.preflight.clear and not facts.release:
         return
     if facts.release:
         decision.delete += [
@@ -121,6 +140,8 @@ def _phase(facts: Facts, conds: Conditions, decision: Decision) -> Outcome:
         return _publishing(facts, conds, decision)
     if facts.terminal_failure:
         return _failed(facts, conds)
+    if not facts.preflight.clear:
+        return _preflight(facts, conds, decision)
     if not facts.readiness.ready:
         return _provisioning(facts, conds, decision)
     return _nodes_ready(facts, conds, decision)
@@ -178,8 +199,13 @@ def _publishing(facts: Facts, conds: Conditions, decision: Decision) -> Outcome:
 
 
 def _failed(facts: Facts, conds: Conditions) -> Outcome:
-    """Failed for good: publishing failed, the attempt failed permanently, or the restarts ran out."""
+    """Failed for good: the pre-flight failed, publishing failed, the attempt failed permanently, or the restarts ran out."""
     observed, current, spec = facts.observed, facts.current, facts.spec
+    if facts.preflight.state == "Failed":
+        why, message = facts.preflight.reason, facts.preflight.message
+        conds.set(conditions.FAILED, "True", why, message)
+        conds.set(conditions.COMPLETE, "False", why, "")
+        return Outcome("Failed", facts.attempt, None)
     assert current is not None
     if facts.publish_failed:
         assert observed.publish_job is not None
@@ -206,6 +232,20 @@ def _failed(facts: Facts, conds: Conditions) -> Outcome:
     conds.set(conditions.TRAINING, "False", why, message)
     conds.set(conditions.COMPLETE, "False", why, "")
     return Outcome("Failed", facts.attempt, None)
+
+
+def _preflight(facts: Facts, conds: Conditions, decision: Decision) -> Outcome:
+    """Before any node: the pre-flight Job checks the sources, the model and the data on a CPU.
+
+    Its volume is created first when the pre-flight keeps the tokenized data there for training.
+    """
+    target = facts.target
+    if facts.observed.preflight_job is None:
+        pvc = build_pvc(target) if keeps_data(target) or reads_workspace(target) else None
+        decision.apply.append(build_config_map(target))
+        decision.create += [*([pvc] if pvc else []), build_preflight_job(target)]
+    decision.requeue_after = _SOON
+    return Outcome("Preflight", facts.attempt, None)
 
 
 def _provisioning(facts: Facts, conds: Conditions, decision: Decision) -> Outcome:
@@ -362,6 +402,7 @@ def _status(facts: Facts, outcome: Outcome, conds: Conditions) -> FineTuneJobSta
         phase=outcome.phase,
         observed_generation=observed.generation,
         conditions=conds.items,
+        preflight=facts.preflight.findings,
         progress=progress,
         workload=Workload(
             job_name=(

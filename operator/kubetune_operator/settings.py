@@ -56,5 +56,11 @@ class OperatorSettings:
     """NodeClass for provisioner karpenter."""
     private_networks: tuple[str, ...] = ()
     """Private networks (CIDR) that http(s) sources may reach (TrainerConfig.private_networks); none by default."""
+    preflight_cpu: str = "1"
+    """CPU request of the pre-flight pod."""
+    preflight_memory: str = "4Gi"
+    """Memory request and limit of the pre-flight pod (it tokenizes the whole dataset)."""
+    preflight_deadline_seconds: int = 3600
+    """The pre-flight Job fails after this long (a dataset that takes longer to check is better checked by training)."""
     gpu_taint_value: str = "true"
     """Value of the nvidia.com/gpu:NoSchedule taint on provisioned nodes."""

@@ -91,7 +91,9 @@ def test_two_node_zero2_lora_job_completes_with_progress_and_releases_its_claims
     api: client.ApiClient, namespace: str
 ) -> None:
     folder = toy_claim(api, namespace)
-    create_job(api, namespace, toy_job("lora2", steps=120, every=40))
+    body = toy_job("lora2", steps=120, every=40)
+    body["spec"]["preflight"] = {"enabled": True}  # the path `make demo` takes: checked, then provisioned
+    create_job(api, namespace, body)
     seen_progress: list[dict[str, Any]] = []
 
     def finished_while_watching() -> str | None:
@@ -107,7 +109,11 @@ def test_two_node_zero2_lora_job_completes_with_progress_and_releases_its_claims
     assert any(p.get("loss") is not None for p in seen_progress)
     assert status["progress"]["percent"] == 100
     jobs = client.BatchV1Api(api).list_namespaced_job(namespace).items
-    assert sorted(j.metadata.name for j in jobs) == ["lora2-publish", "lora2-train-0"]
+    assert sorted(j.metadata.name for j in jobs) == ["lora2-preflight", "lora2-publish", "lora2-train-0"]
+    preflight = next(c for c in status["conditions"] if c["type"] == "PreflightPassed")
+    assert preflight["status"] == "True", preflight
+    assert status["preflight"]["preparedDataKept"] is True
+    assert status["preflight"]["tokens"] > 0
     assert next(j for j in jobs if j.metadata.name == "lora2-train-0").spec.completions == 2
     workspace = client.CoreV1Api(api).read_namespaced_persistent_volume_claim("lora2-workspace", namespace)
     output = Path(client.CoreV1Api(api).read_persistent_volume(workspace.spec.volume_name).spec.host_path.path)

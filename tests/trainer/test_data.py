@@ -23,6 +23,7 @@ from kubetune_trainer.errors import EXIT_PERMANENT, PermanentError
 from kubetune_trainer.toy import toy_facts, toy_records, write_jsonl
 from kubetune_trainer.training.data import collate, load, pipeline
 from kubetune_trainer.training.launch import main as train_main
+from kubetune_trainer.training.preflight import main as preflight_main
 from tests.trainer.conftest import finetunejob, train_command, train_env, write_manifest
 
 pytestmark = pytest.mark.trainer
@@ -239,6 +240,36 @@ def test_bad_dataset_exits_2_naming_the_problem(
         assert word in message, f"{case}: {word!r} not in {message!r}"
     assert "spec.dataset" in message
     assert not (tmp_path / "out" / "checkpoints").exists(), "no training may start on bad data"
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_the_preflight_refuses_bad_data_with_the_message_training_gives(
+    case: str, toy_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    writer, dataset_fields, _ = BAD[case]
+    dataset = writer(tmp_path)
+    config = write_manifest(
+        tmp_path, finetunejob(toy_model, dataset, dataset={"source": str(dataset), **dataset_fields})
+    )
+    messages = {}
+    for command, run in (("preflight", preflight_main), ("train", train_main)):
+        message_file = tmp_path / f"{command}-termination-log"
+        monkeypatch.setenv("KUBETUNE_TERMINATION_MESSAGE_PATH", str(message_file))
+        args = argparse.Namespace(
+            config=str(config),
+            output=str(tmp_path / command),
+            keep=True,
+            nnodes=None,
+            node_rank=0,
+            nproc_per_node=None,
+            master_addr="127.0.0.1",
+            master_port=None,
+            metrics_port=None,
+        )
+        assert run(args) == EXIT_PERMANENT, command
+        messages[command] = message_file.read_text()
+    assert messages["preflight"] == messages["train"]
+    assert not list((tmp_path / "preflight").glob(".preflight/*")), "nothing is kept of data that failed"
 
 
 def test_bad_data_exit_code_of_the_real_command(toy_model: Path, tmp_path: Path) -> None:

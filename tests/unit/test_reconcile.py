@@ -23,6 +23,8 @@ def job(example: str = "karpenter-aks", status: dict[str, Any] | None = None, **
     manifest = load_yaml(REPO / "examples" / f"{example}.yaml")
     manifest["spec"]["runPolicy"] = {**manifest["spec"].get("runPolicy", {}), "queueName": None}
     manifest["spec"]["runPolicy"] = {k: v for k, v in manifest["spec"]["runPolicy"].items() if v is not None}
+    # The pre-flight's own situations are in TestPreflight; the others start after it.
+    manifest["spec"]["preflight"] = {"enabled": False}
     for section, values in spec_patch.items():
         manifest["spec"][section] = {**manifest["spec"].get(section, {}), **values}
     if status:
@@ -470,3 +472,246 @@ class TestServing:
         claims = [claim("ml-support-bot-serve-0"), claim("ml-support-bot-serve-1")]
         decision = run(self.serving_job(replicas=1), **published(deployment=deployment(1), serving_claims=claims))
         assert [d[3] for d in decision.delete if d[1] == "NodeClaim" and "serve" in d[3]] == ["ml-support-bot-serve-1"]
+
+
+# ---------------------------------------------------------------------------------- pre-flight
+
+#: Phi-3-mini's shape (the example's model) and Llama 3.1 8B's.
+PHI3_MINI = {
+    "hidden_size": 3072,
+    "intermediate_size": 8192,
+    "num_attention_heads": 32,
+    "num_hidden_layers": 32,
+    "num_key_value_heads": 32,
+    "vocab_size": 32064,
+    "tie_word_embeddings": False,
+}
+LLAMA_8B = {
+    "hidden_size": 4096,
+    "intermediate_size": 14336,
+    "num_attention_heads": 32,
+    "num_hidden_layers": 32,
+    "num_key_value_heads": 8,
+    "vocab_size": 128256,
+}
+
+
+def checked(example: str = "karpenter-aks", **spec_patch: Any) -> FineTuneJob:
+    """A job whose pre-flight is on (the default)."""
+    return job(example, preflight={"enabled": True}, **spec_patch)
+
+
+def preflight_job(state: str = "complete", *, annotation: dict[str, Any] | None = None) -> dict[str, Any]:
+    conds: list[dict[str, str]] = []
+    if state == "complete":
+        conds = [{"type": "Complete", "status": "True"}]
+    elif state == "failed":
+        conds = [{"type": "Failed", "status": "True", "reason": "PodFailurePolicy", "message": "exit 2"}]
+    meta: dict[str, Any] = {
+        "name": "support-bot-preflight",
+        "namespace": "ml",
+        "labels": {names.ROLE_LABEL: "preflight"},
+    }
+    if annotation is not None:
+        meta["annotations"] = {names.RESULT_ANNOTATION: json.dumps(annotation)}
+    status = {"startTime": "2026-11-29T10:00:00Z", "completionTime": "2026-11-29T10:00:21Z", "conditions": conds}
+    return {"apiVersion": "batch/v1", "kind": "Job", "metadata": meta, "spec": {}, "status": status}
+
+
+def preflight_pod(exit_code: int, message: str) -> dict[str, Any]:
+    state = {"terminated": {"exitCode": exit_code, "message": message}}
+    return {
+        "metadata": {"name": "support-bot-preflight-x1"},
+        "status": {
+            "phase": "Failed" if exit_code else "Succeeded",
+            "containerStatuses": [{"name": "preflight", "state": state}],
+        },
+    }
+
+
+def findings(model_config: dict[str, Any] | None = PHI3_MINI, *, kept: bool = True) -> dict[str, Any]:
+    return {
+        "format": "messages",
+        "records": 1200,
+        "trainExamples": 1140,
+        "evalExamples": 60,
+        "tokens": 512345,
+        "truncated": 7,
+        "dropped": 1,
+        "kept": kept,
+        "modelConfig": model_config,
+    }
+
+
+def kinds(objects: list[dict[str, Any]]) -> list[str]:
+    return [f"{o['kind']}/{o['metadata']['name']}" for o in objects]
+
+
+class TestPreflight:
+    def test_a_new_job_runs_its_preflight_on_a_cpu_and_claims_no_node(self) -> None:
+        decision = run(checked())
+        assert decision.status.phase == "Preflight"
+        created = kinds(decision.create)
+        assert created == ["PersistentVolumeClaim/support-bot-workspace", "Job/support-bot-preflight"]
+        assert not [o for o in decision.create if o["kind"] == "NodeClaim"]
+        assert kinds(decision.apply) == ["ConfigMap/support-bot-config"]
+        spec = decision.create[1]["spec"]["template"]["spec"]
+        container = spec["containers"][0]
+        assert container["command"][:2] == ["kubetune", "preflight"]
+        assert "--keep" in container["command"]
+        assert "nodeSelector" not in spec
+        assert "tolerations" not in spec
+        assert spec["automountServiceAccountToken"] is False
+        assert "nvidia.com/gpu" not in json.dumps(container["resources"])
+        assert {v["name"] for v in spec["volumes"]} >= {"config", "workspace"}
+        # The output's push credentials are not the pre-flight's business.
+        assert "push-creds" not in json.dumps(spec["volumes"])
+        assert "hf-token" in json.dumps(spec["volumes"])
+        status, reason, _ = condition(decision, conditions.PREFLIGHT_PASSED)
+        assert (status, reason) == ("False", conditions.PREFLIGHT_RUNNING)
+
+    def test_a_read_write_once_volume_is_not_mounted_by_the_preflight(self) -> None:
+        decision = run(checked(distributed={"nodes": 1}))
+        spec = decision.create[-1]["spec"]["template"]["spec"]
+        workspace = next(v for v in spec["volumes"] if v["name"] == "workspace")
+        assert "emptyDir" in workspace
+        assert "--keep" not in spec["containers"][0]["command"]
+        assert kinds(decision.create) == ["Job/support-bot-preflight"]  # the volume comes with training
+
+    def test_a_running_preflight_is_not_created_again_and_says_what_its_pod_waits_for(self) -> None:
+        waiting = {
+            "metadata": {"name": "support-bot-preflight-x1"},
+            "status": {
+                "phase": "Pending",
+                "containerStatuses": [
+                    {
+                        "name": "preflight",
+                        "state": {
+                            "waiting": {
+                                "reason": "CreateContainerConfigError",
+                                "message": 'secret "hf-token" not found',
+                            }
+                        },
+                    }
+                ],
+            },
+        }
+        decision = run(checked(), preflight_job=preflight_job("active"), preflight_pods=[waiting])
+        assert decision.create == []
+        assert 'secret "hf-token" not found' in condition(decision, conditions.PREFLIGHT_PASSED)[2]
+
+    def test_a_failed_preflight_fails_the_job_with_the_trainers_message_and_no_node(self) -> None:
+        message = "the dataset does not match its format (1 problem): spec.dataset.format: format messages needs column(s) ['messages']"
+        decision = run(checked(), preflight_job=preflight_job("failed"), preflight_pods=[preflight_pod(2, message)])
+        assert decision.status.phase == "Failed"
+        status, reason, text = condition(decision, conditions.FAILED)
+        assert (status, reason) == ("True", conditions.PREFLIGHT_FAILED)
+        assert "before any node was provisioned" in text
+        assert message in text
+        assert condition(decision, conditions.PREFLIGHT_PASSED)[:2] == ("False", conditions.PREFLIGHT_FAILED)
+        assert decision.create == []
+        assert decision.status.completion_time is not None
+
+    def test_a_passed_preflight_is_recorded_and_the_nodes_are_claimed(self) -> None:
+        found = findings()
+        pods = [preflight_pod(0, "some log line\n" + json.dumps(found))]
+        decision = run(checked(), preflight_job=preflight_job(), preflight_pods=pods)
+        assert [p for _, p in decision.patch] == [
+            {
+                "metadata": {
+                    "annotations": {names.RESULT_ANNOTATION: json.dumps(found, separators=(",", ":"), sort_keys=True)}
+                }
+            }
+        ]
+        assert [c["metadata"]["name"] for c in decision.create if c["kind"] == "NodeClaim"] == [
+            "ml-support-bot-0",
+            "ml-support-bot-1",
+        ]
+        assert decision.status.phase == "Provisioning"
+        status, reason, message = condition(decision, conditions.PREFLIGHT_PASSED)
+        assert (status, reason) == ("True", conditions.PREFLIGHT_OK)
+        assert "1140 train / 60 eval examples" in message
+        assert "512,345 tokens" in message
+        assert "7 truncated" in message
+        assert "A100 40 GiB (Standard_ND96asr_v4)" in message
+        preflight = decision.status.preflight
+        assert preflight is not None
+        assert (preflight.records, preflight.tokens, preflight.truncated, preflight.fits) == (1200, 512345, 7, True)
+        assert preflight.device_memory_gib == 40
+        assert preflight.predicted_peak_gib is not None
+        assert 0 < preflight.predicted_peak_gib < 40
+        assert preflight.duration_seconds == 21
+        assert preflight.model_parameters is not None
+        assert 3.5e9 < preflight.model_parameters < 4.0e9
+        assert [e.reason for e in decision.events] == [conditions.PREFLIGHT_OK, "Provisioning"]
+
+    def test_recorded_findings_are_read_from_the_job_and_training_reuses_the_kept_data(self) -> None:
+        decision = run(checked(), preflight_job=preflight_job(annotation=findings()), **ready_nodes())
+        assert decision.patch == []
+        config_map = next(o for o in decision.apply if o["kind"] == "ConfigMap")
+        assert json.loads(config_map["data"]["config.json"])["reusePreparedData"] is True
+        assert any(o["kind"] == "Job" and o["metadata"]["name"] == "support-bot-train-0" for o in decision.create)
+
+    def test_without_kept_data_training_prepares_it_again(self) -> None:
+        decision = run(checked(), preflight_job=preflight_job(annotation=findings(kept=False)), **ready_nodes())
+        config_map = next(o for o in decision.apply if o["kind"] == "ConfigMap")
+        assert json.loads(config_map["data"]["config.json"])["reusePreparedData"] is False
+
+    def test_a_job_that_would_not_fit_fails_with_what_would_and_claims_no_node(self) -> None:
+        big = checked(
+            method={"type": "full", "lora": None, "quantization": None},
+            distributed={"nodes": 1, "processesPerNode": 1, "deepspeed": {"zeroStage": 0}},
+            resources={"instanceType": "g5.xlarge"},
+        )
+        decision = run(big, preflight_job=preflight_job(annotation=findings(LLAMA_8B)))
+        assert decision.status.phase == "Failed"
+        assert not [o for o in decision.create if o["kind"] == "NodeClaim"]
+        status, reason, message = condition(decision, conditions.FAILED)
+        assert (status, reason) == ("True", conditions.WOULD_NOT_FIT)
+        assert "A10G 24 GiB (g5.xlarge)" in message
+        assert "would fit: " in message
+        assert "qlora" in message
+        assert decision.status.preflight is not None
+        assert decision.status.preflight.fits is False
+
+    def test_an_unknown_instance_type_is_planned_without_a_verdict_and_says_how_to_get_one(self) -> None:
+        decision = run(
+            checked(resources={"instanceType": "Standard_Unknown_v9"}),
+            preflight_job=preflight_job(annotation=findings()),
+        )
+        status, _, message = condition(decision, conditions.PREFLIGHT_PASSED)
+        assert status == "True"
+        assert "set resources.gpuMemoryGiB" in message
+        assert decision.status.preflight is not None
+        assert decision.status.preflight.fits is None
+        pinned = run(
+            checked(resources={"instanceType": "Standard_Unknown_v9", "gpuMemoryGiB": 1, "gpusPerNode": 8}),
+            preflight_job=preflight_job(annotation=findings()),
+        )
+        assert condition(pinned, conditions.FAILED)[1] == conditions.WOULD_NOT_FIT
+
+    def test_byo_nodes_tell_their_gpu_memory_by_label(self) -> None:
+        labelled = node("gpu-a", labels={"gpu-pool": "a100", "nvidia.com/gpu.memory": "16384"})
+        decision = run(
+            checked("byo-gpu-nodes"), preflight_job=preflight_job(annotation=findings(LLAMA_8B)), nodes=[labelled]
+        )
+        assert decision.status.preflight is not None
+        assert decision.status.preflight.device_memory_gib == 16
+        assert "nvidia.com/gpu.memory" in decision.status.preflight.device
+
+    def test_a_prediction_never_fails_a_job_that_is_training(self) -> None:
+        big = checked(resources={"instanceType": "Standard_Unknown_v9", "gpuMemoryGiB": 1, "gpusPerNode": 8})
+        decision = run(
+            big,
+            preflight_job=preflight_job(annotation=findings()),
+            training_jobs=[training_job(0, "active")],
+            pods=[pod(0), pod(1)],
+            **ready_nodes(),
+        )
+        assert decision.status.phase == "Training"
+        assert "does NOT fit" in condition(decision, conditions.PREFLIGHT_PASSED)[2]
+
+    def test_switched_off_it_goes_straight_to_the_nodes(self) -> None:
+        decision = run(job())
+        assert not conditions.get(decision.status.conditions, conditions.PREFLIGHT_PASSED)
+        assert [c["kind"] for c in decision.create] == ["NodeClaim", "NodeClaim"]

@@ -213,6 +213,10 @@ def test_hub_sources_are_fetched_with_snapshot_download(tmp_path: Path, monkeypa
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
     located = fetch.HubSource(repo_id="org/model", revision="main", repo_type="model", token="t")
     assert fetch.fetch(located, cache=tmp_path / "cache") == tmp_path / "snapshot"
+    assert fetch.fetch(located, cache=tmp_path / "cache", weights=False) == tmp_path / "snapshot"
+    common = {"repo_type": "model", "revision": "main", "cache_dir": tmp_path / "cache" / "hf", "token": "t"}
     assert calls == [
-        ("org/model", {"repo_type": "model", "revision": "main", "cache_dir": tmp_path / "cache" / "hf", "token": "t"})
+        ("org/model", {**common, "ignore_patterns": None}),
+        # The pre-flight's fetch: the config and tokenizer without the weight files.
+        ("org/model", {**common, "ignore_patterns": list(fetch.WEIGHT_PATTERNS)}),
     ]

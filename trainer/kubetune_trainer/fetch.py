@@ -366,8 +366,26 @@ def _save(response: http.client.HTTPResponse, target: Path, *, url: str, limit: 
 # -------------------------------------------------------------------------------------- fetch
 
 
-def fetch(located: Located, *, cache: Path) -> Path:
-    """A local path for ``located``, downloading it into ``cache`` when needed (reused when already there)."""
+#: Weight files a hub snapshot leaves out when only the model's config and tokenizer are wanted.
+WEIGHT_PATTERNS: Final = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl", "*.gguf", "*.h5", "*.msgpack")
+
+
+def hub_files(located: HubSource) -> list[str]:
+    """The file names of a hub repository at the source's revision (to check its weights without fetching them)."""
+    from huggingface_hub import HfApi  # noqa: PLC0415 - only hf:// sources need it
+
+    files: list[str] = HfApi().list_repo_files(
+        located.repo_id, repo_type=located.repo_type, revision=located.revision, token=located.token
+    )
+    return files
+
+
+def fetch(located: Located, *, cache: Path, weights: bool = True) -> Path:
+    """A local path for ``located``, downloading it into ``cache`` when needed (reused when already there).
+
+    ``weights=False`` leaves a hub model's weight files out (the pre-flight needs only its config and
+    tokenizer); a local folder or an archive comes whole.
+    """
     if isinstance(located, LocalSource):
         return located.path
     if isinstance(located, UrlSource):
@@ -395,6 +413,7 @@ def fetch(located: Located, *, cache: Path) -> Path:
         revision=located.revision,
         cache_dir=cache / "hf",
         token=located.token,
+        ignore_patterns=None if weights or located.repo_type != "model" else list(WEIGHT_PATTERNS),
     )
     return Path(path)
 

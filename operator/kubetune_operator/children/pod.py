@@ -224,7 +224,7 @@ def thread_env(target: Target, processes: int) -> list[Obj]:
 
 def pod_spec(
     target: Target,
-    role: str,
+    role: str | None,
     *,
     containers: list[Obj],
     volumes: list[Obj],
@@ -232,8 +232,9 @@ def pod_spec(
     subdomain: str | None = None,
     restart_policy: str | None = None,
 ) -> Obj:
-    """A pod template's spec: no API token nor service links, the pod security, placed on the nodes of ``role``."""
-    selector, tolerations = placement(target, role)
+    """A pod template's spec: no API token nor service links, the pod security, placed on the nodes of ``role``
+    (anywhere the scheduler finds room, without the GPU nodes' toleration, when ``role`` is None)."""
+    selector, tolerations = placement(target, role) if role else ({}, [])
     return {
         **({"subdomain": subdomain} if subdomain else {}),
         **({"restartPolicy": restart_policy} if restart_policy else {}),

@@ -23,6 +23,8 @@ class Target:
     gpus_per_node: int
     """GPUs each training pod requests (resolved from the spec, the NodeClaims or the byo default)."""
     attempt: int = 0
+    reuse_prepared_data: bool = False
+    """Whether the pre-flight passed and left the tokenized data on the job's volume for training."""
 
     @property
     def processes_per_node(self) -> int:

@@ -44,6 +44,7 @@ def build_trainer_config(target: Target) -> TrainerConfig:
         mounts=mounts,
         metrics_port=target.settings.trainer_metrics_port,
         private_networks=list(target.settings.private_networks),
+        reuse_prepared_data=target.reuse_prepared_data,
     )
 
 

@@ -93,28 +93,39 @@ def linear_module_names(model_dir: Path, *, trust_remote_code: bool) -> tuple[se
 
 def weights_problem(model_dir: Path) -> str | None:
     """Why the weights of ``model_dir`` will not be loaded (none in safetensors, pickles instead), or ``None``."""
-    names = sorted(p.name for p in model_dir.iterdir() if p.is_file())
+    return weights_problem_in(sorted(p.name for p in model_dir.iterdir() if p.is_file()), str(model_dir))
+
+
+def weights_problem_in(names: list[str], where: str) -> str | None:
+    """:func:`weights_problem` for the file ``names`` of a model at ``where`` (a folder, or a hub repository's listing)."""
+    names = sorted(name.rsplit("/", 1)[-1] for name in names)
     if any(name.endswith(".safetensors") for name in names):
         return None
     pickles = [name for name in names if name.endswith(PICKLE_SUFFIXES)]
     if pickles:
         return (
-            f"{model_dir} holds its weights only as pickle files ({', '.join(pickles[:5])}), which kubetune does not "
+            f"{where} holds its weights only as pickle files ({', '.join(pickles[:5])}), which kubetune does not "
             "load because unpickling can run code; convert the model to safetensors on a trusted machine "
             "(AutoModelForCausalLM.from_pretrained(DIR).save_pretrained(OUT) writes model.safetensors) "
             "and point the source at the result"
         )
-    return f"{model_dir} holds no *.safetensors weights; point the source at a transformers model folder with them"
+    return f"{where} holds no *.safetensors weights; point the source at a transformers model folder with them"
 
 
-def check_model(model_dir: Path, spec: FineTuneJobSpec, problems: ProblemList) -> None:
-    """Record what about the model folder or the method's target modules cannot work."""
+def check_model(
+    model_dir: Path, spec: FineTuneJobSpec, problems: ProblemList, *, weights_checked: bool = False
+) -> None:
+    """Record what about the model folder or the method's target modules cannot work.
+
+    ``weights_checked`` says the weight files were checked already (from a hub listing, when the
+    pre-flight fetched the model without them).
+    """
     if not (model_dir / "config.json").is_file():
         problems.add(
             "spec.model.source", f"{model_dir} has no config.json; point the source at a transformers model folder"
         )
         return
-    weights = weights_problem(model_dir)
+    weights = None if weights_checked else weights_problem(model_dir)
     if weights:
         problems.add("spec.model.source", weights)
         return
