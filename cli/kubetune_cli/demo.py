@@ -167,6 +167,9 @@ def _follow(api: client.ApiClient, namespace: str, name: str, operator_log: Path
         phase = status.get("phase", "Pending")
         conditions = {c["type"]: c for c in status.get("conditions", [])}
         lines = [f"phase {phase}"]
+        preflight = conditions.get("PreflightPassed", {})
+        if preflight.get("status") == "True":
+            lines.append(f"Preflight: {preflight['message']}")
         if phase in ("Provisioning", "Publishing", "Serving", "Initializing"):
             relevant = {"Provisioning": "NodesReady", "Publishing": "Complete", "Serving": "ServingReady"}
             condition = conditions.get(relevant.get(phase, "Training"), {})

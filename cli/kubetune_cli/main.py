@@ -267,7 +267,12 @@ def _add_trainer_commands(commands: argparse._SubParsersAction[argparse.Argument
         metavar="CONFIG_JSON",
         help="the model's config.json (default: read from the model source when it is a local folder)",
     )
-    plan.add_argument("--gpu-memory", type=float, metavar="GiB", help="memory of one device in GiB (default 80)")
+    plan.add_argument(
+        "--gpu-memory",
+        type=float,
+        metavar="GiB",
+        help="memory of one device in GiB (default: resources.gpuMemoryGiB, else one GPU of instanceType when known, else 80)",
+    )
     plan.set_defaults(run=_plan)
 
     serve = commands.add_parser(

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from kubetune_operator.crd import render_crd
 from tests.conftest import BAD_INPUT, EXAMPLES
@@ -58,3 +60,43 @@ def test_no_subcommand_is_an_error() -> None:
     result = kubetune()
     assert result.returncode == 2
     assert "COMMAND" in result.stderr
+
+
+def test_plan_takes_the_gpu_memory_of_the_instance_type(tmp_path: Path) -> None:
+    """Llama 3.1 8B fully fine-tuned on one A10G (g5.xlarge, 24 GiB) does not fit; on 200 GiB it does."""
+    config = tmp_path / "config.json"
+    config.write_text(
+        json.dumps(
+            {
+                "hidden_size": 4096,
+                "intermediate_size": 14336,
+                "num_attention_heads": 32,
+                "num_hidden_layers": 32,
+                "num_key_value_heads": 8,
+                "vocab_size": 128256,
+            }
+        )
+    )
+    job = tmp_path / "job.yaml"
+    job.write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "kubetune.io/v1alpha1",
+                "kind": "FineTuneJob",
+                "metadata": {"name": "big"},
+                "spec": {
+                    "model": {"source": "hf://meta-llama/Llama-3.1-8B"},
+                    "dataset": {"source": "https://example.org/d.jsonl"},
+                    "method": {"type": "full"},
+                    "resources": {"provisioner": "karpenter", "instanceType": "g5.xlarge"},
+                },
+            }
+        )
+    )
+    on_a10g = kubetune("plan", str(job), "--model-config", str(config))
+    assert on_a10g.returncode == 1, on_a10g.stderr
+    assert "does NOT fit in 24.00 GiB per device" in on_a10g.stdout
+    assert "try: method.type: qlora" in on_a10g.stdout
+    roomy = kubetune("plan", str(job), "--model-config", str(config), "--gpu-memory", "200")
+    assert roomy.returncode == 0, roomy.stdout
+    assert "fits in 200.00 GiB per device" in roomy.stdout

@@ -16,6 +16,7 @@ import yaml
 from pydantic import ValidationError
 
 from kubetune_api import ALLOW_LOCAL_PATHS, FineTuneJobSpec, parse_uri, problems_of
+from kubetune_api.instances import instance_shape
 from kubetune_api.plan import plan_job
 from kubetune_api.uris import MODEL_SCHEMES
 from kubetune_trainer.errors import EXIT_PERMANENT
@@ -52,6 +53,10 @@ def main(args: argparse.Namespace) -> int:
     except (OSError, ValueError, KeyError, yaml.YAMLError) as exc:
         print(f"kubetune plan: {exc}", file=sys.stderr)
         return EXIT_PERMANENT
-    result = plan_job(spec, model_config, device_gib=args.gpu_memory or 80.0)
+    shape = instance_shape(spec.resources.instance_type)
+    known = shape.gpu_memory_gib if shape is not None and shape.gpus else None
+    device_gib = args.gpu_memory or spec.resources.gpu_memory_gib or known or 80.0
+    gpus = shape.gpus if shape is not None and shape.gpus else None
+    result = plan_job(spec, model_config, device_gib=device_gib, gpus_per_node=gpus)
     print(result.describe())
     return 0 if result.fits else 1
