@@ -178,7 +178,7 @@ def _judge(spec: FineTuneJobSpec, found: Obj, observed: Observed, *, record: Obj
         duration_seconds=(finished - started).total_seconds() if started and finished else None,
     )
     data = (
-        f"{findings.records} {findings.format} records → {findings.train_examples} train / "
+        f"{findings.records} records ({findings.format}) → {findings.train_examples} train / "
         f"{findings.eval_examples} eval examples, {findings.tokens:,} tokens, {findings.truncated} truncated at "
         f"maxSeqLength {spec.dataset.max_seq_length}"
     )
