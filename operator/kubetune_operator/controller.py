@@ -260,7 +260,10 @@ class Controller:
         before = {c.type: c.status for c in (previous.conditions if previous else [])}
         after = {c.type: c.status for c in status.conditions}
         if after.get(conditions.NODES_READY) == "True" and before.get(conditions.NODES_READY) != "True":
-            metrics.PROVISIONING_SECONDS.observe(age)
+            # Provisioning starts once the pre-flight passed (nothing is claimed before).
+            passed = conditions.get(status.conditions, conditions.PREFLIGHT_PASSED)
+            since = passed.last_transition_time if passed is not None and passed.status == "True" else created
+            metrics.PROVISIONING_SECONDS.observe((observed.now - since).total_seconds())
         step_before = (previous.progress.step or 0) if previous and previous.progress else 0
         if status.progress and (status.progress.step or 0) > 0 and step_before == 0:
             metrics.FIRST_STEP_SECONDS.observe(age)

@@ -18,7 +18,7 @@ RECONCILE_SECONDS: Final = Histogram(
 )
 PROVISIONING_SECONDS: Final = Histogram(
     "kubetune_provisioning_latency_seconds",
-    "From a job's creation to its nodes being ready",
+    "From the end of a job's pre-flight (its creation when it has none) to its nodes being ready",
     buckets=(1, 5, 15, 30, 60, 120, 300, 600, 1200, 3600),
 )
 FIRST_STEP_SECONDS: Final = Histogram(
