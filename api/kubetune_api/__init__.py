@@ -7,7 +7,9 @@
 - :mod:`kubetune_api.uris`: the source and destination URIs and their schemes;
 - :mod:`kubetune_api.trainer_config`: the TrainerConfig the operator renders for the pods, and the
   paths where pods mount what it names;
-- :mod:`kubetune_api.plan`: the memory planner (arithmetic over a model's config.json);
+- :mod:`kubetune_api.plan`: the memory planner (arithmetic over a model's config.json), which the
+  operator's pre-flight and ``kubetune plan`` run;
+- :mod:`kubetune_api.instances`: what the operator knows of cloud GPU instance types (GPUs and their memory);
 - :mod:`kubetune_api.problems`: validation problems, each naming its field;
 - :mod:`kubetune_api.objects`: the plain-dict Kubernetes object type and the API's timestamp format.
 
