@@ -87,6 +87,9 @@ elseif phase == "Training" then
     end
     hs.message = m
   end
+elseif phase == "Preflight" then
+  hs.status = "Progressing"
+  hs.message = message_of(condition(status, "PreflightPassed"), "Preflight")
 elseif phase == "Provisioning" then
   hs.status = "Progressing"
   hs.message = message_of(condition(status, "NodesReady"), "Provisioning")

@@ -159,6 +159,13 @@ def test_provisioning_shows_the_nodes_ready_condition(run: Any) -> None:
     assert run(job("Provisioning")) == ("Progressing", "Provisioning")
 
 
+def test_the_preflight_shows_what_it_checks(run: Any) -> None:
+    message = "checking the sources, the model and the whole dataset on a CPU before provisioning"
+    obj = job("Preflight", conditions=[cond("PreflightPassed", "False", "PreflightRunning", message)])
+    assert run(obj) == ("Progressing", message)
+    assert run(job("Preflight")) == ("Progressing", "Preflight")
+
+
 @pytest.mark.parametrize("phase", ["Pending", "Initializing", "Publishing", "SomethingNew"])
 def test_other_phases_are_progressing_with_the_phase(run: Any, phase: str) -> None:
     assert run(job(phase)) == ("Progressing", phase)
