@@ -2,25 +2,32 @@
 
 One manifest factory (:func:`finetunejob`) over a few named bases, one wait helper
 (:func:`wait_until`), one builder of the chat request the toy data answers (:func:`toy_chat`), the
-custom-object calls by the resource's identity from :mod:`kubetune_api.resource`, and a loopback
-HTTP server for the files of a folder (:func:`serve_folder`).
+custom-object calls by the resource's identity from :mod:`kubetune_api.resource`, a loopback
+HTTP server for the files of a folder (:func:`serve_folder`) and a real S3 server on loopback
+(:func:`serve_s3`, moto's server mode).
 """
 
 from __future__ import annotations
 
 import http.server
+import json
 import threading
 import time
+import urllib.request
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final, TypeVar, cast
+from typing import TYPE_CHECKING, Any, Final, TypeVar, cast
 
 import pytest
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
 from kubetune_api.resource import API_VERSION, GROUP, KIND, PLURAL, VERSION
+
+if TYPE_CHECKING:
+    from mypy_boto3_s3 import S3Client
 
 T = TypeVar("T")
 Section = Mapping[str, Any]
@@ -118,3 +125,91 @@ def serve_folder(folder: Path) -> Iterator[str]:
     finally:
         server.shutdown()
         server.server_close()
+
+
+@dataclass(frozen=True)
+class S3Store:
+    """A moto S3 server on loopback and the keys it accepts."""
+
+    endpoint: str
+    access_key_id: str
+    secret_access_key: str
+
+    def client(self, *, secret_access_key: str | None = None) -> S3Client:
+        import boto3  # noqa: PLC0415 - only the s3:// tests need it
+
+        return boto3.client(
+            "s3",
+            endpoint_url=self.endpoint,
+            region_name="us-east-1",
+            aws_access_key_id=self.access_key_id,
+            aws_secret_access_key=secret_access_key or self.secret_access_key,
+        )
+
+    def put(self, bucket: str, objects: Mapping[str, bytes | str]) -> None:
+        """Create ``bucket`` (if needed) holding ``objects`` (key: body)."""
+        s3 = self.client()
+        if bucket not in {b["Name"] for b in s3.list_buckets().get("Buckets", [])}:
+            s3.create_bucket(Bucket=bucket)
+        for key, body in objects.items():
+            s3.put_object(Bucket=bucket, Key=key, Body=body.encode() if isinstance(body, str) else body)
+
+    def secret_data(self, **override: str | None) -> dict[str, str]:
+        """The keys of a Secret for this store (``None`` in ``override`` leaves a key out)."""
+        data: dict[str, str | None] = {
+            "AWS_ACCESS_KEY_ID": self.access_key_id,
+            "AWS_SECRET_ACCESS_KEY": self.secret_access_key,
+            "AWS_REGION": "us-east-1",
+            "AWS_ENDPOINT_URL": self.endpoint,
+            **override,
+        }
+        return {key: value for key, value in data.items() if value is not None}
+
+    def write_secret(self, folder: Path, **override: str | None) -> Path:
+        """``folder`` holding the Secret's keys as files, as the kubelet mounts a Secret."""
+        folder.mkdir(parents=True, exist_ok=True)
+        for key, value in self.secret_data(**override).items():
+            (folder / key).write_text(value + "\n", encoding="utf-8")
+        return folder
+
+
+@contextmanager
+def serve_s3(*, host: str = "127.0.0.1", authenticate: bool = False) -> Iterator[S3Store]:
+    """A real S3 server (moto's server mode) on ``host``, emptied first; yield its store.
+
+    With ``authenticate`` the server checks every request's signature against an IAM user it
+    creates (moto accepts any keys otherwise), so a wrong secret is refused as AWS refuses it.
+    """
+    from moto import settings  # noqa: PLC0415 - only the s3:// tests need it
+    from moto.server import ThreadedMotoServer  # noqa: PLC0415
+
+    server = ThreadedMotoServer(ip_address=host, port=0, verbose=False)
+    server.start()
+    address, port = server.get_host_and_port()
+    endpoint = f"http://{address}:{port}"
+    reset = urllib.request.Request(f"{endpoint}/moto-api/reset", method="POST")
+    urllib.request.urlopen(reset, timeout=30).close()
+    previous = settings.INITIAL_NO_AUTH_ACTION_COUNT
+    try:
+        store = S3Store(endpoint, "AKIAKUBETUNETEST0000", "kubetune-test-secret")
+        if authenticate:
+            import boto3  # noqa: PLC0415
+
+            iam = boto3.client(
+                "iam", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="x", aws_secret_access_key="x"
+            )
+            iam.create_user(UserName="kubetune")
+            iam.put_user_policy(
+                UserName="kubetune",
+                PolicyName="all",
+                PolicyDocument=json.dumps(
+                    {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "*", "Resource": "*"}]}
+                ),
+            )
+            key = iam.create_access_key(UserName="kubetune")["AccessKey"]
+            store = S3Store(endpoint, key["AccessKeyId"], key["SecretAccessKey"])
+            settings.INITIAL_NO_AUTH_ACTION_COUNT = 0
+        yield store
+    finally:
+        settings.INITIAL_NO_AUTH_ACTION_COUNT = previous
+        server.stop()

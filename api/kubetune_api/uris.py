@@ -19,6 +19,8 @@ _DNS_SUBDOMAIN: Final = rf"{_DNS_LABEL}(\.{_DNS_LABEL})*"
 _PATH: Final = r"[^\s?#]*"
 #: A segment of a path inside a claim: anything but ``..`` (RE2 has no look-ahead, hence the spelling).
 _SEGMENT: Final = r"([^\s?#/.][^\s?#/]*|\.[^\s?#/.][^\s?#/]*|\.\.[^\s?#/]+|\.)"
+#: A segment of an S3 key: anything but ``.`` and ``..``.
+_KEY_SEGMENT: Final = r"([^\s?#/.][^\s?#/]*|\.[^\s?#/.][^\s?#/]*|\.\.[^\s?#/]+)"
 
 #: One pattern per scheme; each matches the whole URI.
 SCHEME_PATTERNS: Final[dict[Scheme, str]] = {
@@ -32,7 +34,9 @@ SCHEME_PATTERNS: Final[dict[Scheme, str]] = {
     # oci://registry[:port]/repository[:tag|@digest]
     "oci": r"oci://[A-Za-z0-9.-]+(:[0-9]{1,5})?(/[a-z0-9._-]+)+(:[A-Za-z0-9_][A-Za-z0-9._-]{0,127})?"
     r"(@sha256:[a-f0-9]{64})?",
-    "s3": r"s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/[^\s]*)?",
+    # s3://bucket/key (one object) or s3://bucket/prefix/ (every object under the prefix: a folder);
+    # no empty, '.' or '..' segment, which would name a file outside the folder it is fetched into.
+    "s3": rf"s3://[a-z0-9][a-z0-9.-]{{1,61}}[a-z0-9](/({_KEY_SEGMENT}/)*{_KEY_SEGMENT}?)?",
     # configmap://name/key: small data only (a ConfigMap holds at most 1 MiB).
     "configmap": rf"configmap://{_DNS_SUBDOMAIN}/[-._a-zA-Z0-9]+",
     # file:///absolute/path: only for `kubetune train` on a workstation, never in a cluster.
@@ -51,11 +55,11 @@ SCHEME_FORMS: Final[dict[Scheme, str]] = {
     "file": "file:///absolute/path",
 }
 
-#: s3:// and oci:// model and dataset sources, and s3:// outputs, are not supported yet: refused at
-#: admission with the forms that work, not inside a pod after the nodes were paid for.
+#: oci:// model and dataset sources, and s3:// outputs, are not supported yet: refused at admission
+#: with the forms that work, not inside a pod after the nodes were paid for.
 _NOT_YET: Final = frozenset({"s3", "oci"})
-MODEL_SCHEMES: Final[tuple[Scheme, ...]] = ("hf", "https", "http", "pvc")
-DATASET_SCHEMES: Final[tuple[Scheme, ...]] = ("hf", "https", "http", "pvc", "configmap")
+MODEL_SCHEMES: Final[tuple[Scheme, ...]] = ("hf", "https", "http", "pvc", "s3")
+DATASET_SCHEMES: Final[tuple[Scheme, ...]] = ("hf", "https", "http", "pvc", "s3", "configmap")
 OUTPUT_SCHEMES: Final[tuple[Scheme, ...]] = ("pvc", "oci")
 
 
@@ -93,6 +97,11 @@ class SourceURI:
         return f"{self.scheme}://{self.location}"
 
 
+def s3_key_segments(key: str) -> list[str]:
+    """The segments of an S3 key or prefix (``a/b/`` is ``a``, ``b``); none for the whole bucket."""
+    return key.removesuffix("/").split("/") if key else []
+
+
 def parse_uri(uri: str, schemes: tuple[Scheme, ...]) -> SourceURI:
     """Parse ``uri``, accepting only ``schemes``; raise ``ValueError`` naming the accepted forms."""
     scheme, sep, rest = uri.partition("://")
@@ -106,6 +115,12 @@ def parse_uri(uri: str, schemes: tuple[Scheme, ...]) -> SourceURI:
             raise ValueError(
                 f"malformed pvc:// URI {uri!r}: '..' would leave claim {rest.split('/')[0]}; "
                 "name a path inside the claim"
+            )
+        if scheme == "s3" and any(s in ("", ".", "..") for s in s3_key_segments(rest.partition("/")[2])):
+            raise ValueError(
+                f"malformed s3:// URI {uri!r}: an empty, '.' or '..' segment in the key would name a file "
+                "outside the folder it is fetched into; use s3://bucket/key for an object or "
+                "s3://bucket/prefix/ for every object under a prefix"
             )
         raise ValueError(f"malformed {scheme}:// URI {uri!r}; expected {SCHEME_FORMS[scheme]}")
     return SourceURI(scheme=scheme, location=rest)

@@ -86,13 +86,55 @@ class TestSources:
     def test_model_sources_accepted(self, uri: str) -> None:
         assert str(parse_uri(uri, MODEL_SCHEMES)) == uri
 
-    @pytest.mark.parametrize(
-        "uri", ["oci://registry.example:5000/adapters/bot:v1", "s3://bucket-1/key/model"], ids=["oci", "s3"]
-    )
-    def test_sources_not_supported_yet_are_refused_naming_what_works(self, uri: str) -> None:
+    def test_oci_sources_are_not_supported_yet_and_are_refused_naming_what_works(self) -> None:
         for schemes in (MODEL_SCHEMES, DATASET_SCHEMES):
-            with pytest.raises(ValueError, match=r"unsupported scheme .*; use hf://org/name\[@revision\].*pvc://"):
+            with pytest.raises(
+                ValueError, match=r"unsupported scheme 'oci://' \(not supported here yet\).*; use hf://.*pvc://.*s3://"
+            ):
+                parse_uri("oci://registry.example:5000/adapters/bot:v1", schemes)
+
+    @pytest.mark.parametrize(
+        "uri",
+        [
+            "s3://team-models/llama/8b/",
+            "s3://team-models/llama-8b.tar.gz",
+            "s3://bucket-1/key/model",
+            "s3://my.bucket.example/a/.hidden/..x/data.jsonl",
+            "s3://bucket-1",
+            "s3://bucket-1/",
+        ],
+    )
+    def test_s3_sources_are_accepted_for_models_and_datasets(self, uri: str) -> None:
+        for schemes in (MODEL_SCHEMES, DATASET_SCHEMES):
+            parsed = parse_uri(uri, schemes)
+            assert (parsed.scheme, str(parsed)) == ("s3", uri)
+        assert parse_uri("s3://team-models/llama/8b/", MODEL_SCHEMES).path == "llama/8b/"
+
+    @pytest.mark.parametrize(
+        "uri", ["s3://b1/../x", "s3://b1/a/../../x", "s3://b1//etc/passwd", "s3://b1/a/./x", "s3://b1/a/.."]
+    )
+    def test_s3_keys_with_empty_or_dot_segments_are_refused(self, uri: str) -> None:
+        """Such a key would name a file outside the folder the source is fetched into."""
+        for schemes in (MODEL_SCHEMES, DATASET_SCHEMES):
+            with pytest.raises(ValueError, match=r"malformed s3:// URI .*'\.\.' segment"):
                 parse_uri(uri, schemes)
+
+    def test_s3_outputs_are_still_refused(self) -> None:
+        with pytest.raises(ValueError, match=r"unsupported scheme 's3://' \(not supported here yet\).*pvc://.*oci://"):
+            parse_uri("s3://team-models/adapters/x", OUTPUT_SCHEMES)
+
+    def test_s3_sources_pass_the_models_and_the_crd_and_dot_segments_fail_both(self) -> None:
+        good = manifest(
+            model={"source": "s3://team-models/llama/8b/", "secretRef": "s3-keys"},
+            dataset={"source": "s3://team-data/train.jsonl", "secretRef": "s3-keys"},
+        )
+        assert refusals(good) == ([], [])
+        fields, crd = refusals(manifest(dataset={"source": "s3://team-data/../other/train.jsonl"}))
+        assert fields == ["spec.dataset.source"]
+        assert crd, "the apiserver refuses it too"
+        fields, crd = refusals(manifest(output={"destination": "s3://team-models/adapters/x"}))
+        assert fields == ["spec.output.destination"]
+        assert crd
 
     def test_configmap_only_for_datasets(self) -> None:
         assert parse_uri("configmap://toy-data/train.jsonl", DATASET_SCHEMES).authority == "toy-data"

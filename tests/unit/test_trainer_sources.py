@@ -60,13 +60,11 @@ def test_pvc_and_configmap_sources_map_to_their_mounts(tmp_path: Path) -> None:
     assert "does not exist" in problems[0]
 
 
-def test_s3_and_oci_are_refused_as_not_supported_yet(tmp_path: Path) -> None:
-    cfg = config(tmp_path)
-    for uri in ("s3://bucket/key.jsonl", "oci://registry.example/data/x:v1"):
-        found, problems = locate(cfg, uri)
-        assert found is None
-        assert "(not supported here yet)" in problems[0]
-        assert "pvc://claim/path" in problems[0], "names what works"
+def test_oci_is_refused_as_not_supported_yet(tmp_path: Path) -> None:
+    found, problems = locate(config(tmp_path), "oci://registry.example/data/x:v1")
+    assert found is None
+    assert "(not supported here yet)" in problems[0]
+    assert "pvc://claim/path" in problems[0], "names what works"
 
 
 @pytest.mark.parametrize(
@@ -220,3 +218,108 @@ def test_hub_sources_are_fetched_with_snapshot_download(tmp_path: Path, monkeypa
         # The pre-flight's fetch: the config and tokenizer without the weight files.
         ("org/model", {**common, "ignore_patterns": list(fetch.WEIGHT_PATTERNS)}),
     ]
+
+
+def s3_secret(folder: Path, **keys: str) -> Path:
+    """A mounted Secret: one file per key, with the trailing newline `kubectl create secret --from-file` keeps."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for key, value in keys.items():
+        (folder / key).write_text(value + "\n", encoding="utf-8")
+    return folder
+
+
+def test_s3_sources_read_their_keys_from_the_mounted_secret(tmp_path: Path) -> None:
+    secret = s3_secret(
+        tmp_path / "secret",
+        AWS_ACCESS_KEY_ID="AKIAEXAMPLE",
+        AWS_SECRET_ACCESS_KEY="s3cr3t",
+        AWS_SESSION_TOKEN="session",
+        AWS_DEFAULT_REGION="eu-west-3",
+    )
+    cfg = config(tmp_path, mounts={"secrets": {"s3-keys": str(secret)}})
+    found, problems = locate(cfg, "s3://team-models/llama/8b/", kind="model", secret="s3-keys")
+    assert problems == []
+    assert found == fetch.S3Source(
+        uri="s3://team-models/llama/8b/",
+        bucket="team-models",
+        key="llama/8b/",
+        credentials=fetch.S3Credentials("AKIAEXAMPLE", "s3cr3t", "session"),
+        secret="s3-keys",
+        region="eu-west-3",
+    )
+    assert found.folder
+    assert "s3cr3t" not in repr(found), "secrets stay out of logs"
+    assert "session" not in repr(found)
+    found, _ = locate(cfg, "s3://team-data/train.jsonl", secret="s3-keys")
+    assert isinstance(found, fetch.S3Source)
+    assert (found.key, found.folder) == ("train.jsonl", False)
+
+
+def test_an_s3_source_without_a_secret_uses_the_default_chain(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
+    monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)
+    found, problems = locate(config(tmp_path), "s3://team-data/sets/chat/")
+    assert problems == []
+    assert found == fetch.S3Source(uri="s3://team-data/sets/chat/", bucket="team-data", key="sets/chat/")
+
+
+def test_a_secret_without_the_keys_is_a_problem_naming_the_secret_and_the_key(tmp_path: Path) -> None:
+    secret = s3_secret(tmp_path / "secret", AWS_ACCESS_KEY_ID="AKIAEXAMPLE")
+    (tmp_path / "empty").mkdir()
+    cfg = config(tmp_path, mounts={"secrets": {"half": str(secret), "empty": str(tmp_path / "empty")}})
+    found, problems = locate(cfg, "s3://team-data/train.jsonl", kind="dataset", secret="half")
+    assert found is None
+    assert problems == [
+        f"spec.dataset.secretRef: Secret 'half' has no key 'AWS_SECRET_ACCESS_KEY' ({secret}/AWS_SECRET_ACCESS_KEY "
+        "is missing); an s3:// source's Secret holds AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (optionally "
+        "AWS_SESSION_TOKEN, AWS_REGION and AWS_ENDPOINT_URL); leave secretRef unset to use the pod's own AWS identity"
+    ]
+    _, problems = locate(cfg, "s3://team-models/m/", kind="model", secret="empty")
+    assert len(problems) == 2, "every missing key is named"
+    assert all(p.startswith("spec.model.secretRef: Secret 'empty' has no key 'AWS_") for p in problems)
+    _, problems = locate(cfg, "s3://team-models/m/", kind="model", secret="not-mounted")
+    assert problems[0].startswith("spec.model.secretRef: Secret 'not-mounted' is not mounted")
+
+
+def test_an_s3_endpoint_on_a_private_address_is_refused_unless_allowed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    secret = s3_secret(
+        tmp_path / "secret", AWS_ACCESS_KEY_ID="k", AWS_SECRET_ACCESS_KEY="s", AWS_ENDPOINT_URL="http://127.0.0.1:9000"
+    )
+    mounts = {"secrets": {"minio": str(secret)}}
+    found, problems = locate(config(tmp_path, mounts=mounts), "s3://data/train.jsonl", secret="minio")
+    assert found is None
+    assert problems[0].startswith(
+        "spec.dataset.secretRef: the S3 endpoint http://127.0.0.1:9000 (AWS_ENDPOINT_URL of Secret 'minio'): "
+        "127.0.0.1 resolves to 127.0.0.1, a loopback address"
+    )
+    assert "--allow-private-network CIDR" in problems[0], "says how to allow it"
+    found, problems = locate(
+        config(tmp_path, mounts=mounts, privateNetworks=["127.0.0.0/8"]), "s3://data/train.jsonl", secret="minio"
+    )
+    assert problems == []
+    assert isinstance(found, fetch.S3Source)
+    assert (found.endpoint, found.networks) == ("http://127.0.0.1:9000", ("127.0.0.0/8",))
+
+    # Without a Secret, boto3 would read the endpoint from the environment: it is checked the same way.
+    monkeypatch.setattr(fetch, "_resolve", lambda host, port: ["169.254.169.254"])
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://metadata.internal")
+    _, problems = locate(config(tmp_path), "s3://data/train.jsonl")
+    assert "spec.dataset.source: the S3 endpoint http://metadata.internal ($AWS_ENDPOINT_URL)" in problems[0]
+    assert "link-local" in problems[0]
+
+    bad = s3_secret(tmp_path / "bad", AWS_ACCESS_KEY_ID="k", AWS_SECRET_ACCESS_KEY="s", AWS_ENDPOINT_URL="minio:9000")
+    _, problems = locate(config(tmp_path, mounts={"secrets": {"bad": str(bad)}}), "s3://data/x.jsonl", secret="bad")
+    assert "not an http:// or https:// URL" in problems[0]
+
+
+def test_an_s3_model_is_a_prefix_or_an_archive(tmp_path: Path) -> None:
+    _, problems = locate(config(tmp_path), "s3://team-models/llama-8b", kind="model")
+    assert problems == [
+        "spec.model.source: a model over s3:// is a folder named by its prefix with a trailing slash "
+        "(s3://team-models/llama-8b/) or a .tar or .tar.gz archive of the model folder"
+    ]
+    found, problems = locate(config(tmp_path), "s3://team-models/llama-8b.tar.gz", kind="model")
+    assert problems == []
+    assert isinstance(found, fetch.S3Source)

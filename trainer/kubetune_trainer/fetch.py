@@ -9,8 +9,17 @@ DNS answer that changes between the check and the download cannot reach an inter
 A ``pvc://`` or ``configmap://`` source must stay inside the folder where its claim or ConfigMap
 is mounted: a path whose real location (``..`` and symbolic links resolved) is outside it, or a
 folder holding a symbolic link that leads outside it, is refused naming the field and the claim.
-Archives (``.tar``, ``.tar.gz``, ``.tgz`` over http(s)) are unpacked within the bounds of
+Archives (``.tar``, ``.tar.gz``, ``.tgz`` over http(s) or s3) are unpacked within the bounds of
 :mod:`kubetune_trainer.archive`, and a download stops once it passes the same maximum size.
+
+An ``s3://bucket/key`` source is one object (a dataset file, a model archive) and
+``s3://bucket/prefix/`` every object under the prefix (a model or dataset folder), read with
+boto3: credentials from the ``secretRef`` Secret (:data:`S3_KEYS`), else boto3's default chain
+(IRSA, workload identity). A custom endpoint (``AWS_ENDPOINT_URL``) is checked like a URL source.
+A folder's keys become paths under the fetched folder only when every segment is a plain name (no
+empty, ``.`` or ``..`` segment); its objects number at most :data:`~kubetune_trainer.archive.MAX_ENTRIES`
+and, like any one object, add up to at most :func:`~kubetune_trainer.archive.max_unpacked_bytes`.
+Objects are written into a staging folder that is renamed into the cache only once complete.
 
 ``kubetune train`` fetches the model and the dataset with it while preparing a run, and
 ``kubetune fetch-model`` the model for the serving pod.
@@ -28,14 +37,17 @@ import socket
 import ssl
 import tempfile
 import urllib.parse
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Final, Literal
+from typing import TYPE_CHECKING, Final, Literal
 
 from kubetune_api import TrainerConfig, parse_uri
-from kubetune_api.uris import DATASET_SCHEMES, MODEL_SCHEMES
-from kubetune_trainer.archive import ArchiveError, escaping_links, human, max_unpacked_bytes, unpack
+from kubetune_api.uris import DATASET_SCHEMES, MODEL_SCHEMES, SourceURI, s3_key_segments
+from kubetune_trainer.archive import MAX_ENTRIES, ArchiveError, escaping_links, human, max_unpacked_bytes, unpack
 from kubetune_trainer.errors import ProblemList
+
+if TYPE_CHECKING:
+    from mypy_boto3_s3 import S3Client
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +89,40 @@ class HubSource:
     token: str | None
 
 
-Located = LocalSource | UrlSource | HubSource
+@dataclass(frozen=True, slots=True)
+class S3Credentials:
+    """Keys read from a source's secretRef Secret (never shown in a repr)."""
+
+    access_key_id: str
+    secret_access_key: str = field(repr=False)
+    session_token: str | None = field(default=None, repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class S3Source:
+    """One object (``s3://bucket/key``) or every object under a prefix (``s3://bucket/prefix/``)."""
+
+    uri: str
+    bucket: str
+    key: str
+    """The object's key, or the prefix (empty or ending with ``/``) of a folder."""
+    credentials: S3Credentials | None = None
+    """``None``: boto3's default chain (environment, IRSA, workload identity)."""
+    secret: str | None = None
+    """The Secret the credentials came from, for error messages."""
+    region: str | None = None
+    endpoint: str | None = None
+    """A custom endpoint (MinIO, another S3-compatible store); ``None`` for AWS."""
+    allow_private: bool = False
+    networks: tuple[str, ...] = ()
+
+    @property
+    def folder(self) -> bool:
+        """Whether this names every object under a prefix rather than one object."""
+        return self.key == "" or self.key.endswith("/")
+
+
+Located = LocalSource | UrlSource | HubSource | S3Source
 
 
 def cache_dir(config: TrainerConfig) -> Path:
@@ -135,7 +180,9 @@ def locate(  # noqa: PLR0911 - one return per scheme
             problems.add(field, reason)
             return None
         return UrlSource(uri, allow_private=config.allow_private_addresses, networks=networks)
-    # parse_uri accepted only the schemes above and hf:// (s3:// and oci:// sources are refused at admission).
+    if parsed.scheme == "s3":
+        return _locate_s3(parsed, kind=kind, secret_ref=secret_ref, config=config, problems=problems)
+    # parse_uri accepted only the schemes above and hf:// (oci:// sources are refused at admission).
     repo, _, revision = parsed.location.partition("@")
     token, token_problem = hub_token(secret_ref, config)
     if token_problem:
@@ -388,6 +435,8 @@ def fetch(located: Located, *, cache: Path, weights: bool = True) -> Path:
     """
     if isinstance(located, LocalSource):
         return located.path
+    if isinstance(located, S3Source):
+        return _fetch_s3(located, cache)
     if isinstance(located, UrlSource):
         digest = hashlib.sha256(located.url.encode()).hexdigest()[:16]
         name = Path(urllib.parse.urlsplit(located.url).path).name or "data"
@@ -433,3 +482,359 @@ def _unpack(archive: Path, folder: Path, url: str) -> Path:
     entries = [p for p in folder.iterdir() if not p.name.startswith(".")]
     # An archive of one folder (model/config.json) is that folder.
     return entries[0] if len(entries) == 1 and entries[0].is_dir() else folder
+
+
+# ----------------------------------------------------------------------------------------- s3
+
+#: The keys read from an s3:// source's secretRef Secret, each a file where the Secret is mounted.
+S3_REQUIRED_KEYS: Final = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+S3_OPTIONAL_KEYS: Final = ("AWS_SESSION_TOKEN", "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL")
+#: Env vars naming a custom endpoint when an s3:// source has no secretRef (boto3 reads the same).
+_S3_ENDPOINT_ENV: Final = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
+#: Error codes S3 (and S3-compatible stores) answer for a failure that may pass on a retry.
+_S3_RETRYABLE_CODES: Final = frozenset(
+    {"InternalError", "ServiceUnavailable", "SlowDown", "RequestTimeout", "Throttling", "ThrottlingException"}
+)
+_S3_DENIED_CODES: Final = frozenset(
+    {
+        "AccessDenied",
+        "AllAccessDisabled",
+        "InvalidAccessKeyId",
+        "SignatureDoesNotMatch",
+        "ExpiredToken",
+        "InvalidToken",
+        "TokenRefreshRequired",
+        "AccountProblem",
+        "403",
+    }
+)
+#: The longest file name most file systems take, in bytes.
+_MAX_NAME_BYTES: Final = 255
+
+
+def s3_secret(secret_ref: str, config: TrainerConfig) -> tuple[dict[str, str], list[str]]:
+    """The S3 settings in the mounted ``secret_ref`` Secret (:data:`S3_REQUIRED_KEYS` and
+    :data:`S3_OPTIONAL_KEYS`, surrounding whitespace dropped), and the problems, if any."""
+    mount = config.mounts.secrets.get(secret_ref)
+    if mount is None:
+        return {}, [
+            f"Secret {secret_ref!r} is not mounted in this pod (mounts.secrets names {sorted(config.mounts.secrets) or 'none'})"
+        ]
+    values: dict[str, str] = {}
+    problems: list[str] = []
+    for key in (*S3_REQUIRED_KEYS, *S3_OPTIONAL_KEYS):
+        path = Path(mount) / key
+        try:
+            value = path.read_text(encoding="utf-8").strip()
+        except FileNotFoundError:
+            if key in S3_REQUIRED_KEYS:
+                problems.append(
+                    f"Secret {secret_ref!r} has no key {key!r} ({path} is missing); an s3:// source's Secret holds "
+                    "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (optionally AWS_SESSION_TOKEN, AWS_REGION and "
+                    "AWS_ENDPOINT_URL); leave secretRef unset to use the pod's own AWS identity"
+                )
+            continue
+        except (OSError, UnicodeDecodeError) as exc:
+            problems.append(f"key {key!r} of Secret {secret_ref!r} cannot be read ({path}: {exc})")
+            continue
+        if not value and key in S3_REQUIRED_KEYS:
+            problems.append(f"key {key!r} of Secret {secret_ref!r} is empty")
+        if value:
+            values[key] = value
+    return values, problems
+
+
+def _endpoint_problem(endpoint: str, *, allow_private: bool, networks: tuple[str, ...]) -> str | None:
+    """Why a custom S3 endpoint may not be used: not an http(s) URL, or an address URL sources may not reach."""
+    parts = urllib.parse.urlsplit(endpoint)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return "not an http:// or https:// URL; expected e.g. https://minio.example.org:9000"
+    return check_url(endpoint, allow_private=allow_private, networks=networks)
+
+
+def _locate_s3(
+    parsed: SourceURI, *, kind: SourceKind, secret_ref: str | None, config: TrainerConfig, problems: ProblemList
+) -> S3Source | None:
+    """An :class:`S3Source` for ``parsed``, its credentials read from the mounted Secret; ``None`` after recording why not."""
+    field, uri, key = f"spec.{kind}.source", str(parsed), parsed.path
+    if any(segment in ("", ".", "..") for segment in s3_key_segments(key)):  # refused at admission too
+        problems.add(field, f"{uri}: an empty, '.' or '..' segment in the key; name a key of plain segments")
+        return None
+    folder = key == "" or key.endswith("/")
+    if kind == "model" and not folder and not key.endswith(_ARCHIVE_SUFFIXES):
+        problems.add(
+            field,
+            f"a model over s3:// is a folder named by its prefix with a trailing slash (s3://{parsed.authority}/{key}/) "
+            "or a .tar or .tar.gz archive of the model folder",
+        )
+        return None
+    values: dict[str, str] = {}
+    if secret_ref:
+        values, secret_problems = s3_secret(secret_ref, config)
+        for problem in secret_problems:
+            problems.add(f"spec.{kind}.secretRef", problem)
+        if secret_problems:
+            return None
+        endpoint = values.get("AWS_ENDPOINT_URL")
+        where, endpoint_field = f"AWS_ENDPOINT_URL of Secret {secret_ref!r}", f"spec.{kind}.secretRef"
+    else:
+        endpoint = next((os.environ[name] for name in _S3_ENDPOINT_ENV if os.environ.get(name)), None)
+        where, endpoint_field = "$AWS_ENDPOINT_URL", field
+    networks = tuple(config.private_networks)
+    if endpoint:
+        reason = _endpoint_problem(endpoint, allow_private=config.allow_private_addresses, networks=networks)
+        if reason:
+            problems.add(endpoint_field, f"the S3 endpoint {endpoint} ({where}): {reason}")
+            return None
+    credentials = (
+        S3Credentials(
+            values["AWS_ACCESS_KEY_ID"], values["AWS_SECRET_ACCESS_KEY"], values.get("AWS_SESSION_TOKEN") or None
+        )
+        if secret_ref
+        else None
+    )
+    return S3Source(
+        uri=uri,
+        bucket=parsed.authority,
+        key=key,
+        credentials=credentials,
+        secret=secret_ref,
+        region=values.get("AWS_REGION") or values.get("AWS_DEFAULT_REGION") or None,
+        endpoint=endpoint or None,
+        allow_private=config.allow_private_addresses,
+        networks=networks,
+    )
+
+
+def _s3_client(source: S3Source) -> S3Client:
+    import boto3  # noqa: PLC0415 - only s3:// sources need it
+    from botocore.config import Config  # noqa: PLC0415
+
+    credentials = source.credentials
+    session = boto3.session.Session(
+        aws_access_key_id=credentials.access_key_id if credentials else None,
+        aws_secret_access_key=credentials.secret_access_key if credentials else None,
+        aws_session_token=credentials.session_token if credentials else None,
+        region_name=source.region,
+    )
+    config = Config(
+        connect_timeout=_TIMEOUT_S,
+        read_timeout=_TIMEOUT_S,
+        retries={"mode": "standard", "max_attempts": 3},
+        user_agent_extra="kubetune-trainer",
+        # S3-compatible stores (MinIO) serve buckets under the path, not as host names.
+        s3={"addressing_style": "path"} if source.endpoint else None,
+    )
+    return session.client("s3", endpoint_url=source.endpoint, config=config)
+
+
+def _s3_error(source: S3Source, exc: Exception, *, key: str) -> FetchError:  # noqa: PLR0911 - one return per kind of answer
+    """``exc`` (from boto3) as a FetchError naming the URI and what to fix; permanent unless a retry may help."""
+    from botocore.exceptions import (  # noqa: PLC0415
+        ClientError,
+        NoCredentialsError,
+        ParamValidationError,
+        PartialCredentialsError,
+    )
+
+    if isinstance(exc, ClientError):
+        error = exc.response.get("Error", {})
+        code = str(error.get("Code", ""))
+        status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
+        detail = f"{code} (HTTP {status})" + (f": {str(error['Message']).rstrip('.')}" if error.get("Message") else "")
+        at = f" at {source.endpoint}" if source.endpoint else ""
+        if code == "NoSuchBucket":
+            return FetchError(
+                f"{source.uri}: bucket {source.bucket!r} does not exist{at}; check the bucket name", permanent=True
+            )
+        if code in ("NoSuchKey", "404", "NotFound"):
+            return FetchError(
+                f"{source.uri}: no object with key {key!r} in bucket {source.bucket!r}{at}; check the key (keys are "
+                "case-sensitive), or end the URI with '/' to fetch every object under a prefix",
+                permanent=True,
+            )
+        if code in _S3_DENIED_CODES or status in (401, 403):
+            who = (
+                f"check AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (and AWS_SESSION_TOKEN) in Secret {source.secret!r}"
+                if source.secret
+                else "check the pod's AWS identity (IRSA, workload identity), or name a Secret with AWS_ACCESS_KEY_ID "
+                "and AWS_SECRET_ACCESS_KEY in secretRef"
+            )
+            return FetchError(
+                f"{source.uri}: access denied, {detail}; {who}, and that they may s3:GetObject "
+                f"(and s3:ListBucket, for a prefix or to tell a missing key) on bucket {source.bucket!r}",
+                permanent=True,
+            )
+        if status >= 500 or status in (408, 429) or code in _S3_RETRYABLE_CODES:
+            return FetchError(f"{source.uri}: {detail}", permanent=False)
+        return FetchError(f"{source.uri}: {detail}", permanent=400 <= status < 500)
+    if isinstance(exc, NoCredentialsError | PartialCredentialsError):
+        return FetchError(
+            f"{source.uri}: no AWS credentials ({exc}); name a Secret with AWS_ACCESS_KEY_ID and "
+            "AWS_SECRET_ACCESS_KEY in secretRef, or give the pod an AWS identity (IRSA, workload identity)",
+            permanent=True,
+        )
+    if isinstance(exc, ParamValidationError):
+        return FetchError(f"{source.uri}: {exc}", permanent=True)
+    return FetchError(f"{source.uri}: {type(exc).__name__}: {exc}", permanent=False)
+
+
+def _s3_key_problem(relative: str) -> str | None:
+    """Why an object's key, relative to the prefix being fetched, cannot name a file under the fetched folder."""
+    segments = relative.split("/")
+    if any(segment in ("", ".", "..") for segment in segments):
+        return (
+            "has an empty, '.' or '..' segment (or starts with '/'), which would name a file outside the fetched folder"
+        )
+    if "\x00" in relative:
+        return "holds a NUL character"
+    if any(len(segment.encode()) > _MAX_NAME_BYTES for segment in segments):
+        return f"has a segment longer than {_MAX_NAME_BYTES} bytes"
+    return None
+
+
+def _too_big(what: str, limit: int) -> FetchError:
+    return FetchError(
+        f"{what} larger than {human(limit)}, the most a source may download "
+        "(raise $KUBETUNE_MAX_UNPACKED_BYTES for larger sources)",
+        permanent=True,
+    )
+
+
+def _s3_list(client: S3Client, source: S3Source, limit: int) -> list[tuple[str, str]]:
+    """The objects under ``source``'s prefix as (key, path relative to the fetched folder), within the bounds."""
+    from botocore.exceptions import BotoCoreError, ClientError  # noqa: PLC0415
+
+    objects: list[tuple[str, str]] = []
+    total = 0
+    try:
+        for page in client.get_paginator("list_objects_v2").paginate(Bucket=source.bucket, Prefix=source.key):
+            for item in page.get("Contents", []):
+                key, size = item["Key"], int(item.get("Size", 0))
+                relative = key[len(source.key) :]
+                if not relative or (relative.endswith("/") and size == 0):
+                    continue  # a "folder" marker, as consoles create
+                problem = _s3_key_problem(relative)
+                if problem:
+                    raise FetchError(
+                        f"{source.uri}: the key {key!r} {problem}; refused (every key under the prefix must be a "
+                        "relative path of plain names)",
+                        permanent=True,
+                    )
+                objects.append((key, relative))
+                total += size
+                if len(objects) > MAX_ENTRIES:
+                    raise FetchError(
+                        f"{source.uri}: more than {MAX_ENTRIES:,} objects under the prefix, the most a source folder "
+                        "may hold; name a narrower prefix",
+                        permanent=True,
+                    )
+                if total > limit:
+                    raise _too_big(f"{source.uri}: the objects under the prefix add up to", limit)
+    except (BotoCoreError, ClientError) as exc:
+        raise _s3_error(source, exc, key=source.key) from exc
+    if not objects:
+        raise FetchError(
+            f"{source.uri}: no objects under the prefix {source.key!r} in bucket {source.bucket!r}; check the prefix "
+            "(keys are case-sensitive), or drop the trailing '/' to fetch a single object",
+            permanent=True,
+        )
+    names = {relative for _, relative in objects}
+    folders = {"/".join(relative.split("/")[:i]) for relative in names for i in range(1, relative.count("/") + 1)}
+    clash = sorted(names & folders)
+    if clash:
+        raise FetchError(
+            f"{source.uri}: {source.key + clash[0]!r} is both an object and a folder of other objects; refused",
+            permanent=True,
+        )
+    return objects
+
+
+def _s3_get(client: S3Client, source: S3Source, key: str, target: Path, *, budget: int, limit: int) -> int:
+    """Write object ``key`` to the new file ``target``; refuse (permanent) more than ``budget`` bytes. Returns its size."""
+    from botocore.exceptions import BotoCoreError, ClientError  # noqa: PLC0415
+
+    too_big = _too_big(
+        f"s3://{source.bucket}/{key} is"
+        if budget == limit
+        else f"{source.uri}: the objects under the prefix add up to",
+        limit,
+    )
+    try:
+        response = client.get_object(Bucket=source.bucket, Key=key)
+    except (BotoCoreError, ClientError) as exc:
+        raise _s3_error(source, exc, key=key) from exc
+    body = response["Body"]
+    received = 0
+    try:
+        if int(response.get("ContentLength", 0)) > budget:
+            raise too_big
+        with target.open("xb") as out:
+            while chunk := body.read(1 << 20):
+                received += len(chunk)
+                if received > budget:
+                    raise too_big
+                out.write(chunk)
+    except (BotoCoreError, ClientError) as exc:
+        raise _s3_error(source, exc, key=key) from exc
+    except OSError as exc:
+        raise FetchError(f"{source.uri}: {key}: {exc}", permanent=False) from exc
+    finally:
+        body.close()
+    return received
+
+
+def _fetch_s3(source: S3Source, cache: Path) -> Path:
+    """``source`` downloaded into ``cache`` (reused when a complete copy is there); an archive is unpacked."""
+    try:
+        limit = max_unpacked_bytes()
+    except ArchiveError as exc:
+        raise FetchError(str(exc), permanent=True) from None
+    digest = hashlib.sha256(f"{source.endpoint or ''} {source.uri}".encode()).hexdigest()[:16]
+    folder = cache / "s3" / digest
+    target = folder / "files" if source.folder else folder / source.key.rsplit("/", 1)[-1]
+    if not target.exists():
+        if source.endpoint:  # checked again here, as a redirect hop is: the name may resolve elsewhere now
+            reason = _endpoint_problem(source.endpoint, allow_private=source.allow_private, networks=source.networks)
+            if reason:
+                raise FetchError(f"the S3 endpoint {source.endpoint}: {reason}", permanent=True)
+        client = _s3_client(source)
+        folder.mkdir(parents=True, exist_ok=True)
+        log.info("downloading %s", source.uri)
+        # Everything goes to a staging name, renamed into place once complete: a half download is never reused.
+        if source.folder:
+            _s3_fetch_folder(client, source, folder, target, limit)
+        else:
+            part = Path(tempfile.mkdtemp(dir=folder, prefix=".part-")) / "object"
+            try:
+                _s3_get(client, source, source.key, part, budget=limit, limit=limit)
+                os.replace(part, target)
+            finally:
+                shutil.rmtree(part.parent, ignore_errors=True)
+    if not source.folder and target.name.endswith(_ARCHIVE_SUFFIXES):
+        return _unpack(target, folder / "unpacked", source.uri)
+    return target
+
+
+def _s3_fetch_folder(client: S3Client, source: S3Source, folder: Path, target: Path, limit: int) -> None:
+    objects = _s3_list(client, source, limit)
+    staging = Path(tempfile.mkdtemp(dir=folder, prefix=".part-"))
+    try:
+        root = staging.resolve()
+        total = 0
+        for key, relative in objects:
+            path = staging / relative
+            if not path.resolve().is_relative_to(root):  # _s3_key_problem refused this already
+                raise FetchError(
+                    f"{source.uri}: the key {key!r} leads outside the fetched folder; refused", permanent=True
+                )
+            path.parent.mkdir(parents=True, exist_ok=True)
+            total += _s3_get(client, source, key, path, budget=limit - total, limit=limit)
+        try:
+            os.replace(staging, target)
+        except OSError:
+            if not target.is_dir():  # else another process completed the same download first
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    log.info("fetched %d objects under %s", len(objects), source.uri)
