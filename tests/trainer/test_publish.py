@@ -541,7 +541,8 @@ def test_fetch_model_problems_are_permanent(archive_server: str, tmp_path: Path)
         ("pvc://models/missing", "does not exist"),
         ("pvc://nowhere/x", "claim 'nowhere' is not mounted"),
         (f"{archive_server}/model.tar.gz", "loopback"),  # private addresses stay refused unless allowed
-        ("s3://bucket/model", "not supported"),
+        ("s3://bucket/model", "a model over s3:// is a folder named by its prefix with a trailing slash"),
+        ("oci://registry.example/models/base:v1", "not supported"),
     ):
         done = kubetune(
             "fetch-model", "--config", str(model_config(tmp_path, source)), "--into", str(tmp_path / "m"), tmp=tmp_path

@@ -695,7 +695,7 @@ def _s3_key_problem(relative: str) -> str | None:
 
 def _too_big(what: str, limit: int) -> FetchError:
     return FetchError(
-        f"{what} larger than {human(limit)}, the most a source may download "
+        f"{what} {human(limit)}, the most a source may download "
         "(raise $KUBETUNE_MAX_UNPACKED_BYTES for larger sources)",
         permanent=True,
     )
@@ -730,7 +730,7 @@ def _s3_list(client: S3Client, source: S3Source, limit: int) -> list[tuple[str, 
                         permanent=True,
                     )
                 if total > limit:
-                    raise _too_big(f"{source.uri}: the objects under the prefix add up to", limit)
+                    raise _too_big(f"{source.uri}: the objects under the prefix add up to more than", limit)
     except (BotoCoreError, ClientError) as exc:
         raise _s3_error(source, exc, key=source.key) from exc
     if not objects:
@@ -755,9 +755,9 @@ def _s3_get(client: S3Client, source: S3Source, key: str, target: Path, *, budge
     from botocore.exceptions import BotoCoreError, ClientError  # noqa: PLC0415
 
     too_big = _too_big(
-        f"s3://{source.bucket}/{key} is"
+        f"s3://{source.bucket}/{key} is larger than"
         if budget == limit
-        else f"{source.uri}: the objects under the prefix add up to",
+        else f"{source.uri}: the objects under the prefix add up to more than",
         limit,
     )
     try:
