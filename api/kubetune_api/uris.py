@@ -63,6 +63,38 @@ DATASET_SCHEMES: Final[tuple[Scheme, ...]] = ("hf", "https", "http", "pvc", "s3"
 OUTPUT_SCHEMES: Final[tuple[Scheme, ...]] = ("pvc", "oci")
 
 
+@dataclass(frozen=True, slots=True)
+class SecretKey:
+    """A key of the Secret a source's ``secretRef`` names (the trainer reads it as a file)."""
+
+    name: str
+    required: bool
+    meaning: str
+
+
+#: The keys a source's secretRef Secret holds, per scheme; schemes not named here take no Secret.
+SOURCE_SECRET_KEYS: Final[dict[Scheme, tuple[SecretKey, ...]]] = {
+    "hf": (SecretKey("token", True, "a Hugging Face access token; `$HF_TOKEN` of the pod without a secretRef"),),
+    "s3": (
+        SecretKey(
+            "AWS_ACCESS_KEY_ID",
+            True,
+            "the access key; without a secretRef, boto3's default chain (IRSA, workload identity)",
+        ),
+        SecretKey("AWS_SECRET_ACCESS_KEY", True, "the secret key"),
+        SecretKey("AWS_SESSION_TOKEN", False, "the session token of temporary credentials"),
+        SecretKey("AWS_REGION", False, "the bucket's region (`AWS_DEFAULT_REGION` is read too)"),
+        SecretKey("AWS_DEFAULT_REGION", False, "the bucket's region when `AWS_REGION` is not set"),
+        SecretKey(
+            "AWS_ENDPOINT_URL",
+            False,
+            "an S3-compatible store (MinIO, …), e.g. `https://minio.example.org:9000`; checked like an http(s) source: "
+            "a private address only in the networks the operator allows (`--allow-private-network CIDR`)",
+        ),
+    ),
+}
+
+
 def pattern_for(schemes: tuple[Scheme, ...]) -> str:
     """An anchored pattern accepting any URI of the given schemes."""
     return "^(" + "|".join(f"({SCHEME_PATTERNS[s]})" for s in schemes) + ")$"

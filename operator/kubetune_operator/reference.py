@@ -3,7 +3,9 @@
 The CRD's ``openAPIV3Schema`` is the single source: one section per object of the schema (the
 root, ``spec``, ``spec.model``, …, ``status.conditions[]``), each with a table of its fields
 (type, default, whether required, description and validation) and the CEL rules of that object,
-plus the printer columns. The output depends on nothing but the CRD, so it is deterministic.
+plus the printer columns, and the source URIs with the keys of their ``secretRef`` Secrets (from
+:mod:`kubetune_api.uris`, which also gives the CRD its URI patterns). The output depends on nothing
+but the CRD and those tables, so it is deterministic.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import re
 from collections.abc import Iterator
 from typing import Any, Final
 
+from kubetune_api.uris import DATASET_SCHEMES, MODEL_SCHEMES, SCHEME_FORMS, SOURCE_SECRET_KEYS
 from kubetune_operator.crd import build_crd
 
 Schema = dict[str, Any]
@@ -160,6 +163,43 @@ def _section(title: str, path: str, node: Schema) -> list[str]:
     return lines
 
 
+def _sources() -> list[str]:
+    """The source URI forms, where each is accepted, and the keys of the Secret a ``secretRef`` names."""
+    lines = [
+        "## Source URIs and their Secrets",
+        "",
+        "The forms `spec.model.source` and `spec.dataset.source` accept, and the keys the trainer reads from the "
+        "Secret that `spec.model.secretRef` or `spec.dataset.secretRef` names (each key is a file where the Secret "
+        "is mounted; surrounding whitespace is dropped). A missing required key fails the job naming the Secret "
+        "and the key.",
+        "",
+        "| Form | Model | Dataset | Secret keys |",
+        "| --- | --- | --- | --- |",
+    ]
+    for scheme, form in SCHEME_FORMS.items():
+        if scheme not in MODEL_SCHEMES and scheme not in DATASET_SCHEMES:
+            continue
+        keys = "; ".join(
+            f"{_code(key.name)}{' (required)' if key.required else ''}: {key.meaning}"
+            for key in SOURCE_SECRET_KEYS.get(scheme, ())
+        )
+        cells = [
+            _code(form),
+            "yes" if scheme in MODEL_SCHEMES else "",
+            "yes" if scheme in DATASET_SCHEMES else "",
+            keys or "none",
+        ]
+        lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
+    lines += [
+        "",
+        "`s3://bucket/key` is one object (a dataset file, or a model `.tar`/`.tar.gz` archive); "
+        "`s3://bucket/prefix/`, with the trailing slash, every object under the prefix (a model or dataset folder), "
+        "whose keys must be relative paths of plain names.",
+        "",
+    ]
+    return lines
+
+
 def render_reference(crd: Schema | None = None) -> str:
     """The Markdown reference of the FineTuneJob CRD (``build_crd()`` unless given)."""
     crd = build_crd() if crd is None else crd
@@ -187,9 +227,14 @@ def render_reference(crd: Schema | None = None) -> str:
     sections = list(_sections(root, ""))
     titles = [path or names["kind"] for path, _ in sections]
     lines += [f"- {_link(title)}" for title in titles]
-    lines += ["- [Printer columns](#printer-columns)", ""]
+    lines += [
+        "- [Source URIs and their Secrets](#source-uris-and-their-secrets)",
+        "- [Printer columns](#printer-columns)",
+        "",
+    ]
     for title, (path, node) in zip(titles, sections, strict=True):
         lines += _section(title, path, node)
+    lines += _sources()
     lines += [
         "## Printer columns",
         "",

@@ -9,7 +9,9 @@ and ``message``, words the reason must contain. The harnesses:
 - ``data``: the dataset loader reads ``dataset`` (tests/unit/test_hostile.py);
 - ``source``: ``kubetune_trainer.fetch.locate`` places ``uri`` among the claims and ConfigMaps of
   ``files``/``links``; exit 2 means a problem naming ``expect.field`` (tests/unit/test_hostile.py);
-- ``fetch-model``: ``kubetune fetch-model`` fetches ``uri`` (tests/unit/test_hostile.py);
+- ``fetch-model``: ``kubetune fetch-model`` fetches ``uri`` (tests/unit/test_hostile.py); with
+  ``s3`` (``bucket``, ``objects``: key → body, ``archive_key`` for the generated ``archive``) the
+  objects are put on a real S3 server on loopback (moto) whose keys the model's secretRef holds;
 - ``pull``: ``kubetune pull`` reads ``registry`` from a hostile registry on 127.0.0.1 (:class:`HostileRegistry`);
 - ``serve``: ``kubetune serve``'s HTTP layer answers ``body`` (tests/unit/test_hostile.py);
 - ``train``: a real ``kubetune train`` (tests/trainer/test_hostile.py).

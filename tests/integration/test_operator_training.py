@@ -1,6 +1,7 @@
 """The operator driving real training on the local runtime: a 2-node ZeRO-2 LoRA job end to end,
-a killed trainer resuming from its checkpoint, a bad dataset failing once, and an operator
-SIGKILLed throughout a job's life without duplicating anything.
+a killed trainer resuming from its checkpoint, a bad dataset failing once, sources on private
+servers (http, S3) read once the admins allow their network, and an operator SIGKILLed
+throughout a job's life without duplicating anything.
 
 Training pods are real processes running ``kubetune train`` on a tiny Llama the test writes into
 a PersistentVolumeClaim (nothing is downloaded).
@@ -21,7 +22,7 @@ import pytest
 from kubernetes import client, watch
 
 from kubetune_local import cluster
-from tests.factories import create_job, finetunejob, read_job, serve_folder, wait_until
+from tests.factories import create_job, finetunejob, read_job, serve_folder, serve_s3, wait_until
 from tests.integration.conftest import OperatorProcess
 from tests.integration.test_operator import delete_and_expect_nothing_left
 
@@ -268,6 +269,41 @@ def test_a_dataset_on_an_in_cluster_server_is_read_once_the_admins_allow_its_net
             create_job(api, namespace, allowed)
             done = wait_until(lambda: ended(api, namespace, "allowed-data"), timeout=300, what="the job to end")
             assert done == "Complete", read_job(api, namespace, "allowed-data")["status"]
+        finally:
+            operator.stop()
+            operator.extra_args = ()
+            operator.start()
+
+
+def test_a_model_and_a_dataset_in_s3_are_read_with_the_secrets_keys(
+    operator: OperatorProcess, api: client.ApiClient, namespace: str, tmp_path: Path
+) -> None:
+    """The toy model (a prefix) and its data (one object) on a real S3 server on loopback (moto),
+    the keys and the endpoint in a Secret named by both secretRefs; the job trains to Complete."""
+    from kubetune_trainer.toy import build_toy  # noqa: PLC0415 - torch only where training is tested
+
+    toy = build_toy(tmp_path / "toy")
+    objects: dict[str, bytes | str] = {
+        f"toy/model/{p.relative_to(toy / 'model').as_posix()}": p.read_bytes()
+        for p in sorted((toy / "model").rglob("*"))
+        if p.is_file()
+    }
+    objects["toy/data/train.jsonl"] = (toy / "data" / "train.jsonl").read_bytes()
+    with serve_s3() as s3:
+        s3.put("team-models", objects)
+        client.CoreV1Api(api).create_namespaced_secret(
+            namespace, {"metadata": {"name": "s3-keys"}, "stringData": s3.secret_data()}
+        )
+        job = toy_job("from-s3", steps=4, nodes=1)
+        job["spec"]["model"] = {"source": "s3://team-models/toy/model/", "secretRef": "s3-keys"}
+        job["spec"]["dataset"].update(source="s3://team-models/toy/data/train.jsonl", secretRef="s3-keys")
+        operator.stop()
+        operator.extra_args = ("--allow-private-network", "127.0.0.0/8")
+        operator.start()
+        try:
+            create_job(api, namespace, job)
+            done = wait_until(lambda: ended(api, namespace, "from-s3"), timeout=300, what="the job to end")
+            assert done == "Complete", read_job(api, namespace, "from-s3")["status"]
         finally:
             operator.stop()
             operator.extra_args = ()

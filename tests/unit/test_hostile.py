@@ -10,6 +10,7 @@ tests/trainer/test_hostile.py.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import http.client
 import http.server
 import json
@@ -32,7 +33,7 @@ from kubetune_trainer.serving.protocol import Sampling
 from kubetune_trainer.serving.server import Server
 from kubetune_trainer.training.data import load
 from kubetune_trainer.training.model import weights_problem
-from tests.factories import serve_folder
+from tests.factories import serve_folder, serve_s3
 from tests.hostile import (
     HARNESSES,
     HostileCase,
@@ -210,21 +211,32 @@ def test_hostile_models_are_not_fetched(
 ) -> None:
     site, url = archive_site
     build_files(tmp_path, case.spec)
+    archive = None
     if "archive" in case.spec:
         spec = case.spec["archive"]
-        (site / "model.tar.gz").write_bytes(tar_layer(spec.get("entries") or [], zeros=int(spec.get("zeros", 0))))
+        archive = tar_layer(spec.get("entries") or [], zeros=int(spec.get("zeros", 0)))
+        (site / "model.tar.gz").write_bytes(archive)
     uri = fill(tmp_path, str(case.spec["uri"])).replace("{archive}", f"{url}/model.tar.gz")
-    config = {
+    config: dict[str, Any] = {
         "kind": "TrainerConfig",
         "jobName": "t",
         "spec": {"model": {"source": uri}, "dataset": {"source": "hf://org/data"}},
         "mounts": mounts_of(tmp_path),
         "allowPrivateAddresses": True,
     }
-    (tmp_path / "config.json").write_text(json.dumps(config), encoding="utf-8")
-    into = tmp_path / "serving" / "model"
-    args = argparse.Namespace(config=str(tmp_path / "config.json"), into=str(into))
-    code, message = run_command(fetch_model_main, args, tmp_path, monkeypatch)
+    with contextlib.ExitStack() as stack:
+        if "s3" in case.spec:  # objects in a bucket of a real S3 server on loopback, its keys in Secret s3-keys
+            s3 = stack.enter_context(serve_s3())
+            objects = dict(case.spec["s3"].get("objects") or {})
+            if archive is not None:
+                objects[case.spec["s3"]["archive_key"]] = archive
+            s3.put(case.spec["s3"]["bucket"], objects)
+            config["spec"]["model"]["secretRef"] = "s3-keys"
+            config["mounts"]["secrets"] = {"s3-keys": str(s3.write_secret(tmp_path / "secrets" / "s3-keys"))}
+        (tmp_path / "config.json").write_text(json.dumps(config), encoding="utf-8")
+        into = tmp_path / "serving" / "model"
+        args = argparse.Namespace(config=str(tmp_path / "config.json"), into=str(into))
+        code, message = run_command(fetch_model_main, args, tmp_path, monkeypatch)
     assert code == case.exit, message
     case.assert_reason(message)
     assert not into.exists() or not [p for p in into.rglob("*") if not p.name.startswith(".")], "files arrived"

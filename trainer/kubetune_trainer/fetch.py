@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Final, Literal
 
 from kubetune_api import TrainerConfig, parse_uri
-from kubetune_api.uris import DATASET_SCHEMES, MODEL_SCHEMES, SourceURI, s3_key_segments
+from kubetune_api.uris import DATASET_SCHEMES, MODEL_SCHEMES, SOURCE_SECRET_KEYS, SourceURI, s3_key_segments
 from kubetune_trainer.archive import MAX_ENTRIES, ArchiveError, escaping_links, human, max_unpacked_bytes, unpack
 from kubetune_trainer.errors import ProblemList
 
@@ -487,8 +487,8 @@ def _unpack(archive: Path, folder: Path, url: str) -> Path:
 # ----------------------------------------------------------------------------------------- s3
 
 #: The keys read from an s3:// source's secretRef Secret, each a file where the Secret is mounted.
-S3_REQUIRED_KEYS: Final = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
-S3_OPTIONAL_KEYS: Final = ("AWS_SESSION_TOKEN", "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL")
+S3_REQUIRED_KEYS: Final = tuple(key.name for key in SOURCE_SECRET_KEYS["s3"] if key.required)
+S3_OPTIONAL_KEYS: Final = tuple(key.name for key in SOURCE_SECRET_KEYS["s3"] if not key.required)
 #: Env vars naming a custom endpoint when an s3:// source has no secretRef (boto3 reads the same).
 _S3_ENDPOINT_ENV: Final = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
 #: Error codes S3 (and S3-compatible stores) answer for a failure that may pass on a retry.
