@@ -279,6 +279,35 @@ def test_an_unreachable_endpoint_is_retryable(s3: S3Store, tmp_path: Path) -> No
     assert "s3://data/train.jsonl" in str(gone)
 
 
+def test_without_a_secret_ref_boto3s_default_chain_is_used(
+    s3: S3Store, bucket: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No secretRef: the pod's own identity (here the environment; IRSA and workload identity in a cluster)."""
+    s3.put(bucket, {"data/train.jsonl": '{"text": "from the default chain"}\n'})
+    for name, value in s3.secret_data().items():
+        monkeypatch.setenv(name, value)
+    config = trainer_config(tmp_path, s3)
+    problems = ProblemList()
+    found = fetch.locate(
+        f"s3://{bucket}/data/train.jsonl", kind="dataset", secret_ref=None, config=config, problems=problems
+    )
+    assert problems.problems == []
+    assert isinstance(found, fetch.S3Source)
+    assert (found.credentials, found.endpoint) == (None, s3.endpoint)
+    assert fetch.fetch(found, cache=tmp_path / "cache").read_text() == '{"text": "from the default chain"}\n'
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret")
+    with pytest.raises(fetch.FetchError) as refused:
+        fetch.fetch(found, cache=tmp_path / "other-cache")
+    assert refused.value.permanent
+    assert "check the pod's AWS identity (IRSA, workload identity)" in str(refused.value)
+
+
+def test_a_malformed_region_is_permanent(s3: S3Store, tmp_path: Path) -> None:
+    refused = refusal(tmp_path, s3, "s3://data/train.jsonl", AWS_REGION="eu west 3")
+    assert refused.permanent
+    assert "check AWS_REGION and AWS_ENDPOINT_URL in Secret 's3-keys'" in str(refused)
+
+
 def test_fetch_model_copies_an_s3_model_into_the_folder(s3: S3Store, bucket: str, tmp_path: Path) -> None:
     """``kubetune fetch-model``, as the serving pod's init container runs it, with an s3:// model."""
     s3.put(bucket, {"llama/config.json": "{}", "llama/model.safetensors": os.urandom(10_000)})

@@ -798,7 +798,16 @@ def _fetch_s3(source: S3Source, cache: Path) -> Path:
             reason = _endpoint_problem(source.endpoint, allow_private=source.allow_private, networks=source.networks)
             if reason:
                 raise FetchError(f"the S3 endpoint {source.endpoint}: {reason}", permanent=True)
-        client = _s3_client(source)
+        from botocore.exceptions import BotoCoreError  # noqa: PLC0415 - only s3:// sources need it
+
+        try:
+            client = _s3_client(source)
+        except (BotoCoreError, ValueError) as exc:  # a malformed region or endpoint: the same on every retry
+            raise FetchError(
+                f"{source.uri}: no S3 client can be made ({exc}); check AWS_REGION and AWS_ENDPOINT_URL"
+                + (f" in Secret {source.secret!r}" if source.secret else ""),
+                permanent=True,
+            ) from None
         folder.mkdir(parents=True, exist_ok=True)
         log.info("downloading %s", source.uri)
         # Everything goes to a staging name, renamed into place once complete: a half download is never reused.
