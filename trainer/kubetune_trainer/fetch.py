@@ -431,7 +431,7 @@ def fetch(located: Located, *, cache: Path, weights: bool = True) -> Path:
     """A local path for ``located``, downloading it into ``cache`` when needed (reused when already there).
 
     ``weights=False`` leaves a hub model's weight files out (the pre-flight needs only its config and
-    tokenizer); a local folder or an archive comes whole.
+    tokenizer); a local folder, an archive or an s3:// source comes whole.
     """
     if isinstance(located, LocalSource):
         return located.path
