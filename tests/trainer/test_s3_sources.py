@@ -269,6 +269,36 @@ def test_an_endpoint_on_loopback_is_refused_unless_its_network_is_allowed(
     assert not (tmp_path / "cache").exists() or leftovers(tmp_path / "cache") == []
 
 
+def test_a_plain_http_endpoint_is_reached_at_the_address_that_was_checked(
+    s3: S3Store, bucket: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As an http source is pinned: the name is resolved and checked once, the client connects to that
+    address, and the Host header (signed: the server checks the signature) keeps the name."""
+    s3.put(bucket, {"data/train.jsonl": "{}\n"})
+    port = s3.endpoint.rsplit(":", 1)[1]
+    resolved: list[str] = []
+
+    def resolve(host: str, _port: int) -> list[str]:
+        resolved.append(host)
+        if host != "minio.team.svc.cluster.local":  # the client must not resolve the name itself (nothing would answer)
+            raise OSError(f"unexpected lookup of {host}")
+        return ["127.0.0.1"]
+
+    monkeypatch.setattr(fetch, "_resolve", resolve)
+    config = trainer_config(tmp_path, s3, secret={"AWS_ENDPOINT_URL": f"http://minio.team.svc.cluster.local:{port}"})
+    data = fetch.fetch(located(config, f"s3://{bucket}/data/train.jsonl"), cache=tmp_path / "cache")
+    assert data.read_text() == "{}\n"
+    assert set(resolved) == {"minio.team.svc.cluster.local"}
+
+    # Resolved to a refused address by the time of the download: refused, nothing fetched.
+    source = located(config, f"s3://{bucket}/data/")
+    monkeypatch.setattr(fetch, "_resolve", lambda host, port: ["169.254.169.254"])
+    with pytest.raises(fetch.FetchError) as refused:
+        fetch.fetch(source, cache=tmp_path / "cache")
+    assert refused.value.permanent
+    assert "169.254.169.254, a link-local" in str(refused.value)
+
+
 def _fields(source: fetch.S3Source) -> dict[str, Any]:
     return {name: getattr(source, name) for name in fetch.S3Source.__dataclass_fields__}
 

@@ -14,8 +14,9 @@ Archives (``.tar``, ``.tar.gz``, ``.tgz`` over http(s) or s3) are unpacked withi
 
 An ``s3://bucket/key`` source is one object (a dataset file, a model archive) and
 ``s3://bucket/prefix/`` every object under the prefix (a model or dataset folder), read with
-boto3: credentials from the ``secretRef`` Secret (:data:`S3_KEYS`), else boto3's default chain
-(IRSA, workload identity). A custom endpoint (``AWS_ENDPOINT_URL``) is checked like a URL source.
+boto3: credentials from the ``secretRef`` Secret (:data:`S3_REQUIRED_KEYS`, :data:`S3_OPTIONAL_KEYS`), else boto3's default chain
+(IRSA, workload identity). A custom endpoint (``AWS_ENDPOINT_URL``) is checked like a URL source,
+when located and again before the download, which a plain-http endpoint makes to the checked address.
 A folder's keys become paths under the fetched folder only when every segment is a plain name (no
 empty, ``.`` or ``..`` segment); its objects number at most :data:`~kubetune_trainer.archive.MAX_ENTRIES`
 and, like any one object, add up to at most :func:`~kubetune_trainer.archive.max_unpacked_bytes`.
@@ -39,7 +40,7 @@ import tempfile
 import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Final, Literal
+from typing import TYPE_CHECKING, Any, Final, Literal
 
 from kubetune_api import TrainerConfig, parse_uri
 from kubetune_api.uris import DATASET_SCHEMES, MODEL_SCHEMES, SOURCE_SECRET_KEYS, SourceURI, s3_key_segments
@@ -606,7 +607,36 @@ def _locate_s3(
     )
 
 
-def _s3_client(source: S3Source) -> S3Client:
+def _s3_endpoint(source: S3Source) -> tuple[str | None, str | None]:
+    """Where the client connects and the Host header it sends, the endpoint's addresses checked again
+    (its name may resolve elsewhere by now, as a redirect hop's may).
+
+    A plain-http endpoint is pinned to the checked address, as an http source is, its Host header
+    keeping the name (signed with it); over https the client connects by name and TLS verifies it.
+    """
+    if not source.endpoint:
+        return None, None
+    reason = _endpoint_problem(source.endpoint, allow_private=source.allow_private, networks=source.networks)
+    if reason:
+        raise FetchError(f"the S3 endpoint {source.endpoint}: {reason}", permanent=True)
+    parts = urllib.parse.urlsplit(source.endpoint)
+    if parts.scheme != "http":
+        return source.endpoint, None
+    host, port = parts.hostname or "", parts.port or 80
+    try:
+        address = _resolve(host, port)[0]
+    except OSError as exc:
+        raise FetchError(f"the S3 endpoint {source.endpoint}: cannot resolve {host!r}: {exc}", permanent=False) from exc
+    if not source.allow_private and refused_address(address, source.networks):
+        raise FetchError(
+            f"the S3 endpoint {source.endpoint}: {host} now resolves to {address}; refused", permanent=True
+        )
+    literal = f"[{address}]" if ":" in address else address
+    return urllib.parse.urlunsplit(("http", f"{literal}:{port}", parts.path, "", "")), parts.netloc.rpartition("@")[2]
+
+
+def _s3_client(source: S3Source, *, endpoint: str | None, host: str | None) -> S3Client:
+    """A boto3 client for ``source`` connecting to ``endpoint`` (AWS when ``None``), sending ``host`` as the Host header."""
     import boto3  # noqa: PLC0415 - only s3:// sources need it
     from botocore.config import Config  # noqa: PLC0415
 
@@ -625,7 +655,14 @@ def _s3_client(source: S3Source) -> S3Client:
         # S3-compatible stores (MinIO) serve buckets under the path, not as host names.
         s3={"addressing_style": "path"} if source.endpoint else None,
     )
-    return session.client("s3", endpoint_url=source.endpoint, config=config)
+    client = session.client("s3", endpoint_url=endpoint, config=config)
+    if host:
+
+        def keep_the_name(request: Any, **_: Any) -> None:  # signed with the name, sent to the checked address
+            request.headers["Host"] = host
+
+        client.meta.events.register("before-sign.s3", keep_the_name)
+    return client
 
 
 def _s3_error(source: S3Source, exc: Exception, *, key: str) -> FetchError:  # noqa: PLR0911 - one return per kind of answer
@@ -794,14 +831,11 @@ def _fetch_s3(source: S3Source, cache: Path) -> Path:
     folder = cache / "s3" / digest
     target = folder / "files" if source.folder else folder / source.key.rsplit("/", 1)[-1]
     if not target.exists():
-        if source.endpoint:  # checked again here, as a redirect hop is: the name may resolve elsewhere now
-            reason = _endpoint_problem(source.endpoint, allow_private=source.allow_private, networks=source.networks)
-            if reason:
-                raise FetchError(f"the S3 endpoint {source.endpoint}: {reason}", permanent=True)
+        endpoint, host = _s3_endpoint(source)
         from botocore.exceptions import BotoCoreError  # noqa: PLC0415 - only s3:// sources need it
 
         try:
-            client = _s3_client(source)
+            client = _s3_client(source, endpoint=endpoint, host=host)
         except (BotoCoreError, ValueError) as exc:  # a malformed region or endpoint: the same on every retry
             raise FetchError(
                 f"{source.uri}: no S3 client can be made ({exc}); check AWS_REGION and AWS_ENDPOINT_URL"
