@@ -133,9 +133,9 @@ class ModelSpec(SpecModel):
     """The base model to fine-tune."""
 
     source: Uri
-    """Where the base model lives: hf://org/name[@revision], https://…/model.tar.gz, pvc://claim/path, s3://bucket/prefix/ (a folder) or s3://bucket/model.tar.gz (oci:// is not supported yet)."""
+    """Where the base model lives: hf://org/name[@revision], https://…/model.tar.gz, pvc://claim/path, s3://bucket/prefix/ (a folder), s3://bucket/model.tar.gz or oci://registry/repository:tag (an image or ORAS artifact of the model folder, such as a merged model kubetune published)."""
     secret_ref: ResourceName | None = None
-    """Name of a Secret in the job's namespace with the credentials for the source (key `token` for hf://; AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, optionally AWS_SESSION_TOKEN, AWS_REGION and AWS_ENDPOINT_URL, for s3://)."""
+    """Name of a Secret in the job's namespace with the credentials for the source (key `token` for hf://; AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, optionally AWS_SESSION_TOKEN, AWS_REGION and AWS_ENDPOINT_URL, for s3://; a kubernetes.io/dockerconfigjson Secret for oci://)."""
     trust_remote_code: bool = False
     """Run Python code shipped with the model (transformers' trust_remote_code). Off unless the model needs it."""
 
@@ -161,9 +161,9 @@ class DatasetSpec(SpecModel):
     """The training data and how to turn it into token sequences."""
 
     source: Uri
-    """Where the data lives: hf://org/name, https://…/file.jsonl, pvc://claim/path, s3://bucket/key (a file), s3://bucket/prefix/ (a folder) or configmap://name/key (small data); oci:// is not supported yet. JSONL, JSON, CSV, Parquet and saved Hugging Face datasets are read."""
+    """Where the data lives: hf://org/name, https://…/file.jsonl, pvc://claim/path, s3://bucket/key (a file), s3://bucket/prefix/ (a folder), oci://registry/repository:tag (an image or ORAS artifact of the files) or configmap://name/key (small data). JSONL, JSON, CSV, Parquet and saved Hugging Face datasets are read."""
     secret_ref: ResourceName | None = None
-    """Name of a Secret in the job's namespace with the credentials for the source (key `token` for hf://; AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, optionally AWS_SESSION_TOKEN, AWS_REGION and AWS_ENDPOINT_URL, for s3://)."""
+    """Name of a Secret in the job's namespace with the credentials for the source (key `token` for hf://; AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, optionally AWS_SESSION_TOKEN, AWS_REGION and AWS_ENDPOINT_URL, for s3://; a kubernetes.io/dockerconfigjson Secret for oci://)."""
     format: DatasetFormat = "auto"
     """Record layout: `messages` (chat), `instruction` (instruction/input/output), `prompt-completion`, `text`, or `auto` to detect it from the columns."""
     split: Annotated[str, StringConstraints(min_length=1, max_length=128)] = "train"

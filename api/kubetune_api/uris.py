@@ -55,11 +55,11 @@ SCHEME_FORMS: Final[dict[Scheme, str]] = {
     "file": "file:///absolute/path",
 }
 
-#: oci:// model and dataset sources, and s3:// outputs, are not supported yet: refused at admission
-#: with the forms that work, not inside a pod after the nodes were paid for.
-_NOT_YET: Final = frozenset({"s3", "oci"})
-MODEL_SCHEMES: Final[tuple[Scheme, ...]] = ("hf", "https", "http", "pvc", "s3")
-DATASET_SCHEMES: Final[tuple[Scheme, ...]] = ("hf", "https", "http", "pvc", "s3", "configmap")
+#: s3:// outputs are not supported yet: refused at admission with the forms that work, not inside a
+#: pod after the nodes were paid for.
+_NOT_YET: Final = frozenset({"s3"})
+MODEL_SCHEMES: Final[tuple[Scheme, ...]] = ("hf", "https", "http", "pvc", "s3", "oci")
+DATASET_SCHEMES: Final[tuple[Scheme, ...]] = ("hf", "https", "http", "pvc", "s3", "oci", "configmap")
 OUTPUT_SCHEMES: Final[tuple[Scheme, ...]] = ("pvc", "oci")
 
 
@@ -75,6 +75,14 @@ class SecretKey:
 #: The keys a source's secretRef Secret holds, per scheme; schemes not named here take no Secret.
 SOURCE_SECRET_KEYS: Final[dict[Scheme, tuple[SecretKey, ...]]] = {
     "hf": (SecretKey("token", True, "a Hugging Face access token; `$HF_TOKEN` of the pod without a secretRef"),),
+    "oci": (
+        SecretKey(
+            ".dockerconfigjson",
+            True,
+            "a `kubernetes.io/dockerconfigjson` Secret with an entry for the registry "
+            "(`kubectl create secret docker-registry`); an anonymous pull without a secretRef",
+        ),
+    ),
     "s3": (
         SecretKey(
             "AWS_ACCESS_KEY_ID",

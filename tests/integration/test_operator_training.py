@@ -15,6 +15,7 @@ import random
 import signal
 import threading
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ import pytest
 from kubernetes import client, watch
 
 from kubetune_local import cluster
+from tests.conftest import OciRegistry
 from tests.factories import create_job, finetunejob, read_job, serve_folder, serve_s3, wait_until
 from tests.integration.conftest import OperatorProcess
 from tests.integration.test_operator import delete_and_expect_nothing_left
@@ -275,35 +277,59 @@ def test_a_dataset_on_an_in_cluster_server_is_read_once_the_admins_allow_its_net
             operator.start()
 
 
-def test_a_model_and_a_dataset_in_s3_are_read_with_the_secrets_keys(
-    operator: OperatorProcess, api: client.ApiClient, namespace: str, tmp_path: Path
+def test_models_and_datasets_in_s3_and_in_a_registry_are_read_with_the_secrets_keys(
+    operator: OperatorProcess, api: client.ApiClient, namespace: str, oci_registry: OciRegistry, tmp_path: Path
 ) -> None:
-    """The toy model (a prefix) and its data (one object) on a real S3 server on loopback (moto),
-    the keys and the endpoint in a Secret named by both secretRefs; the job trains to Complete."""
-    from kubetune_trainer.toy import build_toy  # noqa: PLC0415 - torch only where training is tested
+    """Two toy jobs at once: one reads its model (a prefix) and data (one object) from a real S3 server on
+    loopback (moto), the keys and the endpoint in a Secret; the other its model (kubetune's image layout)
+    and data (an ORAS-style file) from a real registry on loopback, with a dockerconfigjson Secret. Both
+    train to Complete."""
+    from kubetune_trainer.oci import transfer  # noqa: PLC0415 - the trainer's stack only where training is tested
+    from kubetune_trainer.oci.credentials import Credentials  # noqa: PLC0415
+    from kubetune_trainer.oci.reference import Reference  # noqa: PLC0415
+    from kubetune_trainer.toy import build_toy  # noqa: PLC0415
 
     toy = build_toy(tmp_path / "toy")
-    objects: dict[str, bytes | str] = {
-        f"toy/model/{p.relative_to(toy / 'model').as_posix()}": p.read_bytes()
-        for p in sorted((toy / "model").rglob("*"))
-        if p.is_file()
+    model_files = {
+        p.relative_to(toy / "model").as_posix(): p for p in sorted((toy / "model").rglob("*")) if p.is_file()
     }
+    objects: dict[str, bytes | str] = {f"toy/model/{name}": path.read_bytes() for name, path in model_files.items()}
     objects["toy/data/train.jsonl"] = (toy / "data" / "train.jsonl").read_bytes()
+    credentials = Credentials(oci_registry.user, oci_registry.password)
+    model_ref = Reference.parse(f"oci://{oci_registry.host}/team/toy-model:v1")
+    data_ref = Reference.parse(f"oci://{oci_registry.host}/team/toy-data:v1")
+    transfer.push(model_files, model_ref, credentials=credentials, credential_source="the test")
+    transfer.push(
+        {"train.jsonl": toy / "data" / "train.jsonl"}, data_ref, credentials=credentials, credential_source="the test"
+    )
+    docker_config = oci_registry.docker_config(tmp_path / "docker").read_text(encoding="utf-8")
+    core = client.CoreV1Api(api)
+    core.create_namespaced_secret(
+        namespace,
+        {
+            "metadata": {"name": "regcred"},
+            "type": "kubernetes.io/dockerconfigjson",
+            "stringData": {".dockerconfigjson": docker_config},
+        },
+    )
     with serve_s3() as s3:
         s3.put("team-models", objects)
-        client.CoreV1Api(api).create_namespaced_secret(
-            namespace, {"metadata": {"name": "s3-keys"}, "stringData": s3.secret_data()}
-        )
-        job = toy_job("from-s3", steps=4, nodes=1)
-        job["spec"]["model"] = {"source": "s3://team-models/toy/model/", "secretRef": "s3-keys"}
-        job["spec"]["dataset"].update(source="s3://team-models/toy/data/train.jsonl", secretRef="s3-keys")
+        core.create_namespaced_secret(namespace, {"metadata": {"name": "s3-keys"}, "stringData": s3.secret_data()})
+        from_s3 = toy_job("from-s3", steps=4, nodes=1)
+        from_s3["spec"]["model"] = {"source": "s3://team-models/toy/model/", "secretRef": "s3-keys"}
+        from_s3["spec"]["dataset"].update(source="s3://team-models/toy/data/train.jsonl", secretRef="s3-keys")
+        from_oci = toy_job("from-oci", steps=4, nodes=1)
+        from_oci["spec"]["model"] = {"source": str(model_ref), "secretRef": "regcred"}
+        from_oci["spec"]["dataset"].update(source=str(data_ref), secretRef="regcred")
         operator.stop()
         operator.extra_args = ("--allow-private-network", "127.0.0.0/8")
         operator.start()
         try:
-            create_job(api, namespace, job)
-            done = wait_until(lambda: ended(api, namespace, "from-s3"), timeout=300, what="the job to end")
-            assert done == "Complete", read_job(api, namespace, "from-s3")["status"]
+            create_job(api, namespace, from_s3)
+            create_job(api, namespace, from_oci)
+            for name in ("from-s3", "from-oci"):
+                done = wait_until(partial(ended, api, namespace, name), timeout=300, what=f"{name} to end")
+                assert done == "Complete", read_job(api, namespace, name)["status"]
         finally:
             operator.stop()
             operator.extra_args = ()

@@ -26,11 +26,11 @@ from typing import Any
 import pytest
 
 from kubetune_local.controlplane import free_port
-from kubetune_trainer.publishing.oci import transfer
-from kubetune_trainer.publishing.oci.client import RegistryClient
-from kubetune_trainer.publishing.oci.credentials import Credentials
-from kubetune_trainer.publishing.oci.layout import MANIFEST_MEDIA_TYPE
-from kubetune_trainer.publishing.oci.reference import Reference
+from kubetune_trainer.oci import transfer
+from kubetune_trainer.oci.client import RegistryClient
+from kubetune_trainer.oci.credentials import Credentials
+from kubetune_trainer.oci.layout import MANIFEST_MEDIA_TYPE
+from kubetune_trainer.oci.reference import Reference
 from tests.conftest import OciRegistry
 from tests.factories import serve_folder
 from tests.trainer.conftest import finetunejob, kubetune_train, write_manifest
@@ -542,7 +542,7 @@ def test_fetch_model_problems_are_permanent(archive_server: str, tmp_path: Path)
         ("pvc://nowhere/x", "claim 'nowhere' is not mounted"),
         (f"{archive_server}/model.tar.gz", "loopback"),  # private addresses stay refused unless allowed
         ("s3://bucket/model", "a model over s3:// is a folder named by its prefix with a trailing slash"),
-        ("oci://registry.example/models/base:v1", "not supported"),
+        ("oci://registry.example/models/base:v1", "cannot resolve 'registry.example'"),
     ):
         done = kubetune(
             "fetch-model", "--config", str(model_config(tmp_path, source)), "--into", str(tmp_path / "m"), tmp=tmp_path

@@ -22,24 +22,24 @@ from typing import Any
 
 import pytest
 
-from kubetune_trainer.publishing.folders import file_sha256, folder_digest, list_files
-from kubetune_trainer.publishing.oci import client as oci_client
-from kubetune_trainer.publishing.oci.client import ATTEMPTS, OciAuthError, OciError, RegistryClient
-from kubetune_trainer.publishing.oci.credentials import (
+from kubetune_trainer.folders import file_sha256, folder_digest, list_files
+from kubetune_trainer.oci import client as oci_client
+from kubetune_trainer.oci.client import ATTEMPTS, OciAuthError, OciError, RegistryClient
+from kubetune_trainer.oci.credentials import (
     Credentials,
     credentials_for,
     load_credentials,
     parse_docker_config,
 )
-from kubetune_trainer.publishing.oci.layout import (
+from kubetune_trainer.oci.layout import (
     CONFIG_MEDIA_TYPE,
     MANIFEST_MEDIA_TYPE,
     build_layer,
     image_config,
     image_manifest,
 )
-from kubetune_trainer.publishing.oci.reference import Reference, is_loopback_host, scheme_for
-from kubetune_trainer.publishing.oci.transfer import fetch_manifest
+from kubetune_trainer.oci.reference import Reference, is_loopback_host, scheme_for
+from kubetune_trainer.oci.transfer import fetch_manifest
 
 pytestmark = pytest.mark.unit
 
@@ -355,7 +355,7 @@ def test_credentials_are_not_sent_to_a_plain_http_token_service(serve: Callable[
 
 def test_publishing_imports_no_ml_stack() -> None:
     code = (
-        "import sys, kubetune_trainer.publishing.commands, kubetune_trainer.publishing.oci.transfer, kubetune_cli.main\n"
+        "import sys, kubetune_trainer.publishing.commands, kubetune_trainer.oci.transfer, kubetune_cli.main\n"
         "heavy = sorted(m for m in ('torch', 'transformers', 'peft', 'deepspeed', 'datasets', 'huggingface_hub') "
         "if m in sys.modules)\n"
         "print(heavy)\n"

@@ -86,12 +86,14 @@ class TestSources:
     def test_model_sources_accepted(self, uri: str) -> None:
         assert str(parse_uri(uri, MODEL_SCHEMES)) == uri
 
-    def test_oci_sources_are_not_supported_yet_and_are_refused_naming_what_works(self) -> None:
+    def test_oci_sources_are_accepted_and_s3_outputs_refused_naming_what_works(self) -> None:
         for schemes in (MODEL_SCHEMES, DATASET_SCHEMES):
-            with pytest.raises(
-                ValueError, match=r"unsupported scheme 'oci://' \(not supported here yet\).*; use hf://.*pvc://.*s3://"
-            ):
-                parse_uri("oci://registry.example:5000/adapters/bot:v1", schemes)
+            parsed = parse_uri("oci://registry.example:5000/models/llama-3-8b:v1-merged", schemes)
+            assert (parsed.scheme, parsed.authority) == ("oci", "registry.example:5000")
+        with pytest.raises(
+            ValueError, match=r"unsupported scheme 's3://' \(not supported here yet\).*; use pvc://.*oci://"
+        ):
+            parse_uri("s3://bucket/adapters/", OUTPUT_SCHEMES)
 
     @pytest.mark.parametrize(
         "uri",

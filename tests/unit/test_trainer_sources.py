@@ -60,11 +60,39 @@ def test_pvc_and_configmap_sources_map_to_their_mounts(tmp_path: Path) -> None:
     assert "does not exist" in problems[0]
 
 
-def test_oci_is_refused_as_not_supported_yet(tmp_path: Path) -> None:
-    found, problems = locate(config(tmp_path), "oci://registry.example/data/x:v1")
+def test_an_oci_registry_is_checked_like_a_url_sources_host(tmp_path: Path) -> None:
+    found, problems = locate(config(tmp_path), "oci://127.0.0.1:5000/team/data:v1")
     assert found is None
-    assert "(not supported here yet)" in problems[0]
-    assert "pvc://claim/path" in problems[0], "names what works"
+    assert problems[0].startswith("spec.dataset.source: the registry 127.0.0.1:5000: ")
+    assert "loopback" in problems[0]
+    assert "--allow-private-network" in problems[0], "names the setting that allows it"
+    allowed = config(tmp_path, allowPrivateAddresses=True)
+    assert locate(allowed, "oci://127.0.0.1:5000/team/data:v1") == (
+        fetch.OciSource("oci://127.0.0.1:5000/team/data:v1"),
+        [],
+    )
+
+
+def test_an_oci_sources_secret_is_a_docker_config(tmp_path: Path) -> None:
+    secrets = tmp_path / "secrets"
+    (secrets / "no-config").mkdir(parents=True)
+    (secrets / "no-config" / "token").write_text("t")
+    (secrets / "regcred").mkdir()
+    (secrets / "regcred" / ".dockerconfigjson").write_text("{}")
+    cfg = config(
+        tmp_path,
+        allowPrivateAddresses=True,
+        mounts={"secrets": {"no-config": str(secrets / "no-config"), "regcred": str(secrets / "regcred")}},
+    )
+    uri = "oci://127.0.0.1:5000/team/model:v1"
+    _, problems = locate(cfg, uri, kind="model", secret="missing")
+    assert problems[0].startswith("spec.model.secretRef: Secret 'missing' is not mounted")
+    _, problems = locate(cfg, uri, kind="model", secret="no-config")
+    assert "has no key .dockerconfigjson" in problems[0]
+    assert "kubectl create secret docker-registry no-config --docker-server=127.0.0.1:5000" in problems[0]
+    found, problems = locate(cfg, uri, kind="model", secret="regcred")
+    assert problems == []
+    assert found == fetch.OciSource(uri, secrets / "regcred" / ".dockerconfigjson", "regcred")
 
 
 @pytest.mark.parametrize(

@@ -46,6 +46,10 @@ from kubetune_api import TrainerConfig, parse_uri
 from kubetune_api.uris import DATASET_SCHEMES, MODEL_SCHEMES, SOURCE_SECRET_KEYS, SourceURI, s3_key_segments
 from kubetune_trainer.archive import MAX_ENTRIES, ArchiveError, escaping_links, human, max_unpacked_bytes, unpack
 from kubetune_trainer.errors import ProblemList
+from kubetune_trainer.oci.client import OciError
+from kubetune_trainer.oci.credentials import Credentials, docker_config_in, load_credentials
+from kubetune_trainer.oci.reference import Reference, scheme_for
+from kubetune_trainer.oci.transfer import pull
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
@@ -123,7 +127,18 @@ class S3Source:
         return self.key == "" or self.key.endswith("/")
 
 
-Located = LocalSource | UrlSource | HubSource | S3Source
+@dataclass(frozen=True, slots=True)
+class OciSource:
+    """An image or artifact in an OCI registry: a model folder, or dataset files."""
+
+    uri: str
+    docker_config: Path | None = None
+    """The mounted Docker config of the secretRef Secret; ``None`` pulls anonymously."""
+    secret: str | None = None
+    """That Secret's name, for error messages."""
+
+
+Located = LocalSource | UrlSource | HubSource | S3Source | OciSource
 
 
 def cache_dir(config: TrainerConfig) -> Path:
@@ -183,7 +198,9 @@ def locate(  # noqa: PLR0911 - one return per scheme
         return UrlSource(uri, allow_private=config.allow_private_addresses, networks=networks)
     if parsed.scheme == "s3":
         return _locate_s3(parsed, kind=kind, secret_ref=secret_ref, config=config, problems=problems)
-    # parse_uri accepted only the schemes above and hf:// (oci:// sources are refused at admission).
+    if parsed.scheme == "oci":
+        return _locate_oci(parsed, kind=kind, secret_ref=secret_ref, config=config, problems=problems)
+    # parse_uri accepted only the schemes above and hf://.
     repo, _, revision = parsed.location.partition("@")
     token, token_problem = hub_token(secret_ref, config)
     if token_problem:
@@ -432,12 +449,14 @@ def fetch(located: Located, *, cache: Path, weights: bool = True) -> Path:
     """A local path for ``located``, downloading it into ``cache`` when needed (reused when already there).
 
     ``weights=False`` leaves a hub model's weight files out (the pre-flight needs only its config and
-    tokenizer); a local folder, an archive or an s3:// source comes whole.
+    tokenizer); a local folder, an archive, an s3:// or an oci:// source comes whole.
     """
     if isinstance(located, LocalSource):
         return located.path
     if isinstance(located, S3Source):
         return _fetch_s3(located, cache)
+    if isinstance(located, OciSource):
+        return _fetch_oci(located, cache)
     if isinstance(located, UrlSource):
         digest = hashlib.sha256(located.url.encode()).hexdigest()[:16]
         name = Path(urllib.parse.urlsplit(located.url).path).name or "data"
@@ -881,3 +900,95 @@ def _s3_fetch_folder(client: S3Client, source: S3Source, folder: Path, target: P
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     log.info("fetched %d objects under %s", len(objects), source.uri)
+
+
+# ---------------------------------------------------------------------------------------- oci
+
+
+def _locate_oci(
+    parsed: SourceURI, *, kind: SourceKind, secret_ref: str | None, config: TrainerConfig, problems: ProblemList
+) -> OciSource | None:
+    """An :class:`OciSource` for ``parsed``: the registry checked like a URL source's host, the Secret's Docker config found."""
+    field, uri = f"spec.{kind}.source", str(parsed)
+    try:
+        ref = Reference.parse(uri)
+    except ValueError as exc:
+        problems.add(field, str(exc))
+        return None
+    # Only a literal loopback registry is spoken to in plain HTTP (names are not resolved for that).
+    reason = check_url(
+        f"{scheme_for(ref.host)}://{ref.host}/",
+        allow_private=config.allow_private_addresses,
+        networks=tuple(config.private_networks),
+    )
+    if reason:
+        problems.add(field, f"the registry {ref.host}: {reason}")
+        return None
+    if not secret_ref:
+        return OciSource(uri)
+    mount = config.mounts.secrets.get(secret_ref)
+    if mount is None:
+        problems.add(
+            f"spec.{kind}.secretRef",
+            f"Secret {secret_ref!r} is not mounted in this pod (mounts.secrets names {sorted(config.mounts.secrets) or 'none'})",
+        )
+        return None
+    docker_config = docker_config_in(Path(mount))
+    if docker_config is None:
+        problems.add(
+            f"spec.{kind}.secretRef",
+            f"Secret {secret_ref!r} has no key .dockerconfigjson; an oci:// source's Secret is a "
+            f"kubernetes.io/dockerconfigjson one (kubectl create secret docker-registry {secret_ref} "
+            f"--docker-server={ref.host} --docker-username=… --docker-password=…)",
+        )
+        return None
+    return OciSource(uri, docker_config, secret_ref)
+
+
+def _fetch_oci(source: OciSource, cache: Path) -> Path:
+    """``source`` pulled into ``cache`` (reused when a complete copy is there): the model folder or the data.
+
+    The pull (:func:`kubetune_trainer.oci.transfer.pull`) checks every layer's digest and size and
+    unpacks tar layers within the archive bounds; the files land in a staging folder renamed into
+    place once complete. Of a container image whose files are not at its root (Kaito's model
+    images), the one folder holding a ``config.json`` is the model.
+    """
+    ref = Reference.parse(source.uri)
+    credentials: Credentials | None = None
+    where = f"Secret {source.secret!r}" if source.secret else "no secretRef (anonymous pull)"
+    if source.docker_config is not None:
+        try:
+            credentials = load_credentials(source.docker_config, ref.host)
+        except ValueError as exc:
+            raise FetchError(f"{source.uri}: {where}: {exc}", permanent=True) from None
+        if credentials is None:
+            raise FetchError(
+                f"{source.uri}: {where} has no credentials for registry {ref.host} in its .dockerconfigjson; "
+                f"add an entry for {ref.host} (--docker-server={ref.host})",
+                permanent=True,
+            )
+    folder = cache / "oci" / hashlib.sha256(source.uri.encode()).hexdigest()[:16]
+    target = folder / "files"
+    if not target.exists():
+        folder.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=folder, prefix=".part-"))
+        try:
+            log.info("pulling %s", source.uri)
+            pull(ref, staging / "files", credentials=credentials, credential_source=where)
+            os.replace(staging / "files", target)
+        except OciError as exc:
+            raise FetchError(str(exc), permanent=exc.permanent) from None
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    return _content(target)
+
+
+def _content(folder: Path) -> Path:
+    """What a pulled folder holds: a model folder (the one folder with a config.json), one file, or the folder."""
+    if (folder / "config.json").is_file():
+        return folder
+    models = sorted(p.parent for p in folder.rglob("config.json") if p.is_file())
+    if len(models) == 1:
+        return models[0]
+    files = [p for p in folder.iterdir() if not p.name.startswith(".")]
+    return files[0] if len(files) == 1 and files[0].is_file() else folder

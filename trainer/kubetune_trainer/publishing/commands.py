@@ -12,7 +12,7 @@ Torch-free (they run in short pods without the ML stack):
     hidden folder beside it and renamed into place only once complete (an existing folder is
     replaced then);
   - ``oci://registry[:port]/repository:tag``: pushed as a Kaito-compatible adapter image (see
-    :mod:`kubetune_trainer.publishing.oci.layout`), with the credentials of ``spec.output.secretRef`` (a
+    :mod:`kubetune_trainer.oci.layout`), with the credentials of ``spec.output.secretRef`` (a
     ``kubernetes.io/dockerconfigjson`` Secret mounted under ``mounts.secrets``);
   - ``s3://`` is not supported yet: the spec refuses it at admission (``OUTPUT_SCHEMES``);
   - with ``spec.output.merge``, the merged model is published beside the adapter
@@ -50,12 +50,12 @@ from pathlib import Path
 
 from kubetune_trainer.config_file import load_config
 from kubetune_trainer.errors import EXIT_OK, EXIT_PERMANENT, EXIT_RETRYABLE, PermanentError, write_termination_message
+from kubetune_trainer.oci.client import OciError
+from kubetune_trainer.oci.credentials import load_credentials
+from kubetune_trainer.oci.reference import Reference
+from kubetune_trainer.oci.transfer import pull
 from kubetune_trainer.process import setup_logging
 from kubetune_trainer.publishing.fetch_model import fetch_model
-from kubetune_trainer.publishing.oci.client import OciError
-from kubetune_trainer.publishing.oci.credentials import load_credentials
-from kubetune_trainer.publishing.oci.reference import Reference
-from kubetune_trainer.publishing.oci.transfer import pull
 from kubetune_trainer.publishing.publish import publish
 
 log = logging.getLogger("kubetune.publish")

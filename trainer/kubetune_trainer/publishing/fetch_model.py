@@ -19,7 +19,7 @@ from pathlib import Path
 from kubetune_api import TrainerConfig
 from kubetune_trainer import fetch
 from kubetune_trainer.errors import PermanentError, ProblemList
-from kubetune_trainer.publishing.folders import list_files, move_into
+from kubetune_trainer.folders import list_files, move_into
 
 log = logging.getLogger("kubetune.publish")
 

@@ -28,11 +28,11 @@ from typing import Final
 from kubetune_api import SourceURI, TrainerConfig, parse_uri
 from kubetune_api.uris import OUTPUT_SCHEMES
 from kubetune_trainer.errors import PermanentError
+from kubetune_trainer.folders import copy_hashing, file_sha256, folder_digest, list_files
+from kubetune_trainer.oci.credentials import docker_config_in, load_credentials
+from kubetune_trainer.oci.reference import Reference
+from kubetune_trainer.oci.transfer import push
 from kubetune_trainer.process import WORK_DIR_ENV
-from kubetune_trainer.publishing.folders import copy_hashing, file_sha256, folder_digest, list_files
-from kubetune_trainer.publishing.oci.credentials import load_credentials
-from kubetune_trainer.publishing.oci.reference import Reference
-from kubetune_trainer.publishing.oci.transfer import push
 
 log = logging.getLogger("kubetune.publish")
 
@@ -42,8 +42,6 @@ MERGED_FOLDER: Final = "merged"
 MERGED_SUFFIX: Final = "-merged"
 #: The longest tag the OCI distribution spec allows.
 MAX_TAG_LENGTH: Final = 128
-#: The keys of a kubernetes.io/dockerconfigjson Secret, and of the legacy kubernetes.io/dockercfg one.
-DOCKER_CONFIG_KEYS: Final = (".dockerconfigjson", ".dockercfg")
 
 
 @dataclass(frozen=True, slots=True)
@@ -202,9 +200,9 @@ def _secret_docker_config(config: TrainerConfig, secret: str) -> Path:
             f"Secret {secret!r} is not mounted in this pod (mounts.secrets names {sorted(config.mounts.secrets) or 'none'})",
             summary="the push credentials are missing",
         )
-    for key in DOCKER_CONFIG_KEYS:
-        if (Path(mount) / key).is_file():
-            return Path(mount) / key
+    found = docker_config_in(Path(mount))
+    if found is not None:
+        return found
     raise PermanentError.one(
         "spec.output.secretRef",
         f"Secret {secret!r} has no key .dockerconfigjson; create it as a kubernetes.io/dockerconfigjson Secret "

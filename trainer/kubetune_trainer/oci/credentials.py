@@ -94,3 +94,12 @@ def load_credentials(path: Path, host: str) -> Credentials | None:
         return credentials_for(parse_docker_config(text), host)
     except ValueError as exc:
         raise ValueError(f"{path}: {exc}") from None
+
+
+#: The keys of a kubernetes.io/dockerconfigjson Secret, and of the legacy kubernetes.io/dockercfg one.
+DOCKER_CONFIG_KEYS: Final = (".dockerconfigjson", ".dockercfg")
+
+
+def docker_config_in(mount: Path) -> Path | None:
+    """The Docker config file of a registry Secret mounted at ``mount``, when it has one."""
+    return next((mount / key for key in DOCKER_CONFIG_KEYS if (mount / key).is_file()), None)

@@ -1,6 +1,7 @@
 """Push a folder to an OCI registry as a Kaito-compatible adapter image, and pull one back.
 
-Torch-free: this runs in the short publish pod and in the serving pod's init container. The
+Shared by the trainer's rooms and :mod:`kubetune_trainer.fetch` (``oci://`` model and dataset
+sources). Torch-free: this runs in the short publish pod and in the serving pod's init container. The
 registry transport is the ``oras`` package's (blob uploads, chunked for large layers); credentials,
 retries and error mapping are kubetune's own, so that every failure is either *permanent* (bad
 credentials, a refused reference) or *retryable* (the registry cannot be reached, or answers 5xx).

@@ -2,9 +2,11 @@
 
 ``push`` uploads the layer and the config as blobs (chunked above :data:`CHUNK_BYTES`), then the
 manifest, in the layout of :mod:`.layout`, and checks the digest the registry reports. ``pull``
-reads that layout and also plain ``oras push`` artifacts: tar layers are unpacked, other
-layers are written under their ``org.opencontainers.image.title``; when the result has a ``data/``
-folder, its content is what lands in the target folder.
+reads that layout, plain ``oras push`` artifacts and container images: a layer with an
+``org.opencontainers.image.title`` is a file of that name, as ``oras pull`` has it (``oras push``
+gives files the plain tar media type), unless it is a compressed tar or ``io.deis.oras.content.unpack``
+marks it as a tar to unpack (a folder); untitled tar layers (a container image's) are unpacked; when
+the result has a ``data/`` folder, its content is what lands in the target folder.
 
 A registry is not trusted to be honest. ``pull`` refuses, permanently:
 
@@ -39,10 +41,10 @@ from typing import Any, Final
 import requests
 
 from kubetune_trainer.archive import ArchiveError, escaping_links, human, max_unpacked_bytes, unpack, unpacked_limit
-from kubetune_trainer.publishing.folders import move_into
-from kubetune_trainer.publishing.oci.client import OciError, RegistryClient, short_reason
-from kubetune_trainer.publishing.oci.credentials import Credentials
-from kubetune_trainer.publishing.oci.layout import (
+from kubetune_trainer.folders import move_into
+from kubetune_trainer.oci.client import OciError, RegistryClient, short_reason
+from kubetune_trainer.oci.credentials import Credentials
+from kubetune_trainer.oci.layout import (
     CONFIG_MEDIA_TYPE,
     DATA_DIR,
     DOCKER_MANIFEST_MEDIA_TYPE,
@@ -50,11 +52,12 @@ from kubetune_trainer.publishing.oci.layout import (
     LAYER_MEDIA_TYPE,
     MANIFEST_MEDIA_TYPE,
     TITLE_ANNOTATION,
+    UNPACK_ANNOTATION,
     build_layer,
     image_config,
     image_manifest,
 )
-from kubetune_trainer.publishing.oci.reference import Reference
+from kubetune_trainer.oci.reference import Reference
 
 log = logging.getLogger("kubetune.oci")
 
@@ -308,8 +311,15 @@ def _pull_layer(  # noqa: PLR0917 - the pull's state, passed along
     title = str((layer.get("annotations") or {}).get(TITLE_ANNOTATION, ""))
     size = int(layer["size"])
     blob = staging / f"blob-{index}"
+    # `oras push` gives a file the plain tar media type and its name as title: such a layer, not
+    # marked for unpacking, is a file. Compressed tar layers and untitled ones are unpacked.
+    titled_file = (
+        bool(title)
+        and not media_type.endswith("+gzip")
+        and (layer.get("annotations") or {}).get(UNPACK_ANNOTATION) != "true"
+    )
     try:
-        if media_type in _TAR_MEDIA_TYPES:
+        if media_type in _TAR_MEDIA_TYPES and not titled_file:
             _download(registry, ref, layer, blob)
             try:
                 return unpack(blob, root, limit=min(unpacked_limit(size), budget), name=f"layer {index} of {ref}")

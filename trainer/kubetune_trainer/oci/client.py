@@ -19,8 +19,8 @@ import oras.defaults
 import oras.provider
 import requests
 
-from kubetune_trainer.publishing.oci.credentials import Credentials
-from kubetune_trainer.publishing.oci.reference import Reference, is_loopback_host, scheme_for
+from kubetune_trainer.oci.credentials import Credentials
+from kubetune_trainer.oci.reference import Reference, is_loopback_host, scheme_for
 
 _CONNECT_TIMEOUT_S: Final = 15.0
 _READ_TIMEOUT_S: Final = 300.0
