@@ -41,6 +41,20 @@ CLUSTER_TOY: Final[Mapping[str, Section]] = {
     "training": {"maxSteps": 4},
     "preflight": {"enabled": False},
 }
+#: Llama 3.1 8B's config.json (the part transformers and the memory planner read): fully fine-tuned
+#: it needs far more than one A10G's 24 GiB.
+LLAMA_8B_CONFIG: Final[Mapping[str, Any]] = {
+    "architectures": ["LlamaForCausalLM"],
+    "model_type": "llama",
+    "hidden_size": 4096,
+    "intermediate_size": 14336,
+    "num_attention_heads": 32,
+    "num_hidden_layers": 32,
+    "num_key_value_heads": 8,
+    "vocab_size": 128256,
+    "max_position_embeddings": 8192,
+    "rms_norm_eps": 1e-5,
+}
 #: The least a manifest needs, with sources the spec accepts but nothing reads (validation tests).
 MINIMAL: Final[Mapping[str, Section]] = {
     "model": {"source": "hf://org/base"},

@@ -115,16 +115,19 @@ def _findings(text: str) -> Obj | None:
 
 def preflight_findings(pods: list[Obj]) -> Obj | None:
     """The findings the pre-flight container left as the last line of its termination message."""
+    return next((found for line in _last_lines(pods) if (found := _findings(line)) is not None), None)
+
+
+def _last_lines(pods: list[Obj]) -> list[str]:
+    """The last line of the termination message of each container that exited 0."""
+    lines = []
     for pod in pods:
         for status in (pod.get("status") or {}).get("containerStatuses") or []:
             terminated = (status.get("state") or {}).get("terminated") or {}
-            if terminated.get("exitCode") != 0:
-                continue
-            lines = str(terminated.get("message") or "").strip().splitlines()
-            found = _findings(lines[-1]) if lines else None
-            if found is not None:
-                return found
-    return None
+            message = str(terminated.get("message") or "").strip().splitlines()
+            if terminated.get("exitCode") == 0 and message:
+                lines.append(message[-1])
+    return lines
 
 
 def publish_job(jobs: list[Obj]) -> Obj | None:
@@ -233,16 +236,7 @@ def failure_message(pods: list[Obj]) -> str:
 
 def publish_result(pods: list[Obj]) -> Adapter | None:
     """The URI, digest and size the publish container left in its termination message."""
-    for pod in pods:
-        for status in (pod.get("status") or {}).get("containerStatuses") or []:
-            terminated = (status.get("state") or {}).get("terminated") or {}
-            if terminated.get("exitCode") != 0:
-                continue
-            lines = str(terminated.get("message") or "").strip().splitlines()
-            adapter = _adapter(lines[-1]) if lines else None
-            if adapter is not None:
-                return adapter
-    return None
+    return next((adapter for line in _last_lines(pods) if (adapter := _adapter(line)) is not None), None)
 
 
 def waiting_reasons(pods: list[Obj]) -> str:

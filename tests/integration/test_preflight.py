@@ -19,25 +19,11 @@ import pytest
 from kubernetes import client, watch
 
 from kubetune_local import cluster
-from tests.factories import create_job, read_job, wait_until
+from tests.factories import LLAMA_8B_CONFIG, create_job, read_job, wait_until
 from tests.integration.test_operator import delete_and_expect_nothing_left
 from tests.integration.test_operator_training import ended, toy_claim, toy_job
 
 pytestmark = [pytest.mark.integration, pytest.mark.trainer]
-
-#: Llama 3.1 8B's shape: fully fine-tuned it needs far more than one A10G's 24 GiB.
-LLAMA_8B: dict[str, Any] = {
-    "architectures": ["LlamaForCausalLM"],
-    "model_type": "llama",
-    "hidden_size": 4096,
-    "intermediate_size": 14336,
-    "num_attention_heads": 32,
-    "num_hidden_layers": 32,
-    "num_key_value_heads": 8,
-    "vocab_size": 128256,
-    "max_position_embeddings": 8192,
-    "rms_norm_eps": 1e-5,
-}
 
 
 class Creations:
@@ -97,7 +83,7 @@ def big_model(folder: Path) -> str:
     for item in (folder / "model").iterdir():
         if item.name.startswith(("tokenizer", "special_tokens")) or item.name.endswith(".model"):
             shutil.copy(item, big / item.name)
-    (big / "config.json").write_text(json.dumps(LLAMA_8B), encoding="utf-8")
+    (big / "config.json").write_text(json.dumps(LLAMA_8B_CONFIG), encoding="utf-8")
     save_file({"model.embed_tokens.weight": np.zeros((1, 1), dtype=np.float32)}, str(big / "model.safetensors"))
     return "pvc://models/big"
 

@@ -12,6 +12,7 @@ import yaml
 
 from kubetune_operator.crd import render_crd
 from tests.conftest import BAD_INPUT, EXAMPLES
+from tests.factories import LLAMA_8B_CONFIG
 
 pytestmark = pytest.mark.unit
 
@@ -65,18 +66,7 @@ def test_no_subcommand_is_an_error() -> None:
 def test_plan_takes_the_gpu_memory_of_the_instance_type(tmp_path: Path) -> None:
     """Llama 3.1 8B fully fine-tuned on one A10G (g5.xlarge, 24 GiB) does not fit; on 200 GiB it does."""
     config = tmp_path / "config.json"
-    config.write_text(
-        json.dumps(
-            {
-                "hidden_size": 4096,
-                "intermediate_size": 14336,
-                "num_attention_heads": 32,
-                "num_hidden_layers": 32,
-                "num_key_value_heads": 8,
-                "vocab_size": 128256,
-            }
-        )
-    )
+    config.write_text(json.dumps(LLAMA_8B_CONFIG))
     job = tmp_path / "job.yaml"
     job.write_text(
         yaml.safe_dump(

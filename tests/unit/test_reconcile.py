@@ -14,6 +14,7 @@ from kubetune_operator.observed import Observed
 from kubetune_operator.reconcile import decide
 from kubetune_operator.settings import OperatorSettings
 from tests.conftest import REPO, load_yaml
+from tests.factories import LLAMA_8B_CONFIG
 
 pytestmark = pytest.mark.unit
 SETTINGS = OperatorSettings()
@@ -486,14 +487,7 @@ PHI3_MINI = {
     "vocab_size": 32064,
     "tie_word_embeddings": False,
 }
-LLAMA_8B = {
-    "hidden_size": 4096,
-    "intermediate_size": 14336,
-    "num_attention_heads": 32,
-    "num_hidden_layers": 32,
-    "num_key_value_heads": 8,
-    "vocab_size": 128256,
-}
+LLAMA_8B = dict(LLAMA_8B_CONFIG)
 
 
 def checked(example: str = "karpenter-aks", **spec_patch: Any) -> FineTuneJob:
