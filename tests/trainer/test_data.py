@@ -214,6 +214,21 @@ BAD: dict[str, tuple[Callable[[Path], Path], dict[str, Any], list[str]]] = {
 }
 
 
+def command_args(config: Path, output: Path) -> argparse.Namespace:
+    """The parsed arguments of ``kubetune train`` (and ``preflight --keep``) for ``config`` into ``output``."""
+    return argparse.Namespace(
+        config=str(config),
+        output=str(output),
+        keep=True,
+        nnodes=None,
+        node_rank=0,
+        nproc_per_node=None,
+        master_addr="127.0.0.1",
+        master_port=None,
+        metrics_port=None,
+    )
+
+
 @pytest.mark.parametrize("case", list(BAD))
 def test_bad_dataset_exits_2_naming_the_problem(
     case: str, toy_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
@@ -224,17 +239,7 @@ def test_bad_dataset_exits_2_naming_the_problem(
     config = write_manifest(tmp_path, manifest)
     message_file = tmp_path / "termination-log"
     monkeypatch.setenv("KUBETUNE_TERMINATION_MESSAGE_PATH", str(message_file))
-    args = argparse.Namespace(
-        config=str(config),
-        output=str(tmp_path / "out"),
-        nnodes=None,
-        node_rank=0,
-        nproc_per_node=None,
-        master_addr="127.0.0.1",
-        master_port=None,
-        metrics_port=None,
-    )
-    assert train_main(args) == EXIT_PERMANENT
+    assert train_main(command_args(config, tmp_path / "out")) == EXIT_PERMANENT
     message = message_file.read_text()
     for word in words:
         assert word in message, f"{case}: {word!r} not in {message!r}"
@@ -255,18 +260,7 @@ def test_the_preflight_refuses_bad_data_with_the_message_training_gives(
     for command, run in (("preflight", preflight_main), ("train", train_main)):
         message_file = tmp_path / f"{command}-termination-log"
         monkeypatch.setenv("KUBETUNE_TERMINATION_MESSAGE_PATH", str(message_file))
-        args = argparse.Namespace(
-            config=str(config),
-            output=str(tmp_path / command),
-            keep=True,
-            nnodes=None,
-            node_rank=0,
-            nproc_per_node=None,
-            master_addr="127.0.0.1",
-            master_port=None,
-            metrics_port=None,
-        )
-        assert run(args) == EXIT_PERMANENT, command
+        assert run(command_args(config, tmp_path / command)) == EXIT_PERMANENT, command
         messages[command] = message_file.read_text()
     assert messages["preflight"] == messages["train"]
     assert not list((tmp_path / "preflight").glob(".preflight/*")), "nothing is kept of data that failed"
