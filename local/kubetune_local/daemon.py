@@ -8,6 +8,7 @@ Run as ``python -m kubetune_local.daemon --home DIR``; SIGTERM stops every pod i
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 import threading
@@ -24,6 +25,9 @@ from kubetune_local.storage import LocalPathProvisioner
 
 #: The runtime's own CPU node, for pods that need no GPU (the operator, built-in serving, tests).
 DEFAULT_NODE: Final = "kubetune-local"
+#: ``karpenter``: real Karpenter (kwok provider) fulfils NodeClaims and this daemon adopts its
+#: Nodes; anything else (the default): the daemon's own NodeClaim provisioner.
+PROVISIONER_ENV: Final = "KUBETUNE_LOCAL_PROVISIONER"
 
 
 def serve(home: Path) -> None:
@@ -50,7 +54,10 @@ def serve(home: Path) -> None:
     watcher.start()
     runtime.add_node(NodeAgent(runtime, DEFAULT_NODE, capacity=default_capacity()))
     LocalPathProvisioner(runtime).start()
-    NodeClaimProvisioner(runtime).start()
+    if os.environ.get(PROVISIONER_ENV, "local") == "karpenter":
+        runtime.log("NodeClaims are Karpenter's: the local provisioner stays off")
+    else:
+        NodeClaimProvisioner(runtime).start()
     runtime.log(f"node daemon ready; kubelet endpoint 127.0.0.1:{runtime.kubelet_port}")
     done.wait()
     runtime.log("node daemon stopping")
