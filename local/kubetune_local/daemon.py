@@ -16,6 +16,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Final
 
+from kubetune_local.adopt import KarpenterNodeAdopter
 from kubetune_local.controlplane import State, free_port
 from kubetune_local.kube import api_client
 from kubetune_local.kubelet_server import KubeletServer
@@ -55,7 +56,8 @@ def serve(home: Path) -> None:
     runtime.add_node(NodeAgent(runtime, DEFAULT_NODE, capacity=default_capacity()))
     LocalPathProvisioner(runtime).start()
     if os.environ.get(PROVISIONER_ENV, "local") == "karpenter":
-        runtime.log("NodeClaims are Karpenter's: the local provisioner stays off")
+        runtime.log("NodeClaims are Karpenter's: the local provisioner stays off, its Nodes are adopted")
+        KarpenterNodeAdopter(runtime).start()
     else:
         NodeClaimProvisioner(runtime).start()
     runtime.log(f"node daemon ready; kubelet endpoint 127.0.0.1:{runtime.kubelet_port}")

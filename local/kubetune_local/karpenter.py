@@ -33,7 +33,9 @@ MAIN_GO: Final = Path(__file__).resolve().parent.parent / "karpenter" / "main.go
 NODECLASS_CRD: Final = "karpenter.kwok.sh_kwoknodeclasses.yaml"
 NODECLASS_NAME: Final = "default"
 """The KWOKNodeClass every NodePool of the local runtime refers to."""
-FEATURE_GATES: Final = "NodeRepair=false,ReservedCapacity=true,SpotToSpotConsolidation=false,NodeOverlay=false,StaticCapacity=true"
+FEATURE_GATES: Final = (
+    "NodeRepair=false,ReservedCapacity=true,SpotToSpotConsolidation=false,NodeOverlay=false,StaticCapacity=true"
+)
 GPU_RESOURCE: Final = "nvidia.com/gpu"
 SPOT_DISCOUNT: Final = 0.4
 """Spot price as a fraction of on-demand (no real price list: Karpenter only compares them)."""
@@ -119,7 +121,9 @@ def _module_dir() -> Path:
     )
     info = json.loads(result.stdout or "{}")
     if "Dir" not in info:
-        raise BuildError(f"cannot fetch sigs.k8s.io/karpenter@{KARPENTER_VERSION}: {info.get('Error') or result.stderr}")
+        raise BuildError(
+            f"cannot fetch sigs.k8s.io/karpenter@{KARPENTER_VERSION}: {info.get('Error') or result.stderr}"
+        )
     return Path(info["Dir"])
 
 
