@@ -79,6 +79,7 @@ class KarpenterNodeAdopter:
         self.custom = client.CustomObjectsApi(runtime.api)
         self.thread = threading.Thread(target=self._loop, name="karpenter-node-adopter", daemon=True)
         self._adopted: set[str] = set()
+        self._startup: dict[str, list[Obj]] = {}
 
     def start(self) -> None:
         self.thread.start()
@@ -113,9 +114,15 @@ class KarpenterNodeAdopter:
         if kind == "DELETED":
             self._forget(name)
             return
-        if name in self._adopted or node["metadata"].get("deletionTimestamp"):
+        if node["metadata"].get("deletionTimestamp"):
             return
-        self._adopt(node)
+        if name not in self._adopted:
+            self._adopt(node)
+        # Karpenter adds the claim's startup taints when it registers the node (after we adopted it).
+        startup = self._startup.get(name) or []
+        taints = list((node.get("spec") or {}).get("taints") or [])
+        if startup and len(without_startup_taints(taints, startup)) != len(taints):
+            self._lift_startup_taints(name, startup)
 
     def _adopt(self, node: Obj) -> None:
         name = node["metadata"]["name"]
@@ -136,39 +143,44 @@ class KarpenterNodeAdopter:
             adopt=True,
         )
         self._adopted.add(name)
+        self._startup[name] = self._startup_taints(node)
         self.runtime.add_node(agent)
-        self._lift_startup_taints(node)
         self.runtime.log(
             f"adopted Karpenter node {name} (nodepool {labels.get(NODEPOOL_LABEL)}, "
             f"{labels.get(INSTANCE_TYPE_LABEL)}, {capacity.get(GPU_RESOURCE, '0')} GPU)"
         )
 
-    def _lift_startup_taints(self, node: Obj) -> None:
-        """Remove the NodeClaim's startup taints at once, as a GPU operator would once ready."""
+    def _startup_taints(self, node: Obj) -> list[Obj]:
+        """The startup taints of the node's NodeClaim (its owner)."""
         owners = [o for o in node["metadata"].get("ownerReferences") or [] if o.get("kind") == "NodeClaim"]
         if not owners:
-            return
+            return []
         try:
             claim = self.custom.get_cluster_custom_object("karpenter.sh", "v1", "nodeclaims", owners[0]["name"])
         except ApiException as exc:
             self.runtime.log(f"node {node['metadata']['name']}: reading its NodeClaim: {exc.status}")
-            return
-        startup = list(claim["spec"].get("startupTaints") or [])
-        if not startup:
-            return
-        name = node["metadata"]["name"]
-        current: Obj = json.loads(self.core.read_node(name, _preload_content=False).data)
-        taints = list((current.get("spec") or {}).get("taints") or [])
-        kept = without_startup_taints(taints, startup)
-        if len(kept) != len(taints):
+            return []
+        return list(claim["spec"].get("startupTaints") or [])
+
+    def _lift_startup_taints(self, name: str, startup: list[Obj]) -> None:
+        """Remove the claim's startup taints, as a GPU operator does once the devices are ready."""
+        try:
+            current: Obj = json.loads(self.core.read_node(name, _preload_content=False).data)
+            taints = list((current.get("spec") or {}).get("taints") or [])
+            kept = without_startup_taints(taints, startup)
+            if len(kept) == len(taints):
+                return
             # A merge patch replaces the list; the resourceVersion makes it fail rather than race Karpenter.
             body = {"metadata": {"resourceVersion": current["metadata"]["resourceVersion"]}, "spec": {"taints": kept}}
             self.core.patch_node(name, body)
             self.runtime.log(f"node {name}: startup taints lifted")
+        except ApiException as exc:
+            self.runtime.log(f"node {name}: lifting startup taints: {exc.status} (retried on the next event)")
 
     def _forget(self, name: str) -> None:
         if name not in self._adopted:
             return
         self._adopted.discard(name)
+        self._startup.pop(name, None)
         self.runtime.remove_node(name)
         self.runtime.log(f"Karpenter node {name} is gone")
