@@ -5,6 +5,12 @@
 // to true. An instance type whose offerings are all unavailable is how a launch failure is
 // injected: Karpenter then finds no offering for the pods that need it.
 //
+// The provider is wrapped (see failingProvider) for two reasons: upstream's KWOK Create panics
+// on a claim whose instance types have no available offering (a static NodePool creates such
+// claims without checking), and the stall that panic causes blocks all provisioning; and tests
+// inject launch failures through the ConfigMap kube-system/kubetune-local-instance-failures
+// ("<instance type>: <Reason>: <message>"), read on every launch.
+//
 // Built by kubetune_local.karpenter from a generated wrapper module that requires
 // sigs.k8s.io/karpenter at the pinned version; this file is copied into it verbatim.
 package main
@@ -12,9 +18,15 @@ package main
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"os"
+	"strings"
 
+	corev1 "k8s.io/api/core/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	"k8s.io/apimachinery/pkg/types"
+	"sigs.k8s.io/controller-runtime/pkg/client"
 	"sigs.k8s.io/controller-runtime/pkg/log"
 
 	kwok "sigs.k8s.io/karpenter/kwok/cloudprovider"
@@ -24,7 +36,74 @@ import (
 	"sigs.k8s.io/karpenter/pkg/controllers"
 	"sigs.k8s.io/karpenter/pkg/controllers/state"
 	"sigs.k8s.io/karpenter/pkg/operator"
+	"sigs.k8s.io/karpenter/pkg/scheduling"
+
+	karpv1 "sigs.k8s.io/karpenter/pkg/apis/v1"
 )
+
+// failuresConfigMap maps an instance type to "Reason: message"; Reason InsufficientCapacity is
+// reported as Karpenter's insufficient-capacity error (the claim is deleted, an event says why),
+// any other as a launch error (the claim stays, Launched=Unknown with that reason and message).
+var failuresConfigMap = types.NamespacedName{Namespace: "kube-system", Name: "kubetune-local-instance-failures"}
+
+type failingProvider struct {
+	cloudprovider.CloudProvider
+	kubeClient    client.Client
+	instanceTypes map[string]*cloudprovider.InstanceType
+}
+
+func (p *failingProvider) Create(ctx context.Context, nodeClaim *karpv1.NodeClaim) (*karpv1.NodeClaim, error) {
+	var names []string
+	for _, r := range nodeClaim.Spec.Requirements {
+		if r.Key == corev1.LabelInstanceTypeStable && r.Operator == corev1.NodeSelectorOpIn {
+			names = r.Values
+		}
+	}
+	if err := p.injected(ctx, names); err != nil {
+		return nil, err
+	}
+	requirements := scheduling.NewNodeSelectorRequirementsWithMinValues(nodeClaim.Spec.Requirements...)
+	for _, name := range names {
+		if it, ok := p.instanceTypes[name]; ok && len(it.Offerings.Available().Compatible(requirements)) > 0 {
+			return p.CloudProvider.Create(ctx, nodeClaim)
+		}
+	}
+	return nil, cloudprovider.NewInsufficientCapacityError(
+		fmt.Errorf("no available offering for instance types %s in the catalog", strings.Join(names, ", ")))
+}
+
+// injected returns the configured failure when every candidate instance type has one.
+func (p *failingProvider) injected(ctx context.Context, names []string) error {
+	if len(names) == 0 {
+		return nil
+	}
+	cm := &corev1.ConfigMap{}
+	if err := p.kubeClient.Get(ctx, failuresConfigMap, cm); err != nil {
+		if apierrors.IsNotFound(err) {
+			return nil
+		}
+		return fmt.Errorf("reading %s: %w", failuresConfigMap, err)
+	}
+	var first string
+	for _, name := range names {
+		entry, ok := cm.Data[name]
+		if !ok || strings.TrimSpace(entry) == "" {
+			return nil
+		}
+		if first == "" {
+			first = entry
+		}
+	}
+	reason, message, _ := strings.Cut(first, ":")
+	reason, message = strings.TrimSpace(reason), strings.TrimSpace(message)
+	if message == "" {
+		message = reason
+	}
+	if reason == "InsufficientCapacity" {
+		return cloudprovider.NewInsufficientCapacityError(errors.New(message))
+	}
+	return cloudprovider.NewCreateError(errors.New(message), reason, message)
+}
 
 // catalogEntry is the part of kwok's instance-type JSON this main reads a second time: which
 // offerings the catalog declares unavailable ("Available": false; absent means available).
@@ -81,7 +160,15 @@ func main() {
 		os.Exit(1)
 	}
 
-	undecorated := kwok.NewCloudProvider(ctx, op.GetClient(), instanceTypes)
+	byName := make(map[string]*cloudprovider.InstanceType, len(instanceTypes))
+	for _, it := range instanceTypes {
+		byName[it.Name] = it
+	}
+	undecorated := &failingProvider{
+		CloudProvider: kwok.NewCloudProvider(ctx, op.GetClient(), instanceTypes),
+		kubeClient:    op.GetClient(),
+		instanceTypes: byName,
+	}
 	cloudProvider := overlay.Decorate(undecorated, op.GetClient(), op.InstanceTypeStore)
 	clusterState := state.NewCluster(op.Clock, op.GetClient(), cloudProvider)
 	op.
