@@ -119,6 +119,10 @@ class KarpenterNodeAdopter:
         if name not in self._adopted:
             self._adopt(node)
         # Karpenter adds the claim's startup taints when it registers the node (after we adopted it).
+        if name not in self._startup:
+            found = self._startup_taints(node)
+            if found is not None:
+                self._startup[name] = found
         startup = self._startup.get(name) or []
         taints = list((node.get("spec") or {}).get("taints") or [])
         if startup and len(without_startup_taints(taints, startup)) != len(taints):
@@ -143,23 +147,26 @@ class KarpenterNodeAdopter:
             adopt=True,
         )
         self._adopted.add(name)
-        self._startup[name] = self._startup_taints(node)
         self.runtime.add_node(agent)
         self.runtime.log(
             f"adopted Karpenter node {name} (nodepool {labels.get(NODEPOOL_LABEL)}, "
             f"{labels.get(INSTANCE_TYPE_LABEL)}, {capacity.get(GPU_RESOURCE, '0')} GPU)"
         )
 
-    def _startup_taints(self, node: Obj) -> list[Obj]:
-        """The startup taints of the node's NodeClaim (its owner)."""
-        owners = [o for o in node["metadata"].get("ownerReferences") or [] if o.get("kind") == "NodeClaim"]
-        if not owners:
-            return []
+    def _startup_taints(self, node: Obj) -> list[Obj] | None:
+        """The startup taints of the node's NodeClaim; None while it cannot be read.
+
+        The KWOK provider names the claim in the node's ``kubernetes.io/hostname`` label (the
+        NodeClaim ownerReference only comes with registration); the providerID must match.
+        """
+        claim_name = (node["metadata"].get("labels") or {}).get("kubernetes.io/hostname", "")
         try:
-            claim = self.custom.get_cluster_custom_object("karpenter.sh", "v1", "nodeclaims", owners[0]["name"])
+            claim = self.custom.get_cluster_custom_object("karpenter.sh", "v1", "nodeclaims", claim_name)
         except ApiException as exc:
-            self.runtime.log(f"node {node['metadata']['name']}: reading its NodeClaim: {exc.status}")
-            return []
+            self.runtime.log(f"node {node['metadata']['name']}: reading NodeClaim {claim_name!r}: {exc.status}")
+            return None
+        if (claim.get("status") or {}).get("providerID") not in (None, node["spec"].get("providerID")):
+            return None
         return list(claim["spec"].get("startupTaints") or [])
 
     def _lift_startup_taints(self, name: str, startup: list[Obj]) -> None:

@@ -27,11 +27,13 @@ from kubetune_local.binaries import Binaries, ensure_binaries, karpenter_crds
 from kubetune_local.controlplane import COMPONENTS, MARK_ENV, ControlPlane, State, pid_alive, stop_process
 
 __all__ = ["AlreadyRunning", "Cluster", "State", "down", "marked_processes", "pod_log", "status", "up"]
-from kubetune_local.daemon import DEFAULT_NODE
+from kubetune_local import karpenter
+from kubetune_local.daemon import DEFAULT_NODE, PROVISIONER_ENV
 from kubetune_local.kube import api_client
 from kubetune_local.storage import storage_class
 
 DAEMON = "node-daemon"
+KARPENTER = "karpenter"
 
 Progress = Callable[[str], None]
 
@@ -80,6 +82,10 @@ def up(home: Path, *, progress: Progress = _say, timeout: float = 180.0) -> Clus
         )
     binaries = ensure_binaries(progress=progress)
     crds = karpenter_crds(progress=progress)
+    with_karpenter = os.environ.get(PROVISIONER_ENV, "local") == "karpenter"
+    karpenter_binary = karpenter.ensure_binary(progress=progress) if with_karpenter else None
+    if with_karpenter:
+        crds.append(karpenter.nodeclass_crd())
     started = time.monotonic()
     for stale in ("etcd", "pods", "volumes", "logs"):
         shutil.rmtree(home / stale, ignore_errors=True)
@@ -89,6 +95,13 @@ def up(home: Path, *, progress: Progress = _say, timeout: float = 180.0) -> Clus
     try:
         api = api_client(plane.kubeconfig)
         _install(api, crds)
+        if karpenter_binary is not None:
+            client.CustomObjectsApi(api).create_cluster_custom_object(
+                "karpenter.kwok.sh", "v1alpha1", "kwoknodeclasses", karpenter.nodeclass()
+            )
+            state.pids[KARPENTER] = karpenter.spawn(home, karpenter_binary)
+            state.save(home)
+            progress("starting Karpenter (KWOK provider; its Nodes are adopted by the node daemon)")
         state.pids[DAEMON] = _spawn_daemon(home)
         state.save(home)
         progress("starting the node daemon (process-backed nodes, NodeClaims, local volumes)")
@@ -185,7 +198,7 @@ def down(home: Path, *, progress: Progress = _say) -> list[str]:
     """Stop the node daemon (and so every pod), then the control plane; return what was stopped."""
     state = State.load(home)
     stopped = []
-    order = [DAEMON, *reversed(COMPONENTS)]
+    order = [KARPENTER, DAEMON, *reversed(COMPONENTS)]
     for name in order:
         pid = state.pids.get(name)
         if pid is not None and pid_alive(pid):

@@ -179,3 +179,38 @@ def write_catalog(path: Path, unavailable: Collection[str] = ()) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(kwok_catalog(unavailable), indent=1) + "\n", encoding="utf-8")
     return path
+
+
+#: Comma-separated instance types written to the catalog with no available offering.
+UNAVAILABLE_ENV: Final = "KUBETUNE_LOCAL_UNAVAILABLE"
+
+
+def nodeclass() -> Obj:
+    """The one KWOKNodeClass; the CRD defaults its status to Ready."""
+    return {
+        "apiVersion": "karpenter.kwok.sh/v1alpha1",
+        "kind": "KWOKNodeClass",
+        "metadata": {"name": NODECLASS_NAME},
+        "spec": {},
+    }
+
+
+def spawn(home: Path, binary: Path) -> int:
+    """Start Karpenter against the cluster at ``home``; its log is ``logs/karpenter.log``."""
+    unavailable = [n.strip() for n in os.environ.get(UNAVAILABLE_ENV, "").split(",") if n.strip()]
+    catalog = write_catalog(home / "karpenter" / "instance-types.json", unavailable)
+    (home / "logs").mkdir(parents=True, exist_ok=True)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("KARPENTER_", "FEATURE_GATES"))}
+    env["KUBECONFIG"] = str(home / "kubeconfig")
+    with open(home / "logs" / "karpenter.log", "ab") as log:
+        process = subprocess.Popen(
+            # Port 0: the metrics and health servers take any free port (Karpenter binds them on
+            # every interface; it has no bind-address option).
+            command(binary, catalog, metrics_port=0, health_port=0),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+            env=env,
+        )
+    return process.pid
