@@ -85,9 +85,15 @@ class Runtime:
         with self._lock:
             self.agents[agent.name] = agent
         agent.register()
-        # Pods bound before the node was ours (an adopted Karpenter node, a restarted daemon) start now.
+        # Pods bound before the node was ours (the scheduler may bind to an adopted Karpenter node
+        # before its first status) start now. Pods already past Pending are left as they are.
         with self._lock:
-            waiting = [p for p in self.pods.values() if p["spec"].get("nodeName") == agent.name]
+            waiting = [
+                p
+                for p in self.pods.values()
+                if p["spec"].get("nodeName") == agent.name
+                and (p.get("status") or {}).get("phase", "Pending") == "Pending"
+            ]
         for pod in waiting:
             self._on_pod("MODIFIED", pod)
 
