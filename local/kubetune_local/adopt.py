@@ -35,15 +35,20 @@ if TYPE_CHECKING:
 
 KWOK_PROVIDER_PREFIX: Final = "kwok://"
 NODEPOOL_LABEL: Final = "karpenter.sh/nodepool"
+KWOK_LABEL: Final = "kwok.x-k8s.io/node"
 INSTANCE_TYPE_LABEL: Final = "node.kubernetes.io/instance-type"
 GPU_RESOURCE: Final = "nvidia.com/gpu"
 
 
 def is_karpenter_node(node: Obj) -> bool:
-    """A Node that Karpenter's KWOK provider created (and that no kubelet will ever run)."""
+    """A Node that Karpenter's KWOK provider created (and that no kubelet will ever run).
+
+    The provider marks every node it creates with ``kwok://`` and the ``kwok.x-k8s.io/node``
+    label, for a NodePool's claims and for bare NodeClaims (no ``karpenter.sh/nodepool``) alike.
+    """
     provider_id = str((node.get("spec") or {}).get("providerID") or "")
     labels = node["metadata"].get("labels") or {}
-    return provider_id.startswith(KWOK_PROVIDER_PREFIX) and NODEPOOL_LABEL in labels
+    return provider_id.startswith(KWOK_PROVIDER_PREFIX) and labels.get(KWOK_LABEL) == "fake"
 
 
 def node_resources(node: Obj) -> tuple[dict[str, str], dict[str, str]]:
@@ -149,7 +154,7 @@ class KarpenterNodeAdopter:
         self._adopted.add(name)
         self.runtime.add_node(agent)
         self.runtime.log(
-            f"adopted Karpenter node {name} (nodepool {labels.get(NODEPOOL_LABEL)}, "
+            f"adopted Karpenter node {name} (nodepool {labels.get(NODEPOOL_LABEL, '-')}, "
             f"{labels.get(INSTANCE_TYPE_LABEL)}, {capacity.get(GPU_RESOURCE, '0')} GPU)"
         )
 

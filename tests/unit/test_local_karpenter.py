@@ -22,6 +22,7 @@ def _node(**overrides: object) -> dict[str, object]:
                 "karpenter.sh/nodepool": "job-a",
                 "node.kubernetes.io/instance-type": "Standard_NC24ads_A100_v4",
                 "kubernetes.io/hostname": "job-a-9q2x9",
+                "kwok.x-k8s.io/node": "fake",
             },
         },
         "spec": {"providerID": "kwok://kwok-job-a-9q2x9-scaleflicker-1-29z520ufmt-2199668137"},
@@ -66,8 +67,10 @@ class TestKwokCatalog:
 
 
 class TestAdoption:
-    def test_only_kwok_nodes_of_a_nodepool_are_adopted(self) -> None:
+    def test_only_nodes_the_kwok_provider_created_are_adopted(self) -> None:
         assert is_karpenter_node(_node())
+        bare_claim = {"name": "kwok-ml-bare-0-x", "labels": {"kwok.x-k8s.io/node": "fake"}}
+        assert is_karpenter_node(_node(metadata=bare_claim)), "a NodeClaim without a NodePool"
         assert not is_karpenter_node(_node(spec={"providerID": "kubetune-local:///eastus-1/x"}))
         assert not is_karpenter_node(_node(metadata={"name": "kubetune-local", "labels": {}}))
         assert not is_karpenter_node(_node(spec={}))
