@@ -8,7 +8,6 @@ Run as ``python -m kubetune_local.daemon --home DIR``; SIGTERM stops every pod i
 from __future__ import annotations
 
 import argparse
-import os
 import signal
 import sys
 import threading
@@ -26,8 +25,11 @@ from kubetune_local.storage import LocalPathProvisioner
 
 #: The runtime's own CPU node, for pods that need no GPU (the operator, built-in serving, tests).
 DEFAULT_NODE: Final = "kubetune-local"
-#: ``karpenter``: real Karpenter (kwok provider) fulfils NodeClaims and this daemon adopts its
-#: Nodes; anything else (the default): the daemon's own NodeClaim provisioner.
+#: Who fulfils NodeClaims (``State.provisioner``): ``local``, the daemon's own NodeClaim
+#: provisioner; ``karpenter``, real Karpenter (KWOK provider), whose Nodes this daemon adopts.
+PROVISIONERS: Final = ("local", "karpenter")
+#: The default for ``kubetune local up`` when no ``--provisioner`` is given (CI can run a whole
+#: suite against Karpenter with it).
 PROVISIONER_ENV: Final = "KUBETUNE_LOCAL_PROVISIONER"
 
 
@@ -55,7 +57,7 @@ def serve(home: Path) -> None:
     watcher.start()
     runtime.add_node(NodeAgent(runtime, DEFAULT_NODE, capacity=default_capacity()))
     LocalPathProvisioner(runtime).start()
-    if os.environ.get(PROVISIONER_ENV, "local") == "karpenter":
+    if state.provisioner == "karpenter":
         runtime.log("NodeClaims are Karpenter's: the local provisioner stays off, its Nodes are adopted")
         KarpenterNodeAdopter(runtime).start()
     else:

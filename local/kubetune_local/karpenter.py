@@ -33,6 +33,8 @@ MAIN_GO: Final = Path(__file__).resolve().parent.parent / "karpenter" / "main.go
 NODECLASS_CRD: Final = "karpenter.kwok.sh_kwoknodeclasses.yaml"
 NODECLASS_NAME: Final = "default"
 """The KWOKNodeClass every NodePool of the local runtime refers to."""
+KWOK_NODE_CLASS: Final = ("karpenter.kwok.sh", "KWOKNodeClass")
+"""(group, kind) of that NodeClass: Karpenter ignores claims of any other class."""
 FEATURE_GATES: Final = (
     "NodeRepair=false,ReservedCapacity=true,SpotToSpotConsolidation=false,NodeOverlay=false,StaticCapacity=true"
 )

@@ -1,6 +1,6 @@
 """Real Karpenter (core + KWOK provider) on the local runtime: NodePools get process-backed nodes.
 
-A cluster of its own, started with ``KUBETUNE_LOCAL_PROVISIONER=karpenter``; skipped until
+A cluster of its own, started with ``provisioner="karpenter"``; skipped until
 ``karpenter-kwok`` is built (``python -c 'from kubetune_local.karpenter import ensure_binary as
 b; b()'``, about 6 minutes on 2 cores).
 """
@@ -8,7 +8,6 @@ b; b()'``, about 6 minutes on 2 cores).
 from __future__ import annotations
 
 import json
-import os
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,7 +20,6 @@ from kubernetes.client.exceptions import ApiException
 from kubetune_local import cluster, karpenter
 from kubetune_local.catalog import FAILURES_CONFIGMAP
 from kubetune_local.controlplane import pid_alive
-from kubetune_local.daemon import PROVISIONER_ENV
 from kubetune_local.kube import api_client
 from tests.factories import wait_until
 
@@ -37,16 +35,9 @@ POOL_LABEL = "kubetune.io/nodepool"
 @pytest.fixture(scope="module")
 def kapi(tmp_path_factory: pytest.TempPathFactory) -> Iterator[client.ApiClient]:
     home = Path(tmp_path_factory.mktemp("kubetune-karpenter"))
-    previous = os.environ.get(PROVISIONER_ENV)
-    os.environ[PROVISIONER_ENV] = "karpenter"  # the daemon, spawned by up, inherits it
+    started = cluster.up(home, provisioner="karpenter")
     try:
-        started = cluster.up(home)
-    finally:
-        if previous is None:
-            os.environ.pop(PROVISIONER_ENV, None)
-        else:
-            os.environ[PROVISIONER_ENV] = previous
-    try:
+        assert started.state.provisioner == "karpenter"
         assert cluster.State.load(home).pids.get(cluster.KARPENTER)
         yield api_client(started.kubeconfig)
     finally:
