@@ -26,6 +26,7 @@ from kubernetes.client.exceptions import ApiException
 from kubetune_api.resource import GROUP, PLURAL, VERSION
 from kubetune_local import cluster
 from kubetune_local.controlplane import MARK_ENV, free_port
+from kubetune_local.karpenter import KWOK_NODE_CLASS, NODECLASS_NAME
 from kubetune_local.kube import api_client
 
 REPO: Final = Path(__file__).resolve().parents[2]
@@ -116,6 +117,13 @@ def _start_operator(home: Path, kubeconfig: Path) -> Path:
                 str(free_port()),
                 "--progress-interval",
                 "2",
+                # Real Karpenter (local up --provisioner karpenter) only launches claims of its own
+                # NodeClass; the local stand-in ignores the class.
+                *(
+                    ["--node-class", f"{KWOK_NODE_CLASS[0]}/{KWOK_NODE_CLASS[1]}/{NODECLASS_NAME}"]
+                    if cluster.State.load(home).provisioner == "karpenter"
+                    else []
+                ),
             ],
             env=env,
             stdout=out,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -66,14 +67,22 @@ def _local(args: argparse.Namespace) -> int:
         found = ensure_binaries()
         karpenter_crds()
         print(f"control-plane binaries ready in {found.directory}")
+        from kubetune_local.daemon import PROVISIONER_ENV
+
+        if (args.provisioner or os.environ.get(PROVISIONER_ENV)) == "karpenter":
+            from kubetune_local.karpenter import ensure_binary, nodeclass_crd
+
+            print(f"Karpenter (KWOK provider) ready: {ensure_binary()}")
+            nodeclass_crd()
     elif args.action == "up":
         try:
-            started = cluster.up(home)
+            started = cluster.up(home, provisioner=args.provisioner)
         except cluster.AlreadyRunning as exc:
             print(exc, file=sys.stderr)
             return 1
         print(
-            f"local cluster ready in {started.seconds_to_ready:.1f}s (nodes: kubetune-local; NodeClaims are fulfilled)"
+            f"local cluster ready in {started.seconds_to_ready:.1f}s "
+            f"(nodes: kubetune-local; NodeClaims are fulfilled by {started.state.provisioner})"
         )
         print(f"export KUBECONFIG={started.kubeconfig}")
     elif args.action == "down":
@@ -362,6 +371,12 @@ def build_parser() -> argparse.ArgumentParser:
     local.add_argument("-n", "--namespace", default="default", help="for logs: the pod's namespace")
     local.add_argument("-c", "--container", help="for logs: the container (the first one by default)")
     local.add_argument("--home", help="state folder (default $KUBETUNE_LOCAL_HOME or ~/.kubetune/local)")
+    local.add_argument(
+        "--provisioner",
+        choices=["local", "karpenter"],
+        help="for up/build: who fulfils NodeClaims: the node daemon (local) or real Karpenter with its KWOK "
+        "provider (karpenter; built once, ~7-10 min); default $KUBETUNE_LOCAL_PROVISIONER or local",
+    )
     local.set_defaults(run=_local)
 
     demo = commands.add_parser(

@@ -36,10 +36,17 @@ CATALOG: Final[dict[str, InstanceType]] = {
         InstanceType("Standard_NC96ads_A100_v4", 96, 880, 4, "A100", 80, "eastus-1"),
         InstanceType("Standard_ND96asr_v4", 96, 900, 8, "A100", 40, "eastus-2"),
         InstanceType("Standard_ND96amsr_A100_v4", 96, 1900, 8, "A100", 80, "eastus-2"),
+        InstanceType("Standard_NC40ads_H100_v5", 40, 320, 1, "H100", 94, "eastus-1"),
+        InstanceType("Standard_NC80adis_H100_v5", 80, 640, 2, "H100", 94, "eastus-1"),
+        InstanceType("Standard_ND96isr_H100_v5", 96, 1900, 8, "H100", 80, "eastus-2"),
         InstanceType("Standard_NC6s_v3", 6, 112, 1, "V100", 16, "eastus-1"),
         # AWS
         InstanceType("g5.xlarge", 4, 16, 1, "A10G", 24, "us-east-1a"),
         InstanceType("g5.12xlarge", 48, 192, 4, "A10G", 24, "us-east-1a"),
+        InstanceType("g5.48xlarge", 192, 768, 8, "A10G", 24, "us-east-1a"),
+        InstanceType("g6.xlarge", 4, 16, 1, "L4", 24, "us-east-1a"),
+        InstanceType("g6.12xlarge", 48, 192, 4, "L4", 24, "us-east-1a"),
+        InstanceType("g6.48xlarge", 192, 768, 8, "L4", 24, "us-east-1a"),
         InstanceType("p4d.24xlarge", 96, 1152, 8, "A100", 40, "us-east-1b"),
         InstanceType("p5.48xlarge", 192, 2048, 8, "H100", 80, "us-east-1b"),
         # A CPU-only node for the local runtime's own trainings.

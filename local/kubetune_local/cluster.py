@@ -27,11 +27,13 @@ from kubetune_local.binaries import Binaries, ensure_binaries, karpenter_crds
 from kubetune_local.controlplane import COMPONENTS, MARK_ENV, ControlPlane, State, pid_alive, stop_process
 
 __all__ = ["AlreadyRunning", "Cluster", "State", "down", "marked_processes", "pod_log", "status", "up"]
-from kubetune_local.daemon import DEFAULT_NODE
+from kubetune_local import karpenter
+from kubetune_local.daemon import DEFAULT_NODE, PROVISIONER_ENV, PROVISIONERS
 from kubetune_local.kube import api_client
 from kubetune_local.storage import storage_class
 
 DAEMON = "node-daemon"
+KARPENTER = "karpenter"
 
 Progress = Callable[[str], None]
 
@@ -69,8 +71,16 @@ def running(home: Path) -> dict[str, bool]:
     return {name: pid_alive(pid) for name, pid in state.pids.items()}
 
 
-def up(home: Path, *, progress: Progress = _say, timeout: float = 180.0) -> Cluster:
-    """Start a fresh local cluster and return once a node is Ready."""
+def up(home: Path, *, progress: Progress = _say, timeout: float = 180.0, provisioner: str | None = None) -> Cluster:
+    """Start a fresh local cluster and return once a node is Ready.
+
+    ``provisioner``: ``local`` (the node daemon fulfils NodeClaims) or ``karpenter`` (real
+    Karpenter, KWOK provider, built on first use); by default ``$KUBETUNE_LOCAL_PROVISIONER``,
+    else ``local``. It is recorded in the cluster's State, where the node daemon reads it.
+    """
+    chosen = provisioner or os.environ.get(PROVISIONER_ENV) or "local"
+    if chosen not in PROVISIONERS:
+        raise ValueError(f"provisioner {chosen!r}: expected one of {', '.join(PROVISIONERS)}")
     home.mkdir(parents=True, exist_ok=True)
     alive = [name for name, ok in running(home).items() if ok]
     if alive:
@@ -80,15 +90,28 @@ def up(home: Path, *, progress: Progress = _say, timeout: float = 180.0) -> Clus
         )
     binaries = ensure_binaries(progress=progress)
     crds = karpenter_crds(progress=progress)
+    with_karpenter = chosen == "karpenter"
+    karpenter_binary = karpenter.ensure_binary(progress=progress) if with_karpenter else None
+    if with_karpenter:
+        crds.append(karpenter.nodeclass_crd())
     started = time.monotonic()
     for stale in ("etcd", "pods", "volumes", "logs"):
         shutil.rmtree(home / stale, ignore_errors=True)
     plane = ControlPlane(home, binaries)
     progress("starting etcd, kube-apiserver, kube-controller-manager and kube-scheduler")
     state = plane.start(timeout=timeout)
+    state.provisioner = chosen
+    state.save(home)
     try:
         api = api_client(plane.kubeconfig)
         _install(api, crds)
+        if karpenter_binary is not None:
+            client.CustomObjectsApi(api).create_cluster_custom_object(
+                "karpenter.kwok.sh", "v1alpha1", "kwoknodeclasses", karpenter.nodeclass()
+            )
+            state.pids[KARPENTER] = karpenter.spawn(home, karpenter_binary)
+            state.save(home)
+            progress("starting Karpenter (KWOK provider; its Nodes are adopted by the node daemon)")
         state.pids[DAEMON] = _spawn_daemon(home)
         state.save(home)
         progress("starting the node daemon (process-backed nodes, NodeClaims, local volumes)")
@@ -185,7 +208,7 @@ def down(home: Path, *, progress: Progress = _say) -> list[str]:
     """Stop the node daemon (and so every pod), then the control plane; return what was stopped."""
     state = State.load(home)
     stopped = []
-    order = [DAEMON, *reversed(COMPONENTS)]
+    order = [KARPENTER, DAEMON, *reversed(COMPONENTS)]
     for name in order:
         pid = state.pids.get(name)
         if pid is not None and pid_alive(pid):

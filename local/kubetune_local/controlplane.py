@@ -87,6 +87,9 @@ class State:
     apiserver_port: int = 0
     pids: dict[str, int] = field(default_factory=dict)
     started_at: float = 0.0
+    provisioner: str = "local"
+    """Who fulfils NodeClaims: ``local`` (the node daemon's stand-in) or ``karpenter`` (real
+    Karpenter with its KWOK provider; the daemon adopts its Nodes)."""
 
     @classmethod
     def load(cls, home: Path) -> State:

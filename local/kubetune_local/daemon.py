@@ -15,6 +15,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Final
 
+from kubetune_local.adopt import KarpenterNodeAdopter
 from kubetune_local.controlplane import State, free_port
 from kubetune_local.kube import api_client
 from kubetune_local.kubelet_server import KubeletServer
@@ -24,6 +25,12 @@ from kubetune_local.storage import LocalPathProvisioner
 
 #: The runtime's own CPU node, for pods that need no GPU (the operator, built-in serving, tests).
 DEFAULT_NODE: Final = "kubetune-local"
+#: Who fulfils NodeClaims (``State.provisioner``): ``local``, the daemon's own NodeClaim
+#: provisioner; ``karpenter``, real Karpenter (KWOK provider), whose Nodes this daemon adopts.
+PROVISIONERS: Final = ("local", "karpenter")
+#: The default for ``kubetune local up`` when no ``--provisioner`` is given (CI can run a whole
+#: suite against Karpenter with it).
+PROVISIONER_ENV: Final = "KUBETUNE_LOCAL_PROVISIONER"
 
 
 def serve(home: Path) -> None:
@@ -50,7 +57,11 @@ def serve(home: Path) -> None:
     watcher.start()
     runtime.add_node(NodeAgent(runtime, DEFAULT_NODE, capacity=default_capacity()))
     LocalPathProvisioner(runtime).start()
-    NodeClaimProvisioner(runtime).start()
+    if state.provisioner == "karpenter":
+        runtime.log("NodeClaims are Karpenter's: the local provisioner stays off, its Nodes are adopted")
+        KarpenterNodeAdopter(runtime).start()
+    else:
+        NodeClaimProvisioner(runtime).start()
     runtime.log(f"node daemon ready; kubelet endpoint 127.0.0.1:{runtime.kubelet_port}")
     done.wait()
     runtime.log("node daemon stopping")

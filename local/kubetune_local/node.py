@@ -85,6 +85,17 @@ class Runtime:
         with self._lock:
             self.agents[agent.name] = agent
         agent.register()
+        # Pods bound before the node was ours (the scheduler may bind to an adopted Karpenter node
+        # before its first status) start now. Pods already past Pending are left as they are.
+        with self._lock:
+            waiting = [
+                p
+                for p in self.pods.values()
+                if p["spec"].get("nodeName") == agent.name
+                and (p.get("status") or {}).get("phase", "Pending") == "Pending"
+            ]
+        for pod in waiting:
+            self._on_pod("MODIFIED", pod)
 
     def remove_node(self, name: str) -> None:
         """Stop the node's pods (as on a terminated instance) and delete its Node."""
@@ -223,10 +234,17 @@ class NodeAgent:
         taints: list[Obj] | None = None,
         provider_id: str | None = None,
         on_ready: Callable[[NodeAgent], None] | None = None,
+        allocatable: dict[str, str] | None = None,
+        adopt: bool = False,
     ) -> None:
+        """``adopt``: the Node exists already (Karpenter created it); register() adds ``labels``
+        to it and takes over its status and Lease, but leaves its other labels and its taints."""
         self.runtime = runtime
         self.name = name
         self.capacity = capacity
+        self.allocatable = allocatable or capacity
+        self.adopt = adopt
+        self.extra_labels = {LOCAL_NODE_LABEL: "true", **(labels or {})}
         self.labels = {
             "kubernetes.io/hostname": name,
             "kubernetes.io/os": "linux",
@@ -246,7 +264,7 @@ class NodeAgent:
         now = stamp()
         return {
             "capacity": self.capacity,
-            "allocatable": self.capacity,
+            "allocatable": self.allocatable,
             "conditions": [
                 {
                     "type": "Ready",
@@ -286,6 +304,10 @@ class NodeAgent:
 
     def register(self) -> None:
         """Create (or take over) the Node, write its status, and start heartbeats."""
+        if self.adopt:
+            self.core.patch_node(self.name, {"metadata": {"labels": self.extra_labels}})
+            self._start()
+            return
         body: Obj = {
             "apiVersion": "v1",
             "kind": "Node",
@@ -298,6 +320,9 @@ class NodeAgent:
             if exc.status != 409:
                 raise
             self.core.patch_node(self.name, {"metadata": {"labels": self.labels}, "spec": {"taints": self.taints}})
+        self._start()
+
+    def _start(self) -> None:
         self.core.patch_node_status(self.name, {"status": self._status()})
         self._renew_lease()
         self._thread.start()
