@@ -236,7 +236,7 @@ def test_a_job_with_a_legal_200_kb_annotation_is_reconciled_and_can_be_deleted(
         )
 
     wait_until(handled, what="the finalizer and kopf's last-handled configuration on the job")
-    assert condition(api, namespace, "heavy", "NodesReady") is not None, "reconciled"
+    wait_until(lambda: condition(api, namespace, "heavy", "NodesReady"), what="the job's status (reconciled)")
     stored = read_job(api, namespace, "heavy")["metadata"]["annotations"][f"{GROUP}/last-handled-configuration"]
     assert len(stored) < 200, "a digest of the spec, not a copy of the job"
     delete_and_expect_nothing_left(api, namespace, "heavy")
