@@ -95,6 +95,15 @@ def toy_chat(model: str, obj: str, **extra: Any) -> dict[str, Any]:
     }
 
 
+def absent(read: Callable[[], object]) -> bool:
+    """Whether ``read`` (an API read of one object) answers 404: the object is gone."""
+    try:
+        read()
+    except ApiException as exc:
+        return bool(exc.status == 404)
+    return False
+
+
 def create_job(api: client.ApiClient, namespace: str, body: dict[str, Any]) -> dict[str, Any]:
     """Create the FineTuneJob ``body`` in ``namespace``."""
     created: dict[str, Any] = client.CustomObjectsApi(api).create_namespaced_custom_object(

@@ -302,13 +302,21 @@ def karpenter_crds(progress: Progress | None = None) -> list[Path]:
         raise BuildError("the `go` command is needed once to fetch Karpenter's CRDs (sigs.k8s.io/karpenter)")
     say = progress or (lambda line: print(line, file=sys.stderr, flush=True))
     say(f"fetching Karpenter {KARPENTER_VERSION} CRDs from sigs.k8s.io/karpenter")
-    target.mkdir(parents=True, exist_ok=True)
+    module = karpenter_module(target, env={**os.environ, "GOFLAGS": "-mod=mod"})
+    for path in paths:
+        shutil.copyfile(module / "pkg" / "apis" / "crds" / path.name, path)
+    return paths
+
+
+def karpenter_module(workdir: Path, *, env: dict[str, str]) -> Path:
+    """The sigs.k8s.io/karpenter module's folder in the Go module cache, downloaded when needed."""
+    workdir.mkdir(parents=True, exist_ok=True)
     result = subprocess.run(
         ["go", "mod", "download", "-json", f"sigs.k8s.io/karpenter@{KARPENTER_VERSION}"],
         capture_output=True,
         text=True,
-        cwd=target,
-        env={**os.environ, "GOFLAGS": "-mod=mod"},
+        cwd=workdir,
+        env=env,
         check=False,
     )
     info = json.loads(result.stdout or "{}")
@@ -316,6 +324,4 @@ def karpenter_crds(progress: Progress | None = None) -> list[Path]:
         raise BuildError(
             f"cannot fetch sigs.k8s.io/karpenter@{KARPENTER_VERSION}: {info.get('Error') or result.stderr}"
         )
-    for path in paths:
-        shutil.copyfile(Path(info["Dir"]) / "pkg" / "apis" / "crds" / path.name, path)
-    return paths
+    return Path(info["Dir"])

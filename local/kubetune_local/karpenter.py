@@ -24,7 +24,7 @@ from collections.abc import Collection
 from pathlib import Path
 from typing import Final
 
-from kubetune_local.binaries import KARPENTER_VERSION, BuildError, Progress, cache_root
+from kubetune_local.binaries import KARPENTER_VERSION, BuildError, Progress, cache_root, karpenter_module
 from kubetune_local.catalog import CATALOG, InstanceType
 from kubetune_local.kube import Obj
 
@@ -111,22 +111,7 @@ def _go_env() -> dict[str, str]:
 
 
 def _module_dir() -> Path:
-    root = karpenter_root()
-    root.mkdir(parents=True, exist_ok=True)
-    result = subprocess.run(
-        ["go", "mod", "download", "-json", f"sigs.k8s.io/karpenter@{KARPENTER_VERSION}"],
-        capture_output=True,
-        text=True,
-        cwd=root,
-        env=_go_env(),
-        check=False,
-    )
-    info = json.loads(result.stdout or "{}")
-    if "Dir" not in info:
-        raise BuildError(
-            f"cannot fetch sigs.k8s.io/karpenter@{KARPENTER_VERSION}: {info.get('Error') or result.stderr}"
-        )
-    return Path(info["Dir"])
+    return karpenter_module(karpenter_root(), env=_go_env())
 
 
 def ensure_binary(progress: Progress | None = None) -> Path:

@@ -15,13 +15,12 @@ from typing import Any
 
 import pytest
 from kubernetes import client
-from kubernetes.client.exceptions import ApiException
 
 from kubetune_local import cluster, karpenter
 from kubetune_local.catalog import FAILURES_CONFIGMAP
 from kubetune_local.controlplane import pid_alive
 from kubetune_local.kube import api_client
-from tests.factories import wait_until
+from tests.factories import absent, wait_until
 
 pytestmark = [
     pytest.mark.integration,
@@ -105,14 +104,11 @@ def delete_pool_and_wait(api: client.ApiClient, pool: str) -> None:
     custom, core = client.CustomObjectsApi(api), client.CoreV1Api(api)
     custom.delete_cluster_custom_object(GROUP, VERSION, "nodepools", pool, propagation_policy="Foreground")
 
-    def gone() -> bool:
-        try:
-            custom.get_cluster_custom_object(GROUP, VERSION, "nodepools", pool)
-        except ApiException as exc:
-            return bool(exc.status == 404)
-        return False
-
-    wait_until(gone, timeout=60, what=f"NodePool {pool} to be gone (foreground)")
+    wait_until(
+        lambda: absent(lambda: custom.get_cluster_custom_object(GROUP, VERSION, "nodepools", pool)),
+        timeout=60,
+        what=f"NodePool {pool} to be gone (foreground)",
+    )
     assert claims(api, pool) == []
     assert core.list_node(label_selector=f"karpenter.sh/nodepool={pool}").items == []
 
@@ -146,14 +142,11 @@ def test_a_pending_gpu_pod_gets_an_adopted_node_and_runs_and_deleting_the_pool_l
 
     delete_pool_and_wait(kapi, "dyn")
 
-    def pod_gone() -> bool:
-        try:
-            core.read_namespaced_pod("trainer", namespace_k)
-        except ApiException as exc:
-            return bool(exc.status == 404)
-        return False
-
-    wait_until(pod_gone, timeout=30, what="the evicted pod to be removed")
+    wait_until(
+        lambda: absent(lambda: core.read_namespaced_pod("trainer", namespace_k)),
+        timeout=30,
+        what="the evicted pod to be removed",
+    )
 
 
 def test_a_static_pool_gets_its_replicas_without_pods(kapi: client.ApiClient) -> None:

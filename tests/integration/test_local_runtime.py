@@ -20,7 +20,7 @@ from kubetune_operator.children.target import Target
 from kubetune_operator.children.training import build_training_job
 from kubetune_operator.progress import scrape
 from kubetune_operator.settings import OperatorSettings
-from tests.factories import MINIMAL, finetunejob, wait_until
+from tests.factories import MINIMAL, absent, finetunejob, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -165,14 +165,11 @@ def test_deleted_pod_processes_are_gone_within_the_grace_period(
     elapsed = time.monotonic() - started
     assert elapsed < 2 + 3, f"processes outlived the 2 s grace period by too much ({elapsed:.1f}s)"
 
-    def gone() -> bool:
-        try:
-            core.read_namespaced_pod("stubborn", namespace)
-        except ApiException as exc:
-            return bool(exc.status == 404)
-        return False
-
-    wait_until(gone, timeout=15, what="the pod object to be removed")
+    wait_until(
+        lambda: absent(lambda: core.read_namespaced_pod("stubborn", namespace)),
+        timeout=15,
+        what="the pod object to be removed",
+    )
 
 
 def test_pod_sees_configmap_and_pvc_files_and_pvc_data_outlives_the_pod(
@@ -261,14 +258,7 @@ def test_nodeclaim_gives_a_ready_gpu_node_and_the_scheduler_uses_it(api: client.
     finally:
         custom.delete_cluster_custom_object("karpenter.sh", "v1", "nodeclaims", name)
 
-    def node_gone() -> bool:
-        try:
-            core.read_node(name)
-        except ApiException as exc:
-            return bool(exc.status == 404)
-        return False
-
-    wait_until(node_gone, what="the claim's node to be removed with the claim")
+    wait_until(lambda: absent(lambda: core.read_node(name)), what="the claim's node to be removed with the claim")
     # Its pod stops with the node; the pod garbage collector then removes pods of deleted nodes.
     wait_until(lambda: phase(api, namespace, "gpu-user") in ("Failed", "Deleted"), what="its pod to stop")
 
