@@ -25,10 +25,9 @@ from typing import TYPE_CHECKING, Final
 from kubernetes import client, watch
 from kubernetes.client.exceptions import ApiException
 
-from kubetune_local.catalog import lookup
+from kubetune_local.catalog import GPU_RESOURCE, capacity_of, lookup
 from kubetune_local.kube import Obj
 from kubetune_local.node import NodeAgent
-from kubetune_local.nodeclaims import capacity_of
 
 if TYPE_CHECKING:
     from kubetune_local.node import Runtime
@@ -37,7 +36,6 @@ KWOK_PROVIDER_PREFIX: Final = "kwok://"
 NODEPOOL_LABEL: Final = "karpenter.sh/nodepool"
 KWOK_LABEL: Final = "kwok.x-k8s.io/node"
 INSTANCE_TYPE_LABEL: Final = "node.kubernetes.io/instance-type"
-GPU_RESOURCE: Final = "nvidia.com/gpu"
 
 
 def is_karpenter_node(node: Obj) -> bool:

@@ -59,5 +59,22 @@ CATALOG: Final[dict[str, InstanceType]] = {
 FAILURES_CONFIGMAP: Final = "kubetune-local-instance-failures"
 
 
+#: The extended resource that counts a node's GPUs.
+GPU_RESOURCE: Final = "nvidia.com/gpu"
+
+
+def capacity_of(instance: InstanceType) -> dict[str, str]:
+    """A node's capacity for ``instance``, its GPUs as ``nvidia.com/gpu``."""
+    capacity = {
+        "cpu": str(instance.cpu),
+        "memory": f"{instance.memory_gib}Gi",
+        "pods": "110",
+        "ephemeral-storage": "500Gi",
+    }
+    if instance.gpus:
+        capacity[GPU_RESOURCE] = str(instance.gpus)
+    return capacity
+
+
 def lookup(name: str) -> InstanceType | None:
     return CATALOG.get(name)

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Final
 
 from kubetune_local.binaries import KARPENTER_VERSION, BuildError, Progress, cache_root, karpenter_module
-from kubetune_local.catalog import CATALOG, InstanceType
+from kubetune_local.catalog import CATALOG, InstanceType, capacity_of
 from kubetune_local.kube import Obj
 
 BINARY: Final = "karpenter-kwok"
@@ -38,7 +38,6 @@ KWOK_NODE_CLASS: Final = ("karpenter.kwok.sh", "KWOKNodeClass")
 FEATURE_GATES: Final = (
     "NodeRepair=false,ReservedCapacity=true,SpotToSpotConsolidation=false,NodeOverlay=false,StaticCapacity=true"
 )
-GPU_RESOURCE: Final = "nvidia.com/gpu"
 SPOT_DISCOUNT: Final = 0.4
 """Spot price as a fraction of on-demand (no real price list: Karpenter only compares them)."""
 
@@ -60,14 +59,7 @@ def kwok_catalog(unavailable: Collection[str] = ()) -> list[Obj]:
     """The catalog in kwok's instance-type JSON; types in ``unavailable`` have no available offering."""
     entries: list[Obj] = []
     for instance in CATALOG.values():
-        resources = {
-            "cpu": str(instance.cpu),
-            "memory": f"{instance.memory_gib}Gi",
-            "ephemeral-storage": "500Gi",
-            "pods": "110",
-        }
-        if instance.gpus:
-            resources[GPU_RESOURCE] = str(instance.gpus)
+        resources = capacity_of(instance)
         price = _price(instance)
         offerings = [
             {

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Final
 from kubernetes import client, watch
 from kubernetes.client.exceptions import ApiException
 
-from kubetune_local.catalog import FAILURES_CONFIGMAP, InstanceType, lookup
+from kubetune_local.catalog import FAILURES_CONFIGMAP, InstanceType, capacity_of, lookup
 from kubetune_local.kube import Obj, stamp
 from kubetune_local.node import NodeAgent
 
@@ -28,7 +28,6 @@ VERSION: Final = "v1"
 PLURAL: Final = "nodeclaims"
 FINALIZER: Final = "karpenter.sh/termination"
 INSTANCE_TYPE_LABEL: Final = "node.kubernetes.io/instance-type"
-GPU_RESOURCE: Final = "nvidia.com/gpu"
 PROVIDER: Final = "kubetune-local"
 
 
@@ -48,18 +47,6 @@ def requested_instance_type(claim: Obj) -> str | None:
             values = requirement.get("values") or []
             return str(values[0]) if values else None
     return None
-
-
-def capacity_of(instance: InstanceType) -> dict[str, str]:
-    capacity = {
-        "cpu": str(instance.cpu),
-        "memory": f"{instance.memory_gib}Gi",
-        "pods": "110",
-        "ephemeral-storage": "500Gi",
-    }
-    if instance.gpus:
-        capacity[GPU_RESOURCE] = str(instance.gpus)
-    return capacity
 
 
 class NodeClaimProvisioner:

@@ -11,9 +11,9 @@ from typing import Any
 
 import pytest
 
-from kubetune_local.catalog import CATALOG
+from kubetune_local.catalog import CATALOG, capacity_of
 from kubetune_local.network import AddressBook
-from kubetune_local.nodeclaims import capacity_of, requested_instance_type
+from kubetune_local.nodeclaims import requested_instance_type
 from kubetune_local.pods.environment import command_line, environment, expand
 from kubetune_local.pods.volumes import rewrite_paths
 
