@@ -137,7 +137,8 @@ def build_training_job(target: Target, *, suspend: bool = False) -> Obj:
         "podFailurePolicy": pod.failure_policy(names.TRAINER_CONTAINER),
         "suspend": suspend or bool(spec.run_policy.queue_name),
         "template": {
-            "metadata": {"labels": pod_labels},
+            # Karpenter never takes a node from under a running gang.
+            "metadata": {"labels": pod_labels, **_annotations(pod.gang_annotations(target))},
             "spec": pod.pod_spec(
                 target,
                 names.ROLE_TRAINER,
@@ -161,3 +162,7 @@ def build_training_job(target: Target, *, suspend: bool = False) -> Obj:
         "metadata": {**target.meta(names.training_job(target.name, target.attempt)), "labels": job_labels},
         "spec": job_spec,
     }
+
+
+def _annotations(annotations: Obj) -> Obj:
+    return {"annotations": annotations} if annotations else {}
