@@ -177,6 +177,9 @@ class TestTrainingJob:
         assert container(job)["resources"]["limits"] == {"nvidia.com/gpu": "8"}
         assert pod["nodeSelector"] == {names.NODEPOOL_LABEL: "ml-support-bot-train", names.UID_LABEL: "0000-uid"}
         assert job["spec"]["template"]["metadata"]["annotations"] == {"karpenter.sh/do-not-disrupt": "true"}
+        (term,) = pod["affinity"]["podAntiAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+        assert term["topologyKey"] == "kubernetes.io/hostname", "one pod per node, whatever fits"
+        assert term["labelSelector"]["matchLabels"][names.ATTEMPT_LABEL] == "0"
         assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"]
         shm = next(v for v in pod["volumes"] if v["name"] == "shm")
         assert shm["emptyDir"] == {"medium": "Memory", "sizeLimit": "8Gi"}
