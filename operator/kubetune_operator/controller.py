@@ -33,6 +33,7 @@ from kubetune_operator.observed import (
     claims_selector,
     current_attempt,
     in_phase,
+    job_state,
     node_labels,
     orphans,
     preflight_job,
@@ -351,13 +352,29 @@ class Controller:
             return 0
         selector = names.selector(namespace, name)
         pools = self.kube.list(KARPENTER_API_VERSION, NODE_POOL_KIND, labels=selector)
+        # The claims carry the pools' template labels, the job's among them.
+        claims = self.kube.list(KARPENTER_API_VERSION, NODE_CLAIM_KIND, labels=selector)
+        if pools or claims:
+            self._stop_gang(namespace, selector)
         for pool in pools:
             if not pool["metadata"].get("deletionTimestamp"):
                 self.kube.delete(KARPENTER_API_VERSION, NODE_POOL_KIND, pool["metadata"]["name"])
-        # The claims carry the pools' template labels, the job's among them.
-        claims = self.kube.list(KARPENTER_API_VERSION, NODE_CLAIM_KIND, labels=selector)
         remaining = self.kube.list(KARPENTER_API_VERSION, NODE_POOL_KIND, labels=selector) if pools else []
         return len(remaining) + len(claims)
+
+    def _stop_gang(self, namespace: str, selector: str) -> None:
+        """Suspend the job's running Jobs, whose pods carry karpenter.sh/do-not-disrupt.
+
+        Karpenter never evicts such a pod while it runs, so a deleted pool's node would wait for it
+        and the finalizer for the node; the pods go with the FineTuneJob only once the finalizer is
+        done. Suspending the Jobs makes the Job controller delete their pods now (the Jobs themselves
+        go with the FineTuneJob, by garbage collection).
+        """
+        for job in self.kube.list("batch/v1", "Job", namespace=namespace, labels=selector):
+            if job_state(job) in ("Pending", "Running"):
+                meta = {"name": job["metadata"]["name"], "namespace": namespace}
+                ref: Obj = {"apiVersion": "batch/v1", "kind": "Job", "metadata": meta}
+                self.kube.merge_patch(ref, {"spec": {"suspend": True}})
 
     def sweep(self) -> int:
         """Delete the cluster-scoped children whose FineTuneJob is gone; return how many.

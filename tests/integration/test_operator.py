@@ -42,6 +42,7 @@ def children(api: client.ApiClient, namespace: str, job: str) -> dict[str, list[
     core, batch, custom = client.CoreV1Api(api), client.BatchV1Api(api), client.CustomObjectsApi(api)
     apps = client.AppsV1Api(api)
     claims = custom.list_cluster_custom_object("karpenter.sh", "v1", "nodeclaims", label_selector=selector)["items"]
+    pools = custom.list_cluster_custom_object("karpenter.sh", "v1", "nodepools", label_selector=selector)["items"]
     return {
         kind: items
         for kind, items in {
@@ -60,6 +61,7 @@ def children(api: client.ApiClient, namespace: str, job: str) -> dict[str, list[
                 p.metadata.name
                 for p in core.list_namespaced_persistent_volume_claim(namespace, label_selector=selector).items
             ],
+            "NodePool": [p["metadata"]["name"] for p in pools],
             "NodeClaim": [c["metadata"]["name"] for c in claims],
             "Node": [n.metadata.name for n in core.list_node(label_selector=selector).items],
         }.items()

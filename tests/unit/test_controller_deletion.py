@@ -92,3 +92,47 @@ def test_release_waits_for_the_pass_in_flight_and_no_pass_acts_after_it() -> Non
     before = list(kube.created)
     assert controller.reconcile(obj) is None
     assert kube.created == before, "no pass acts once the deletion began"
+
+
+class ReleaseKube:
+    """A job with a running gang on its pool's nodes: what the finalizer's release does to it."""
+
+    def __init__(self) -> None:
+        self.pools = [{"metadata": {"name": "ml-support-bot-train"}}]
+        self.claims = [{"metadata": {"name": "ml-support-bot-train-abcde"}}]
+        running = {"metadata": {"name": "support-bot-train-0"}, "spec": {}, "status": {"active": 2}}
+        done = {
+            "metadata": {"name": "support-bot-preflight"},
+            "spec": {},
+            "status": {"conditions": [{"type": "Complete", "status": "True"}]},
+        }
+        self.jobs = [running, done]
+        self.patched: list[tuple[str, Obj]] = []
+        self.deleted: list[str] = []
+
+    def installed(self, api_version: str, kind: str) -> bool:
+        return True
+
+    def list(
+        self, api_version: str, kind: str, *, namespace: str | None = None, labels: str | None = None
+    ) -> list[Obj]:
+        found: dict[str, list[Obj]] = {"NodePool": self.pools, "NodeClaim": self.claims, "Job": self.jobs}
+        return found[kind]
+
+    def merge_patch(self, obj: Obj, patch: Obj) -> None:
+        self.patched.append((f"{obj['kind']}/{obj['metadata']['namespace']}/{obj['metadata']['name']}", patch))
+
+    def delete(self, api_version: str, kind: str, name: str, namespace: str | None = None) -> None:
+        self.deleted.append(f"{kind}/{name}")
+        self.pools = []
+
+
+def test_release_deletes_the_pools_stops_the_gang_and_counts_what_remains() -> None:
+    kube = ReleaseKube()
+    controller = Controller(kube, OperatorSettings())  # type: ignore[arg-type]
+    assert controller.release("ml", "support-bot", "uid-1") == 1, "the claim is still draining"
+    assert kube.deleted == ["NodePool/ml-support-bot-train"]
+    # Karpenter never evicts a running do-not-disrupt pod: the gang is stopped so that the node drains.
+    assert kube.patched == [("Job/ml/support-bot-train-0", {"spec": {"suspend": True}})]
+    kube.claims = []
+    assert controller.release("ml", "support-bot", "uid-1") == 0
