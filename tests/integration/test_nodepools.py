@@ -10,6 +10,7 @@ and an operator SIGKILLed ten times makes one pool and two claims. Skipped until
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections.abc import Iterator
@@ -168,7 +169,7 @@ def train_through_a_pool(api: client.ApiClient, namespace: str, name: str, mode:
             assert created["spec"]["limits"] == {"nodes": "2"}
         result = wait_until(lambda: ended(api, namespace, name), timeout=600, what=f"the {mode} 2-node job to end")
         status = read_job(api, namespace, name)["status"]
-        assert result == "Complete", status
+        assert result == "Complete", json.dumps(status, indent=1)
         trained = time.monotonic() - started
         # Released on completion: Karpenter drains and deletes the pool's nodes and claims.
         wait_until(lambda: not karpenter_left(api, pool), timeout=120, what=f"{pool}, its claims and nodes to go")
