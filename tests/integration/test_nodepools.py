@@ -91,6 +91,8 @@ class Counter:
     def __init__(self, api: client.ApiClient) -> None:
         self.custom = client.CustomObjectsApi(api)
         self.added: dict[str, list[str]] = {"nodepools": [], "nodeclaims": []}
+        self.created: dict[str, str] = {}
+        """creationTimestamp by name."""
         self.stop = threading.Event()
         self.threads = [threading.Thread(target=self._watch, args=(plural,), daemon=True) for plural in self.added]
 
@@ -101,6 +103,7 @@ class Counter:
                 name = event["object"]["metadata"]["name"]
                 if event["type"] == "ADDED" and name not in self.added[plural]:
                     self.added[plural].append(name)
+                    self.created[name] = event["object"]["metadata"]["creationTimestamp"]
                 if self.stop.is_set():
                     return
 
@@ -167,6 +170,19 @@ def train_through_a_pool(api: client.ApiClient, namespace: str, name: str, mode:
         else:
             assert "replicas" not in created["spec"]
             assert created["spec"]["limits"] == {"nodes": "2"}
+        batch = client.BatchV1Api(api)
+        training = wait_until(
+            lambda: batch.list_namespaced_job(namespace, label_selector=f"{names.ATTEMPT_LABEL}=0").items,
+            timeout=300,
+            what="the training Job",
+        )[0]
+        launched = training.metadata.creation_timestamp.strftime("%Y-%m-%dT%H:%M:%SZ")
+        wait_until(lambda: len(counter.claims_of(pool)) == 2, timeout=120, what=f"2 NodeClaims of {pool}")
+        claim_times = [counter.created[c] for c in counter.claims_of(pool)]
+        if mode == "static":
+            assert max(claim_times) <= launched, "static: the nodes come before the Job"
+        else:
+            assert min(claim_times) >= launched, "dynamic: nothing is claimed before the Job's pods are pending"
         result = wait_until(lambda: ended(api, namespace, name), timeout=600, what=f"the {mode} 2-node job to end")
         status = read_job(api, namespace, name)["status"]
         assert result == "Complete", json.dumps(status, indent=1)
