@@ -192,8 +192,10 @@ def train_through_a_pool(api: client.ApiClient, namespace: str, name: str, mode:
         released = time.monotonic() - started - trained
     assert counter.added["nodepools"].count(pool) == 1
     assert len(counter.claims_of(pool)) == 2, counter.claims_of(pool)
-    jobs = client.BatchV1Api(api).list_namespaced_job(namespace).items
-    assert sorted(j.metadata.name for j in jobs) == [f"{name}-publish", f"{name}-train-0"]
+    jobs = {j.metadata.name for j in client.BatchV1Api(api).list_namespaced_job(namespace).items}
+    # A gang restart (the local runtime's pods share the host's ports with whatever else runs) keeps
+    # the pool and its nodes: still one pool and two claims.
+    assert {f"{name}-publish", f"{name}-train-0"} <= jobs, jobs
     print(f"{mode}: Complete after {trained:.1f} s, pool and nodes gone {released:.1f} s later")
     delete_and_expect_nothing_left(api, namespace, name)
 
