@@ -284,6 +284,7 @@ ALLOWED = [
     ("patch", "configmaps", "watched"),
     ("create", "events", "watched"),
     ("list", "nodes", "cluster"),
+    ("create", "nodepools.karpenter.sh", "cluster"),
     ("patch", "nodepools.karpenter.sh", "cluster"),
     ("list", "nodepools.karpenter.sh", "cluster"),
     ("delete", "nodepools.karpenter.sh", "cluster"),

@@ -97,12 +97,13 @@ kubetune_operator/kube.py (every API call), controller.py and handlers.py (what 
   resources: [nodes]
   verbs: [list, watch]
 # Karpenter NodePools (cluster-scoped, one for a job's training nodes and one for its server): the
-# controller applies them server-side (patch, which also creates), lists a job's pools by label, and
-# deletes them on completion, when serving stops and from the finalizer; the sweep lists the
-# operator's pools and deletes those whose FineTuneJob is gone.
+# controller applies them server-side (patch; the first apply creates the pool, which the apiserver
+# authorizes as create too), lists a job's pools by label, and deletes them on completion, when
+# serving stops and from the finalizer; the sweep lists the operator's pools and deletes those
+# whose FineTuneJob is gone.
 - apiGroups: [karpenter.sh]
   resources: [nodepools]
-  verbs: [list, patch, delete]
+  verbs: [list, create, patch, delete]
 # Karpenter NodeClaims (made by Karpenter for the pools): read only. The controller lists a pool's
 # claims for NodesReady and launch failures, the finalizer lists them to wait until they are gone,
 # and kopf watches them to wake the job.
