@@ -30,9 +30,9 @@ lint: setup
 unit: binaries
 	$(BIN)/pytest -m unit
 
-## binaries: build the control-plane binaries once (cached in ~/.cache/kubetune; ~11 min the first time)
+## binaries: build the control-plane binaries and Karpenter (KWOK) once (cached in ~/.cache/kubetune; ~11 + ~7 min the first time)
 binaries: setup
-	$(BIN)/kubetune local build
+	$(BIN)/kubetune local build --provisioner karpenter
 
 ## karpenter: real Karpenter (core v1.13.0 + its KWOK provider) for the local runtime, built once (~6-10 min)
 karpenter: binaries

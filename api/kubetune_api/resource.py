@@ -97,7 +97,7 @@ class Workload(StatusModel):
     attempt: Annotated[int, Field(ge=0)] = 0
     """Gang attempt number; each restart from a checkpoint starts a new attempt."""
     node_claims: Annotated[list[Annotated[str, Field(max_length=253)]], Field(max_length=256)] = []
-    """NodeClaims created for the job."""
+    """NodeClaims Karpenter made for the job's training NodePool."""
     nodes: Annotated[list[Annotated[str, Field(max_length=253)]], Field(max_length=256)] = []
     """Nodes the training pods run on."""
 

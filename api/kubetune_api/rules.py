@@ -52,7 +52,7 @@ RULES: Final[tuple[Rule, ...]] = (
     ),
     Rule(
         field="resources.instanceType",
-        message="provisioner karpenter needs an instance type to create NodeClaims; set resources.instanceType",
+        message="provisioner karpenter needs an instance type for the job's NodePool; set resources.instanceType",
         cel="self.resources.provisioner != 'karpenter' || has(self.resources.instanceType)",
         holds=lambda s: s.resources.provisioner != "karpenter" or s.resources.instance_type is not None,
     ),

@@ -94,6 +94,8 @@ Provisioner = Literal["karpenter", "byo"]
 Offload = Literal["none", "cpu"]
 ServingRuntime = Literal["transformers", "vllm"]
 ReleaseNodes = Literal["OnCompletion", "OnDelete"]
+CapacityType = Literal["on-demand", "spot"]
+NodePoolMode = Literal["dynamic", "static"]
 
 
 #: How every model of the API reads and writes: camelCase on the wire, unknown fields refused,
@@ -364,13 +366,24 @@ class StorageSpec(SpecModel):
     """Use this PersistentVolumeClaim instead of creating one (size and storageClassName are then ignored)."""
 
 
+class NodePoolSpec(SpecModel):
+    """How the job's Karpenter NodePool brings its nodes (provisioner karpenter)."""
+
+    mode: NodePoolMode = "dynamic"
+    """`dynamic` (default): the pool has no nodes until the job's pods are pending, and at most the nodes and GPUs the job asked for (`limits`); nothing is paid before the training Job exists. `static`: the pool keeps `replicas` nodes (spec.replicas, Kaito's style) from the start and the training Job is created once they are Ready; needs Karpenter with the StaticCapacity feature gate."""
+
+
 class ResourcesSpec(SpecModel):
     """Where the training pods run and what each one gets."""
 
     provisioner: Provisioner = "byo"
-    """`karpenter` creates NodeClaims of instanceType for the job; `byo` uses existing nodes matched by nodeSelector."""
+    """`karpenter` creates a Karpenter NodePool (karpenter.sh/v1) of instanceType for the job, and one for its server; `byo` uses existing nodes matched by nodeSelector."""
     instance_type: Annotated[str, StringConstraints(min_length=1, max_length=128)] | None = None
     """Cloud instance type for provisioner karpenter, for example Standard_NC24ads_A100_v4 or p4d.24xlarge."""
+    capacity_type: CapacityType = "on-demand"
+    """Capacity type of the provisioned nodes (provisioner karpenter; the NodePool's karpenter.sh/capacity-type requirement): `on-demand` (default) or `spot`, cheaper but reclaimable (a reclaimed node fails the gang, which restarts from its last checkpoint)."""
+    node_pool: NodePoolSpec = Field(default_factory=NodePoolSpec, json_schema_extra={"default": {}})
+    """The job's Karpenter NodePool (provisioner karpenter)."""
     node_selector: Annotated[dict[LabelKey, LabelValue], Field(max_length=32)] = {}
     """Node labels the training pods must match (provisioner byo)."""
     tolerations: Annotated[list[Toleration], Field(max_length=32)] = []

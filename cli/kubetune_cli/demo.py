@@ -26,6 +26,7 @@ from kubernetes.client.exceptions import ApiException
 from kubetune_api.resource import GROUP, PLURAL, VERSION
 from kubetune_local import cluster
 from kubetune_local.controlplane import MARK_ENV, free_port
+from kubetune_local.daemon import PROVISIONER_ENV
 from kubetune_local.karpenter import KWOK_NODE_CLASS, NODECLASS_NAME
 from kubetune_local.kube import api_client
 
@@ -53,7 +54,10 @@ def run_demo(home: Path) -> int:
         say(f"demo: stopping the local cluster already running from {home}")
         cluster.down(home, progress=lambda _line: None)
     say("demo: starting the local runtime")
-    local = cluster.up(home, progress=lambda line: say(f"demo:   {line}"))
+    # The example's NodePool needs real Karpenter (the stand-in fulfils bare NodeClaims only);
+    # $KUBETUNE_LOCAL_PROVISIONER may still choose.
+    provisioner = os.environ.get(PROVISIONER_ENV) or "karpenter"
+    local = cluster.up(home, progress=lambda line: say(f"demo:   {line}"), provisioner=provisioner)
     say(f"demo: cluster ready in {local.seconds_to_ready:.0f}s; export KUBECONFIG={local.kubeconfig}")
     api = api_client(local.kubeconfig)
     local.kubectl("apply", "--server-side", "-f", str(CRD))

@@ -20,13 +20,20 @@ from kubetune_api import InvalidManifestError
 from kubetune_api.objects import Obj, parse_time
 from kubetune_api.resource import API_VERSION, KIND, PHASES, FineTuneJob, FineTuneJobStatus, Progress, load_job
 from kubetune_operator import conditions, metrics, names, progress
-from kubetune_operator.children.nodes import CLUSTER_SCOPED_CHILDREN, NODE_CLAIM_API_VERSION, NODE_CLAIM_KIND
+from kubetune_operator.children.nodes import (
+    CLUSTER_SCOPED_CHILDREN,
+    KARPENTER_API_VERSION,
+    NODE_CLAIM_KIND,
+    NODE_POOL_KIND,
+)
 from kubetune_operator.decision import Decision
 from kubetune_operator.kube import Kube
 from kubetune_operator.observed import (
     Observed,
+    claims_selector,
     current_attempt,
     in_phase,
+    job_state,
     node_labels,
     orphans,
     preflight_job,
@@ -121,8 +128,13 @@ class Controller:
         namespace, uid = meta["namespace"], meta["uid"]
         selector = names.selector(namespace, meta["name"])
         karpenter = uses_karpenter(job)
-        installed = karpenter and self.kube.installed(NODE_CLAIM_API_VERSION, NODE_CLAIM_KIND)
-        claims = self.kube.list(NODE_CLAIM_API_VERSION, NODE_CLAIM_KIND, labels=selector) if installed else []
+        installed = karpenter and self._karpenter_installed()
+        pools = self.kube.list(KARPENTER_API_VERSION, NODE_POOL_KIND, labels=selector) if installed else []
+        claims = (
+            self.kube.list(KARPENTER_API_VERSION, NODE_CLAIM_KIND, labels=claims_selector(namespace, meta["name"]))
+            if installed
+            else []
+        )
         nodes = self.nodes(node_labels(job, uid))
         children = self.kube.list("batch/v1", "Job", namespace=namespace, labels=selector)
         jobs, publish, preflight = training_jobs(children), publish_job(children), preflight_job(children)
@@ -160,7 +172,8 @@ class Controller:
             job=job,
             generation=int(meta.get("generation", 1)),
             uid=uid,
-            node_claims=training_claims(claims),
+            node_pools=pools,
+            node_claims=training_claims(claims, namespace, meta["name"]),
             nodes=nodes,
             karpenter_installed=installed or not karpenter,
             training_jobs=jobs,
@@ -170,9 +183,14 @@ class Controller:
             preflight_pods=preflight_pods,
             publish_job=publish,
             publish_pods=publish_pods,
-            serving_claims=serving_claims(claims),
+            serving_claims=serving_claims(claims, namespace, meta["name"]),
             deployment=deployment,
             serving_pods=serving_pods,
+        )
+
+    def _karpenter_installed(self) -> bool:
+        return self.kube.installed(KARPENTER_API_VERSION, NODE_POOL_KIND) and self.kube.installed(
+            KARPENTER_API_VERSION, NODE_CLAIM_KIND
         )
 
     def _progress(self, uid: str, pods: list[Obj]) -> Progress | None:
@@ -317,10 +335,12 @@ class Controller:
         self.kube.write_status(obj["metadata"]["namespace"], obj["metadata"]["name"], status)
 
     def release(self, namespace: str, name: str, uid: str) -> int:
-        """Delete the job's NodeClaims (cluster-scoped: no owner reference reaches them); return how many remain.
+        """Delete the job's NodePools (cluster-scoped: no owner reference reaches them); return how many of them
+        and of their NodeClaims remain.
 
-        Waits for a pass of the job in flight and stops later ones first, so that nothing creates a
-        claim after this ran.
+        Karpenter drains and deletes the pools' nodes and claims; the finalizer waits until none is
+        left. Waits for a pass of the job in flight and stops later ones first, so that nothing
+        applies a pool after this ran.
         """
         with self._lock:
             self._deleted.add(uid)
@@ -328,13 +348,33 @@ class Controller:
             pass
         with self._lock:
             self._jobs.pop(uid, None)
-        if not self.kube.installed(NODE_CLAIM_API_VERSION, NODE_CLAIM_KIND):
+        if not self._karpenter_installed():
             return 0
-        claims = self.kube.list(NODE_CLAIM_API_VERSION, NODE_CLAIM_KIND, labels=names.selector(namespace, name))
-        for claim in claims:
-            if not claim["metadata"].get("deletionTimestamp"):
-                self.kube.delete(NODE_CLAIM_API_VERSION, NODE_CLAIM_KIND, claim["metadata"]["name"])
-        return len(claims)
+        selector = names.selector(namespace, name)
+        pools = self.kube.list(KARPENTER_API_VERSION, NODE_POOL_KIND, labels=selector)
+        # The claims carry the pools' template labels, the job's among them.
+        claims = self.kube.list(KARPENTER_API_VERSION, NODE_CLAIM_KIND, labels=selector)
+        if pools or claims:
+            self._stop_gang(namespace, selector)
+        for pool in pools:
+            if not pool["metadata"].get("deletionTimestamp"):
+                self.kube.delete(KARPENTER_API_VERSION, NODE_POOL_KIND, pool["metadata"]["name"])
+        remaining = self.kube.list(KARPENTER_API_VERSION, NODE_POOL_KIND, labels=selector) if pools else []
+        return len(remaining) + len(claims)
+
+    def _stop_gang(self, namespace: str, selector: str) -> None:
+        """Suspend the job's running Jobs, whose pods carry karpenter.sh/do-not-disrupt.
+
+        Karpenter never evicts such a pod while it runs, so a deleted pool's node would wait for it
+        and the finalizer for the node; the pods go with the FineTuneJob only once the finalizer is
+        done. Suspending the Jobs makes the Job controller delete their pods now (the Jobs themselves
+        go with the FineTuneJob, by garbage collection).
+        """
+        for job in self.kube.list("batch/v1", "Job", namespace=namespace, labels=selector):
+            if job_state(job) in ("Pending", "Running"):
+                meta = {"name": job["metadata"]["name"], "namespace": namespace}
+                ref: Obj = {"apiVersion": "batch/v1", "kind": "Job", "metadata": meta}
+                self.kube.merge_patch(ref, {"spec": {"suspend": True}})
 
     def sweep(self) -> int:
         """Delete the cluster-scoped children whose FineTuneJob is gone; return how many.

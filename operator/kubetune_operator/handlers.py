@@ -2,9 +2,9 @@
 
 Each FineTuneJob gets a daemon that reconciles it, then sleeps until a child event pokes it or
 its requeue time comes. Child watches (Jobs, Pods, Deployments, NodeClaims, Nodes) only poke. Deletion runs
-one handler, behind the operator's finalizer, that releases the job's NodeClaims (cluster-scoped,
+one handler, behind the operator's finalizer, that releases the job's NodePools (cluster-scoped,
 out of reach of garbage collection); namespaced children follow their owner reference. A sweep, at
-start-up and every resync, deletes the NodeClaims of jobs that went without the finalizer running.
+start-up and every resync, deletes the NodePools of jobs that went without the finalizer running.
 """
 
 from __future__ import annotations
@@ -92,7 +92,7 @@ def build_registry(settings: OperatorSettings, kube: Kube | None = None) -> kopf
             try:
                 await loop.run_in_executor(executor, controller().sweep)
             except Exception:
-                log.exception("sweeping orphaned NodeClaims failed; retrying")
+                log.exception("sweeping orphaned NodePools failed; retrying")
             await asyncio.sleep(_settings.resync_seconds)
 
     @kopf.on.startup(registry=registry)
@@ -133,7 +133,7 @@ def build_registry(settings: OperatorSettings, kube: Kube | None = None) -> kopf
         controller().forget(uid)
         remaining = controller().release(namespace, name, uid)
         if remaining:
-            raise kopf.TemporaryError(f"waiting for {remaining} NodeClaims to be released", delay=2)
+            raise kopf.TemporaryError(f"waiting for {remaining} NodePools and NodeClaims to be released", delay=2)
 
     managed = {"app.kubernetes.io/managed-by": "kubetune"}
 

@@ -7,6 +7,7 @@ of creating duplicates. Labels tie children to their job for watches and cleanup
 
 from __future__ import annotations
 
+import hashlib
 from typing import Final
 
 from kubetune_api.resource import GROUP
@@ -60,14 +61,27 @@ def rank_zero_host(job: str, attempt: int, namespace: str) -> str:
     return f"{training_job(job, attempt)}-0.{service(job)}.{namespace}.svc"
 
 
-def node_claim(namespace: str, job: str, index: int) -> str:
-    """NodeClaims are cluster-scoped: the namespace is part of the name."""
-    return f"{namespace}-{job}-{index}"
+#: Longest NodePool name: Karpenter names its NodeClaims ``<pool>-<5 characters>``, and a claim's name
+#: becomes its node's kubernetes.io/hostname label (63 characters at most).
+NODE_POOL_MAX: Final = 63 - 6
+#: Karpenter's label on its NodeClaims and Nodes: the NodePool they belong to.
+NODEPOOL_LABEL: Final = "karpenter.sh/nodepool"
+#: Karpenter leaves a node alone (no consolidation, drift or expiry) while a pod with this annotation runs on it.
+DO_NOT_DISRUPT: Final = "karpenter.sh/do-not-disrupt"
 
 
-def serving_node_claim(namespace: str, job: str, index: int) -> str:
-    """A NodeClaim for one serving replica."""
-    return f"{namespace}-{job}-serve-{index}"
+def node_pool(namespace: str, job: str, role: str) -> str:
+    """The job's NodePool of ``role`` (trainer or server): cluster-scoped, so the namespace is part of the name.
+
+    ``<namespace>-<job>-train`` or ``-serve``; a name too long for Karpenter's claim names is cut
+    and ends in a hash of the whole, so it stays unique and the same on every pass.
+    """
+    suffix = "serve" if role == ROLE_SERVER else "train"
+    full = f"{namespace}-{job}-{suffix}"
+    if len(full) <= NODE_POOL_MAX:
+        return full
+    digest = hashlib.sha256(f"{namespace}/{job}/{suffix}".encode()).hexdigest()[:8]
+    return f"{full[: NODE_POOL_MAX - len(digest) - 1].rstrip('-.')}-{digest}"
 
 
 def preflight_job(job: str) -> str:

@@ -13,6 +13,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Final, Literal
 
+from kubetune_api.instances import instance_shape
 from kubetune_api.objects import Obj, now
 from kubetune_api.resource import Adapter, FineTuneJob, Progress
 from kubetune_operator import conditions, names
@@ -29,10 +30,12 @@ class Observed:
     job: FineTuneJob
     generation: int
     uid: str
+    node_pools: list[Obj] = field(default_factory=list)
+    """The job's Karpenter NodePools (training and serving) that exist."""
     node_claims: list[Obj] = field(default_factory=list)
-    """The training NodeClaims."""
+    """The NodeClaims of the training NodePool."""
     nodes: list[Obj] = field(default_factory=list)
-    """Nodes of the job's claims (karpenter) or every node (byo)."""
+    """Nodes of the job's pools (karpenter) or every node (byo)."""
     karpenter_installed: bool = True
     training_jobs: list[Obj] = field(default_factory=list)
     pods: list[Obj] = field(default_factory=list)
@@ -46,7 +49,7 @@ class Observed:
     publish_job: Obj | None = None
     publish_pods: list[Obj] = field(default_factory=list)
     serving_claims: list[Obj] = field(default_factory=list)
-    """NodeClaims of the serving replicas (karpenter)."""
+    """NodeClaims of the serving NodePool (karpenter)."""
     deployment: Obj | None = None
     """The serving Deployment, when it exists."""
     serving_pods: list[Obj] = field(default_factory=list)
@@ -61,7 +64,7 @@ def uses_karpenter(job: FineTuneJob) -> bool:
 
 
 def node_labels(job: FineTuneJob, uid: str) -> str | None:
-    """The label selector of the nodes to read: the job's claimed nodes (karpenter), or every node (byo)."""
+    """The label selector of the nodes to read: the nodes of the job's pools (karpenter), or every node (byo)."""
     return f"{names.UID_LABEL}={uid}" if uses_karpenter(job) else None
 
 
@@ -70,12 +73,33 @@ def role_of(obj: Obj) -> str | None:
     return role
 
 
-def training_claims(claims: list[Obj]) -> list[Obj]:
-    return [c for c in claims if role_of(c) != names.ROLE_SERVER]
+def claims_selector(namespace: str, job: str) -> str:
+    """The label selector of the NodeClaims Karpenter made for the job's pools (it labels each with its pool)."""
+    pools = sorted(names.node_pool(namespace, job, role) for role in (names.ROLE_TRAINER, names.ROLE_SERVER))
+    return f"{names.NODEPOOL_LABEL} in ({','.join(pools)})"
 
 
-def serving_claims(claims: list[Obj]) -> list[Obj]:
-    return [c for c in claims if role_of(c) == names.ROLE_SERVER]
+def pool_of(obj: Obj) -> str | None:
+    pool: str | None = (obj["metadata"].get("labels") or {}).get(names.NODEPOOL_LABEL)
+    return pool
+
+
+def training_claims(claims: list[Obj], namespace: str, job: str) -> list[Obj]:
+    pool = names.node_pool(namespace, job, names.ROLE_TRAINER)
+    return [c for c in claims if pool_of(c) == pool]
+
+
+def serving_claims(claims: list[Obj], namespace: str, job: str) -> list[Obj]:
+    pool = names.node_pool(namespace, job, names.ROLE_SERVER)
+    return [c for c in claims if pool_of(c) == pool]
+
+
+def has_pool(observed: Observed, role: str) -> bool:
+    """Whether the job's NodePool of ``role`` exists (and is not being deleted)."""
+    name = names.node_pool(observed.job.namespace, observed.job.name, role)
+    return any(
+        p["metadata"]["name"] == name and not p["metadata"].get("deletionTimestamp") for p in observed.node_pools
+    )
 
 
 def training_jobs(jobs: list[Obj]) -> list[Obj]:
@@ -261,13 +285,31 @@ def waiting_reasons(pods: list[Obj]) -> str:
     return "; " + "; ".join(reasons[:3]) if reasons else ""
 
 
+#: The reason of a condition that Karpenter has not looked at yet: nothing to report.
+_NOT_YET: Final = frozenset({"", "AwaitingReconciliation"})
+
+
+def launch_failure(claim: Obj) -> str | None:
+    """Why Karpenter cannot launch ``claim``: its Launched condition, not True, with a reason of Karpenter's.
+
+    Real Karpenter keeps a claim whose cloud call failed (quota, an unknown type, no offering) with
+    Launched Unknown (False with some providers) and the cloud's reason and message, and retries it.
+    """
+    launched = conditions_of(claim).get("Launched")
+    if not launched or launched.get("status") == "True" or claim["metadata"].get("deletionTimestamp"):
+        return None
+    reason = str(launched.get("reason") or "")
+    if reason in _NOT_YET:
+        return None
+    message = str(launched.get("message") or "")
+    return f"{reason}: {message}" if message else reason
+
+
 def serving_claims_note(claims: list[Obj]) -> str:
     """What holds the serving NodeClaims up: their launch failures, else how many are not ready."""
     pending = [c for c in claims if conditions_of(c).get("Ready", {}).get("status") != "True"]
     failed = [
-        f"NodeClaim {c['metadata']['name']}: {launched.get('reason')}: {launched.get('message', '')}"
-        for c in claims
-        if (launched := conditions_of(c).get("Launched")) and launched.get("status") == "False"
+        f"NodeClaim {c['metadata']['name']}: {failure}" for c in claims if (failure := launch_failure(c)) is not None
     ]
     if failed:
         return "; " + "; ".join(failed)
@@ -332,28 +374,41 @@ def node_readiness(observed: Observed) -> NodeReadiness:
     return _karpenter_nodes(observed) if uses_karpenter(observed.job) else _byo_nodes(observed)
 
 
+def planned_gpus(observed: Observed, ready_nodes: list[Obj]) -> int:
+    """GPUs per training pod with provisioner karpenter: resources.gpusPerNode, else every GPU of the instance
+    type (kubetune's table), else the fewest of the ready nodes, else 1 (a dynamic pool's pods come first)."""
+    spec = observed.job.spec.resources
+    if spec.gpus_per_node is not None:
+        return spec.gpus_per_node
+    shape = instance_shape(spec.instance_type)
+    if shape is not None:
+        return shape.gpus
+    return min((_gpus(n, spec.gpu_resource_name) for n in ready_nodes), default=1)
+
+
 def _karpenter_nodes(observed: Observed) -> NodeReadiness:
     spec = observed.job.spec
     wanted = spec.distributed.nodes
     gpu = spec.resources.gpu_resource_name
+    pool = names.node_pool(observed.job.namespace, observed.job.name, names.ROLE_TRAINER)
     if not observed.karpenter_installed:
         return NodeReadiness(
             False,
             conditions.KARPENTER_MISSING,
-            "provisioner karpenter needs Karpenter's NodeClaim CRD (karpenter.sh/v1), which is not installed; "
-            "install Karpenter or use resources.provisioner: byo",
+            "provisioner karpenter needs Karpenter's NodePool and NodeClaim CRDs (karpenter.sh/v1), which are not "
+            "installed; install Karpenter or use resources.provisioner: byo",
             0,
             [],
         )
     for claim in observed.node_claims:
-        launched = conditions_of(claim).get("Launched")
-        if launched and launched.get("status") == "False":
+        failure = launch_failure(claim)
+        if failure is not None:
             return NodeReadiness(
                 False,
                 conditions.NODE_CLAIM_FAILED,
-                f"NodeClaim {claim['metadata']['name']} ({spec.resources.instance_type}) failed to launch: "
-                f"{launched.get('reason')}: {launched.get('message', '')}",
-                0,
+                f"NodeClaim {claim['metadata']['name']} of NodePool {pool} ({spec.resources.instance_type}, "
+                f"{spec.resources.capacity_type}) cannot launch: {failure}",
+                planned_gpus(observed, []),
                 [],
             )
     ready_claims = [c for c in observed.node_claims if conditions_of(c).get("Ready", {}).get("status") == "True"]
@@ -363,15 +418,13 @@ def _karpenter_nodes(observed: Observed) -> NodeReadiness:
         for c in ready_claims
         if c.get("status", {}).get("nodeName") in nodes and _node_ready(nodes[c["status"]["nodeName"]])
     ]
-    gpus = spec.resources.gpus_per_node
-    if gpus is None:
-        gpus = min((_gpus(n, gpu) for n in ready_nodes), default=0)
+    gpus = planned_gpus(observed, ready_nodes)
     with_gpus = [n for n in ready_nodes if _gpus(n, gpu) >= gpus]
     if len(with_gpus) < wanted:
         return NodeReadiness(
             False,
             conditions.WAITING_FOR_NODES,
-            f"waiting for {wanted} NodeClaims of {spec.resources.instance_type} to become Ready nodes "
+            f"waiting for {wanted} nodes of {spec.resources.instance_type} from NodePool {pool} "
             f"({len(with_gpus)} ready, {len(observed.node_claims)} claimed)",
             gpus,
             [],

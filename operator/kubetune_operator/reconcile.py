@@ -7,7 +7,7 @@ on every pass (the attempt number and restarts come from the training Jobs that 
 time from the first Job), so an operator restarted at any moment reaches the same decision and
 never duplicates a child.
 
-A pass works out its :class:`~kubetune_operator.facts.Facts` once, keeps the NodeClaims, hands over
+A pass works out its :class:`~kubetune_operator.facts.Facts` once, keeps the NodePool, hands over
 to the one function of the phase the job is in (which sets its conditions and adds its actions),
 and assembles the status.
 """
@@ -23,10 +23,12 @@ from kubetune_api.objects import parse_time
 from kubetune_api.resource import Adapter, Endpoint, FineTuneJobStatus, Phase, Workload
 from kubetune_operator import conditions, names
 from kubetune_operator.children.nodes import (
-    NODE_CLAIM_API_VERSION,
-    NODE_CLAIM_KIND,
-    build_node_claims,
-    build_serving_node_claims,
+    KARPENTER_API_VERSION,
+    NODE_POOL_KIND,
+    build_node_pool,
+    build_serving_node_pool,
+    serving_pool_name,
+    training_pool_name,
 )
 from kubetune_operator.children.pod import workspace_claim
 from kubetune_operator.children.preflight import build_preflight_job, keeps_data, reads_workspace
@@ -46,6 +48,7 @@ from kubetune_operator.observed import (
     conditions_of,
     failure_message,
     findings_annotation,
+    has_pool,
     in_phase,
     publish_result,
     recorded_result,
@@ -78,7 +81,7 @@ def decide(observed: Observed, settings: OperatorSettings) -> Decision:
     own = [c for c in previous.conditions if c.type in conditions.TYPES]
     conds = Conditions(own, generation=observed.generation, now=observed.now)
     _preflight_condition(facts, conds, decision)
-    _keep_node_claims(facts, decision)
+    _keep_node_pool(facts, decision)
     outcome = _phase(facts, conds, decision)
     if facts.release and conds.has(conditions.NODES_READY) and uses_karpenter(observed.job):
         conds.set(
@@ -97,7 +100,9 @@ def decide(observed: Observed, settings: OperatorSettings) -> Decision:
     decision.status = status
     if decision.requeue_after is None and not facts.terminal:
         decision.requeue_after = settings.resync_seconds
-    if facts.terminal_failure and (observed.deployment is not None or observed.serving_claims):
+    if facts.terminal_failure and (
+        observed.deployment is not None or observed.serving_claims or has_pool(observed, names.ROLE_SERVER)
+    ):
         _stop_serving(facts, decision)
     return decision
 
@@ -116,20 +121,20 @@ def _preflight_condition(facts: Facts, conds: Conditions, decision: Decision) ->
     conds.set(conditions.PREFLIGHT_PASSED, status, preflight.reason, preflight.message)
 
 
-def _keep_node_claims(facts: Facts, decision: Decision) -> None:
-    """NodeClaims exist from a clear pre-flight until release (none is ever created for a job the pre-flight failed)."""
+def _keep_node_pool(facts: Facts, decision: Decision) -> None:
+    """The training NodePool exists from a clear pre-flight until release (none is ever made for a job the pre-flight failed).
+
+    Applied on every pass (server-side, idempotent: a pool changed by hand is put back); deleted on
+    release, and Karpenter then drains and deletes its nodes.
+    """
     observed = facts.observed
     if not (uses_karpenter(observed.job) and observed.karpenter_installed):
         return
-    if not facts.preflight.clear and not facts.release:
-        return
     if facts.release:
-        decision.delete += [
-            (NODE_CLAIM_API_VERSION, NODE_CLAIM_KIND, None, c["metadata"]["name"]) for c in observed.node_claims
-        ]
-    else:
-        existing = {c["metadata"]["name"] for c in observed.node_claims}
-        decision.create += [c for c in build_node_claims(facts.target) if c["metadata"]["name"] not in existing]
+        if has_pool(observed, names.ROLE_TRAINER):
+            decision.delete.append((KARPENTER_API_VERSION, NODE_POOL_KIND, None, training_pool_name(facts.target)))
+    elif facts.preflight.clear:
+        decision.apply.append(build_node_pool(facts.target))
 
 
 def _phase(facts: Facts, conds: Conditions, decision: Decision) -> Outcome:
@@ -142,19 +147,37 @@ def _phase(facts: Facts, conds: Conditions, decision: Decision) -> Outcome:
         return _failed(facts, conds)
     if not facts.preflight.clear:
         return _preflight(facts, conds, decision)
-    if not facts.readiness.ready:
+    if not facts.readiness.ready and not _pods_bring_nodes(facts):
         return _provisioning(facts, conds, decision)
     return _nodes_ready(facts, conds, decision)
 
 
+def _pods_bring_nodes(facts: Facts) -> bool:
+    """A dynamic NodePool has no node until the job's pods are pending: its Job comes once the pool exists."""
+    observed = facts.observed
+    return (
+        uses_karpenter(observed.job)
+        and observed.karpenter_installed
+        and facts.spec.resources.node_pool.mode == "dynamic"
+        and has_pool(observed, names.ROLE_TRAINER)
+    )
+
+
 def _nodes_ready(facts: Facts, conds: Conditions, decision: Decision) -> Outcome:
-    """The nodes are ready: launch an attempt, suspend it, or follow it."""
-    conds.set(conditions.NODES_READY, "True", facts.readiness.reason, facts.readiness.message)
+    """The nodes are ready (or come for the pods of a dynamic pool): launch an attempt, suspend it, or follow it."""
+    readiness = facts.readiness
+    conds.set(conditions.NODES_READY, "True" if readiness.ready else "False", readiness.reason, readiness.message)
     if facts.current is None or facts.current_state == "FailedRetryable":
-        return _launching(facts, conds, decision)
-    if facts.spec.run_policy.suspend:
+        outcome = _launching(facts, conds, decision)
+    elif facts.spec.run_policy.suspend:
         return _suspended(facts, conds, decision)
-    return _running(facts, conds, decision)
+    else:
+        outcome = _running(facts, conds, decision)
+    if not readiness.ready and outcome.phase == "Initializing":
+        # The pods wait for the nodes they brought: the job is still provisioning.
+        decision.requeue_after = _SOON
+        return dataclasses.replace(outcome, phase="Provisioning")
+    return outcome
 
 
 # ----------------------------------------------------------------------------------- phases
@@ -180,7 +203,7 @@ def _complete(facts: Facts, conds: Conditions, decision: Decision) -> Outcome:
     conds.set(conditions.FAILED, "False", conditions.TRAINING_SUCCEEDED, "")
     if facts.spec.serving.enabled:
         return Outcome("Serving", facts.attempt, adapter, _serve(facts, adapter, conds, decision))
-    if observed.deployment is not None or observed.serving_claims or _was_serving(conds):
+    if observed.deployment is not None or has_pool(observed, names.ROLE_SERVER) or _was_serving(conds):
         _stop_serving(facts, decision)
         conds.set(conditions.SERVING_READY, "False", conditions.SERVING_DISABLED, "serving.enabled is false")
     return Outcome("Complete", facts.attempt, adapter)
@@ -340,13 +363,8 @@ def _serve(facts: Facts, adapter: Adapter, conds: Conditions, decision: Decision
     observed, target = facts.observed, facts.target
     serving = target.spec.serving
     if uses_karpenter(observed.job) and observed.karpenter_installed:
-        wanted = build_serving_node_claims(target)
-        names_wanted = {c["metadata"]["name"] for c in wanted}
-        existing = {c["metadata"]["name"] for c in observed.serving_claims}
-        decision.create += [c for c in wanted if c["metadata"]["name"] not in existing]
-        decision.delete += [
-            (NODE_CLAIM_API_VERSION, NODE_CLAIM_KIND, None, name) for name in sorted(existing - names_wanted)
-        ]
+        # The server's own pool: its instance type, at most (dynamic) or exactly (static) its replicas.
+        decision.apply.append(build_serving_node_pool(target))
     decision.apply += [build_serving_deployment(target, adapter.uri), build_serving_service(target)]
     endpoint = Endpoint(url=endpoint_url(target), model_name=serving_model_name(target))
     status = (observed.deployment or {}).get("status") or {}
@@ -381,9 +399,8 @@ def _stop_serving(facts: Facts, decision: Decision) -> None:
     """Remove the serving Deployment, Service and nodes (serving turned off, or the job failed)."""
     namespace, name = facts.target.namespace, names.serving(facts.target.name)
     decision.delete += [("apps/v1", "Deployment", namespace, name), ("v1", "Service", namespace, name)]
-    decision.delete += [
-        (NODE_CLAIM_API_VERSION, NODE_CLAIM_KIND, None, c["metadata"]["name"]) for c in facts.observed.serving_claims
-    ]
+    if has_pool(facts.observed, names.ROLE_SERVER):
+        decision.delete.append((KARPENTER_API_VERSION, NODE_POOL_KIND, None, serving_pool_name(facts.target)))
 
 
 # ----------------------------------------------------------------------------------- status

@@ -53,7 +53,10 @@ class OperatorSettings:
     health_port: int = 8081
     """Port of kopf's /healthz (the liveness probe), on 0.0.0.0; 0 serves none."""
     node_class: NodeClassRef = field(default_factory=NodeClassRef)
-    """NodeClass for provisioner karpenter."""
+    """NodeClass of the jobs' NodePools (provisioner karpenter)."""
+    consolidate_after: str = "5m"
+    """consolidateAfter of a dynamic NodePool: how long an empty node of a job (suspended, between attempts) stays
+    before Karpenter removes it; pending pods bring it back. Jobs with runPolicy.releaseNodes OnDelete use Never."""
     private_networks: tuple[str, ...] = ()
     """Private networks (CIDR) that http(s) sources may reach (TrainerConfig.private_networks); none by default."""
     preflight_cpu: str = "1"

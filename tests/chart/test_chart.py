@@ -145,7 +145,7 @@ def test_namespaced_install_passes_each_namespace_and_binds_a_role_in_each(helm:
         assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "kubetune", "namespace": "kubetune-system"}]
     cluster_role = one(manifests, "ClusterRole")
     cluster_resources = {r for rule in cluster_role["rules"] for r in rule["resources"]}
-    assert cluster_resources == {"nodes", "nodeclaims", "customresourcedefinitions", "namespaces"}
+    assert cluster_resources == {"nodes", "nodepools", "nodeclaims", "customresourcedefinitions", "namespaces"}
 
 
 def test_namespaced_install_defaults_to_the_release_namespace(helm: Helm) -> None:

@@ -3,10 +3,10 @@
 The Deployment's pod runs ``kubetune operator`` as a real process whose only credential is the
 token of the chart's ServiceAccount (the local runtime hands the pod a kubeconfig holding its own
 projected token, as a kubelet mounts it in a cluster). So a FineTuneJob taken from creation to its
-training Job and NodeClaims, and back through the finalizer, proves that the chart's RBAC is
+training Job and NodePool, and back through the finalizer, proves that the chart's RBAC is
 enough; ``kubectl auth can-i --as`` proves what it withholds. The install is namespace-scoped,
 the stricter of the two modes: a Role in the watched namespace, a ClusterRole only for nodes,
-NodeClaims, CRDs and namespaces (a unit test shows cluster scope grants the same rules).
+NodePools, NodeClaims, CRDs and namespaces (a unit test shows cluster scope grants the same rules).
 """
 
 from __future__ import annotations
@@ -210,8 +210,9 @@ def test_a_finetunejob_runs_its_course_on_the_charts_rbac_alone(
     resources = {"provisioner": "karpenter", "instanceType": "Standard_NC24ads_A100_v4"}
     create_job(api, watched, finetunejob("tune", resources=resources))
 
-    # Provisioned (NodeClaim created, its node listed and Ready), staged (PVC, ConfigMap and Service
-    # applied) and launched (training Job created) by the operator, with the chart's trainer image.
+    # Provisioned (its NodePool applied: a dynamic pool's nodes come for the pending pods, so no
+    # Karpenter is needed to get this far), staged (PVC, ConfigMap and Service applied) and launched
+    # (training Job created) by the operator, with the chart's trainer image.
     batch, core = client.BatchV1Api(api), client.CoreV1Api(api)
 
     def launched() -> bool:
@@ -226,23 +227,23 @@ def test_a_finetunejob_runs_its_course_on_the_charts_rbac_alone(
     wait_showing_log(launched, "the job's PVC, ConfigMap, Service and training Job", local_cluster, api, installed)
     job = batch.read_namespaced_job(names.training_job("tune", 0), watched)
     assert job.spec.template.spec.containers[0].image == TRAINER_IMAGE
-    claims = custom.list_cluster_custom_object(
-        "karpenter.sh", "v1", "nodeclaims", label_selector=names.selector(watched, "tune")
+    pools = custom.list_cluster_custom_object(
+        "karpenter.sh", "v1", "nodepools", label_selector=names.selector(watched, "tune")
     )["items"]
-    assert len(claims) == 1
+    assert [p["metadata"]["name"] for p in pools] == [names.node_pool(watched, "tune", names.ROLE_TRAINER)]
 
     def phase() -> str | None:
         found = (find_job(api, watched, "tune") or {}).get("status", {}).get("phase")
-        return found if found in {"Initializing", "Training"} else None
+        return found if found in {"Provisioning", "Initializing", "Training"} else None
 
-    wait_showing_log(phase, "phase Initializing in the status", local_cluster, api, installed)
+    wait_showing_log(phase, "phase Provisioning in the status", local_cluster, api, installed)
     tune = find_job(api, watched, "tune")
     assert tune is not None
     assert names.FINALIZER in tune["metadata"]["finalizers"], "kopf patched its finalizer in"
 
     def event() -> bool:
         events = core.list_namespaced_event(watched).items
-        return any(e.reason == "Initializing" and e.source.component == "kubetune-operator" for e in events)
+        return any(e.reason == "Provisioning" and e.source.component == "kubetune-operator" for e in events)
 
     wait_showing_log(event, "the operator's Event for the phase change", local_cluster, api, installed)
 
@@ -252,7 +253,7 @@ def test_a_finetunejob_runs_its_course_on_the_charts_rbac_alone(
     assert "status" not in elsewhere
     assert not elsewhere["metadata"].get("finalizers")
 
-    # Deleting runs the finalizer, which releases the NodeClaim (cluster-scoped, no owner reference).
+    # Deleting runs the finalizer, which releases the NodePool (cluster-scoped, no owner reference).
     custom.delete_namespaced_custom_object(GROUP, VERSION, watched, PLURAL, "tune")
     wait_showing_log(
         lambda: find_job(api, watched, "tune") is None,
@@ -262,7 +263,7 @@ def test_a_finetunejob_runs_its_course_on_the_charts_rbac_alone(
         installed,
     )
     assert not custom.list_cluster_custom_object(
-        "karpenter.sh", "v1", "nodeclaims", label_selector=names.selector(watched, "tune")
+        "karpenter.sh", "v1", "nodepools", label_selector=names.selector(watched, "tune")
     )["items"]
 
     pod = operator_pod(api, installed)
@@ -283,8 +284,12 @@ ALLOWED = [
     ("patch", "configmaps", "watched"),
     ("create", "events", "watched"),
     ("list", "nodes", "cluster"),
-    ("create", "nodeclaims.karpenter.sh", "cluster"),
-    ("delete", "nodeclaims.karpenter.sh", "cluster"),
+    ("create", "nodepools.karpenter.sh", "cluster"),
+    ("patch", "nodepools.karpenter.sh", "cluster"),
+    ("list", "nodepools.karpenter.sh", "cluster"),
+    ("delete", "nodepools.karpenter.sh", "cluster"),
+    ("list", "nodeclaims.karpenter.sh", "cluster"),
+    ("watch", "nodeclaims.karpenter.sh", "cluster"),
     ("patch", "deployments.apps", "watched"),
     ("delete", "deployments.apps", "watched"),
 ]
@@ -309,6 +314,11 @@ REFUSED = [
     ("create", "deployments.apps", "elsewhere"),
     ("delete", "services", "elsewhere"),
     ("patch", "clusterkopfpeerings.kopf.dev", "cluster"),
+    # Karpenter makes the claims: the operator only reads them.
+    ("create", "nodeclaims.karpenter.sh", "cluster"),
+    ("delete", "nodeclaims.karpenter.sh", "cluster"),
+    ("update", "nodepools.karpenter.sh", "cluster"),
+    ("get", "nodepools.karpenter.sh", "cluster"),
 ]
 
 

@@ -102,10 +102,17 @@ def test_a_served_adapter_answers_what_the_toy_data_taught(api: client.ApiClient
     )
     served = client.AppsV1Api(api).read_namespaced_deployment("chatbot-serve", namespace)
     assert "decoy" not in json.dumps(api.sanitize_for_serialization(served))
-    found = children(api, namespace, "chatbot")
+    serve_pool = names.node_pool(namespace, "chatbot", names.ROLE_SERVER)
+
+    def one_serving_node() -> dict[str, list[str]] | None:
+        found = children(api, namespace, "chatbot")
+        claims = found.get("NodeClaim", [])
+        only_serving = found.get("NodePool") == [serve_pool] and len(claims) == 1
+        return found if only_serving and claims[0].startswith(f"{serve_pool}-") else None
+
+    found = wait_until(one_serving_node, timeout=60, what="training nodes released, one node of the serving pool")
     assert found["Deployment"] == ["chatbot-serve"]
     assert "chatbot-serve" in found["Service"]
-    assert found["NodeClaim"] == [f"{namespace}-chatbot-serve-0"], "training nodes released, one serving node"
 
     pods = client.CoreV1Api(api).list_namespaced_pod(
         namespace, label_selector=f"{names.selector(namespace, 'chatbot')},{names.ROLE_LABEL}=server"
@@ -153,7 +160,7 @@ def test_a_served_adapter_answers_what_the_toy_data_taught(api: client.ApiClient
     def stopped() -> dict[str, Any] | None:
         status: dict[str, Any] = read_job(api, namespace, "chatbot").get("status", {})
         left = children(api, namespace, "chatbot")
-        done = status.get("phase") == "Complete" and "Deployment" not in left and "NodeClaim" not in left
+        done = status.get("phase") == "Complete" and not {"Deployment", "NodePool", "NodeClaim"} & set(left)
         return status if done else None
 
     status = wait_until(stopped, timeout=120, what="serving to stop once disabled")

@@ -23,6 +23,7 @@ import pytest
 from kubernetes import client, watch
 
 from kubetune_local import cluster
+from kubetune_operator import names
 from tests.conftest import OciRegistry
 from tests.factories import create_job, finetunejob, read_job, serve_folder, serve_s3, wait_until
 from tests.integration.conftest import OperatorProcess
@@ -383,6 +384,7 @@ def test_operator_sigkilled_ten_times_duplicates_nothing(
     finally:
         stop.set()
     assert result == "Complete"
-    ours = {name for name in created["NodeClaim"] if name.startswith(f"{namespace}-chaos-")}
-    assert sorted(ours) == [f"{namespace}-chaos-0", f"{namespace}-chaos-1"], "one NodeClaim per node"
+    pool = names.node_pool(namespace, "chaos", names.ROLE_TRAINER)
+    ours = {name for name in created["NodeClaim"] if name.startswith(f"{pool}-")}
+    assert len(ours) == 2, f"one NodeClaim per node of the job's pool: {sorted(ours)}"
     assert sorted(created["Job"]) == ["chaos-publish", "chaos-train-0"], "exactly one Job per attempt, one publish Job"

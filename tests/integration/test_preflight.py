@@ -1,8 +1,8 @@
 """The pre-flight on the local runtime: bad jobs fail on a CPU with no node ever created, a good one shows
 its findings and trains on the data the pre-flight prepared.
 
-Every NodeClaim and Node the cluster creates is watched from before the jobs are applied; the jobs
-use ``provisioner: karpenter``, so a pre-flight that let one through would show up as a claim.
+Every NodePool, NodeClaim and Node the cluster creates is watched from before the jobs are applied; the jobs
+use ``provisioner: karpenter``, so a pre-flight that let one through would show up as a pool.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.trainer]
 
 
 class Creations:
-    """Every NodeClaim and Node ADDED while it runs (a watch each, started before the jobs exist)."""
+    """Every NodePool, NodeClaim and Node ADDED while it runs (a watch each, started before the jobs exist)."""
 
     def __init__(self, api: client.ApiClient) -> None:
         self.seen: list[tuple[str, str, dict[str, str]]] = []
@@ -39,17 +39,19 @@ class Creations:
                 args=("NodeClaim", custom.list_cluster_custom_object, "karpenter.sh", "v1", "nodeclaims"),
                 daemon=True,
             ),
+            threading.Thread(
+                target=self._watch,
+                args=("NodePool", custom.list_cluster_custom_object, "karpenter.sh", "v1", "nodepools"),
+                daemon=True,
+            ),
             threading.Thread(target=self._watch, args=("Node", core.list_node), daemon=True),
         ]
         self._ready = threading.Barrier(len(self._threads) + 1)
 
     def _watch(self, kind: str, lister: Any, *args: Any) -> None:
-        first = lister(*args, **({"_preload_content": False} if kind == "NodeClaim" else {}))
-        version = (
-            json.loads(first.data)["metadata"]["resourceVersion"]
-            if kind == "NodeClaim"
-            else first.metadata.resource_version
-        )
+        custom = kind in ("NodeClaim", "NodePool")
+        first = lister(*args, **({"_preload_content": False} if custom else {}))
+        version = json.loads(first.data)["metadata"]["resourceVersion"] if custom else first.metadata.resource_version
         self._ready.wait()
         while not self._stop.is_set():
             for event in watch.Watch().stream(lister, *args, resource_version=version, timeout_seconds=2):
@@ -158,7 +160,7 @@ def test_jobs_the_preflight_refuses_fail_with_its_reason_and_never_get_a_node(
     assert "would fit:" in reasons["too-big"]["message"]
     for name in jobs:
         assert read_job(api, namespace, name)["status"].get("workload", {}).get("nodeClaims", []) == []
-    assert creations.of(namespace) == [], "no NodeClaim or Node was ever created for a refused job"
+    assert creations.of(namespace) == [], "no NodePool, NodeClaim or Node was ever created for a refused job"
     batch = client.BatchV1Api(api)
     assert sorted(j.metadata.name for j in batch.list_namespaced_job(namespace).items) == sorted(
         f"{name}-preflight" for name in jobs

@@ -13,7 +13,7 @@ from kubetune_api.resource import load_job
 from kubetune_local.pods.environment import expand
 from kubetune_operator import names
 from kubetune_operator.children import pod as pod_parts
-from kubetune_operator.children.nodes import build_node_claims, build_serving_node_claims
+from kubetune_operator.children.nodes import build_node_pool, build_serving_node_pool
 from kubetune_operator.children.publish import build_publish_job
 from kubetune_operator.children.serving import (
     build_serving_deployment,
@@ -23,7 +23,7 @@ from kubetune_operator.children.serving import (
 )
 from kubetune_operator.children.target import Target
 from kubetune_operator.children.training import build_config_map, build_pvc, build_service, build_training_job
-from kubetune_operator.settings import OperatorSettings
+from kubetune_operator.settings import NodeClassRef, OperatorSettings
 from tests.conftest import REPO, load_yaml
 
 pytestmark = pytest.mark.unit
@@ -52,21 +52,87 @@ def container(job: dict[str, Any]) -> dict[str, Any]:
     return containers[0]
 
 
-class TestNodeClaims:
-    def test_one_claim_per_node_with_instance_type_taint_and_job_labels(self) -> None:
-        claims = build_node_claims(target())
-        assert [c["metadata"]["name"] for c in claims] == ["ml-support-bot-0", "ml-support-bot-1"]
-        claim = claims[0]
-        assert claim["apiVersion"] == "karpenter.sh/v1"
-        assert {
-            "key": "node.kubernetes.io/instance-type",
-            "operator": "In",
-            "values": ["Standard_ND96asr_v4"],
-        } in claim["spec"]["requirements"]
-        assert claim["spec"]["taints"] == [{"key": "nvidia.com/gpu", "value": "true", "effect": "NoSchedule"}]
-        assert claim["metadata"]["labels"][names.UID_LABEL] == "0000-uid"
-        assert claim["metadata"]["labels"][names.NAMESPACE_LABEL] == "ml"
-        assert "ownerReferences" not in claim["metadata"], "cluster-scoped: released by the finalizer"
+def pool_target(resources: dict[str, Any] | None = None, **sections: Any) -> Target:
+    """The AKS example (2 nodes of Standard_ND96asr_v4, 8 GPUs each) with resources and other sections patched."""
+    manifest = load_yaml(REPO / "examples" / "karpenter-aks.yaml")
+    manifest["spec"]["resources"] = {**manifest["spec"]["resources"], **(resources or {})}
+    for section, values in sections.items():
+        manifest["spec"][section] = {**manifest["spec"].get(section, {}), **values}
+    return target(manifest["spec"])
+
+
+class TestNodePools:
+    def test_dynamic_pool_of_the_jobs_instance_type_capped_at_its_nodes_and_gpus(self) -> None:
+        pool = build_node_pool(pool_target())
+        assert (pool["apiVersion"], pool["kind"]) == ("karpenter.sh/v1", "NodePool")
+        meta, spec = pool["metadata"], pool["spec"]
+        assert meta["name"] == "ml-support-bot-train"
+        assert "ownerReferences" not in meta, "cluster-scoped: released by the finalizer"
+        labels = {
+            **names.job_labels("ml", "support-bot"),
+            names.UID_LABEL: "0000-uid",
+            names.ROLE_LABEL: "trainer",
+        }
+        assert meta["labels"] == labels
+        template = spec["template"]
+        assert template["metadata"]["labels"] == labels, "claims and nodes carry the job's labels"
+        assert template["spec"]["requirements"] == [
+            {"key": "node.kubernetes.io/instance-type", "operator": "In", "values": ["Standard_ND96asr_v4"]},
+            {"key": "karpenter.sh/capacity-type", "operator": "In", "values": ["on-demand"]},
+            {"key": "kubernetes.io/os", "operator": "In", "values": ["linux"]},
+        ]
+        assert template["spec"]["taints"] == [{"key": "nvidia.com/gpu", "value": "true", "effect": "NoSchedule"}]
+        assert template["spec"]["nodeClassRef"] == {
+            "group": "karpenter.azure.com",
+            "kind": "AKSNodeClass",
+            "name": "default",
+        }
+        assert template["spec"]["expireAfter"] == "Never"
+        # Karpenter checks limits against whole instances: 2 nodes of 8 GPUs.
+        assert spec["limits"] == {"nodes": "2", "nvidia.com/gpu": "16"}
+        assert spec["disruption"]["consolidationPolicy"] == "WhenEmpty"
+        assert spec["disruption"]["consolidateAfter"] == "5m"
+        assert "replicas" not in spec
+
+    def test_spot_capacity_and_the_node_class_of_the_settings(self) -> None:
+        t = pool_target({"capacityType": "spot"})
+        settings = dataclasses.replace(t.settings, node_class=NodeClassRef("karpenter.kwok.sh", "KWOKNodeClass", "x"))
+        pool = build_node_pool(dataclasses.replace(t, settings=settings))
+        template = pool["spec"]["template"]["spec"]
+        assert {"key": "karpenter.sh/capacity-type", "operator": "In", "values": ["spot"]} in template["requirements"]
+        assert template["nodeClassRef"] == {"group": "karpenter.kwok.sh", "kind": "KWOKNodeClass", "name": "x"}
+
+    def test_release_on_delete_keeps_empty_nodes(self) -> None:
+        pool = build_node_pool(pool_target(runPolicy={"releaseNodes": "OnDelete"}))
+        assert pool["spec"]["disruption"]["consolidateAfter"] == "Never"
+
+    def test_unknown_instance_type_is_capped_by_nodes_only(self) -> None:
+        pool = build_node_pool(pool_target({"instanceType": "x9.mystery"}))
+        assert pool["spec"]["limits"] == {"nodes": "2"}
+
+    def test_static_pool_keeps_replicas_and_only_the_node_limit(self) -> None:
+        pool = build_node_pool(pool_target({"nodePool": {"mode": "static"}}))
+        spec = pool["spec"]
+        assert spec["replicas"] == 2
+        assert spec["limits"] == {"nodes": "2"}, "the only limit Karpenter allows on a static pool"
+        assert "disruption" not in spec, "ignored on static pools"
+
+    def test_serving_pool_of_the_serving_instance_type_and_replicas(self) -> None:
+        pool = build_serving_node_pool(
+            serving_target(serving={"replicas": 3, "instanceType": "Standard_NC24ads_A100_v4"})
+        )
+        assert pool["metadata"]["name"] == "ml-support-bot-serve"
+        assert pool["metadata"]["labels"][names.ROLE_LABEL] == "server"
+        assert pool["spec"]["template"]["spec"]["requirements"][0]["values"] == ["Standard_NC24ads_A100_v4"]
+        assert pool["spec"]["limits"] == {"nodes": "3", "nvidia.com/gpu": "3"}
+
+    def test_long_names_are_cut_with_a_hash_and_stay_distinct(self) -> None:
+        a = names.node_pool("n" * 63, "j" * 63, names.ROLE_TRAINER)
+        b = names.node_pool("n" * 63, "j" * 62, names.ROLE_TRAINER)
+        assert max(len(a), len(b)) <= names.NODE_POOL_MAX
+        assert a != b
+        assert a == names.node_pool("n" * 63, "j" * 63, names.ROLE_TRAINER), "deterministic"
+        assert names.node_pool("ml", "bot", names.ROLE_SERVER) == "ml-bot-serve"
 
 
 class TestTrainingJob:
@@ -109,7 +175,11 @@ class TestTrainingJob:
         job = build_training_job(target(gpus=8))
         pod = job["spec"]["template"]["spec"]
         assert container(job)["resources"]["limits"] == {"nvidia.com/gpu": "8"}
-        assert pod["nodeSelector"] == {names.UID_LABEL: "0000-uid", names.ROLE_LABEL: "trainer"}
+        assert pod["nodeSelector"] == {names.NODEPOOL_LABEL: "ml-support-bot-train", names.UID_LABEL: "0000-uid"}
+        assert job["spec"]["template"]["metadata"]["annotations"] == {"karpenter.sh/do-not-disrupt": "true"}
+        (term,) = pod["affinity"]["podAntiAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+        assert term["topologyKey"] == "kubernetes.io/hostname", "one pod per node, whatever fits"
+        assert term["labelSelector"]["matchLabels"][names.ATTEMPT_LABEL] == "0"
         assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"]
         shm = next(v for v in pod["volumes"] if v["name"] == "shm")
         assert shm["emptyDir"] == {"medium": "Memory", "sizeLimit": "8Gi"}
@@ -223,7 +293,7 @@ class TestPublishJob:
         assert "/var/run/kubetune/secrets/push-creds" in mounts
         assert "nvidia.com/gpu" not in str(main["resources"])
         spec = job["spec"]["template"]["spec"]
-        assert spec["nodeSelector"] == {names.UID_LABEL: "0000-uid", names.ROLE_LABEL: "trainer"}
+        assert spec["nodeSelector"] == {names.NODEPOOL_LABEL: "ml-support-bot-train", names.UID_LABEL: "0000-uid"}
         assert spec["automountServiceAccountToken"] is False
         rule = job["spec"]["podFailurePolicy"]["rules"][0]
         assert rule["onExitCodes"]["values"] == [2]
@@ -260,7 +330,8 @@ class TestServingDeployment:
         assert inits["fetch-model"]["command"][:2] == ["kubetune", "fetch-model"]
         fetch_mounts = {m["mountPath"] for m in inits["fetch-model"]["volumeMounts"]}
         assert "/var/run/kubetune/secrets/hf-token" in fetch_mounts
-        assert spec["nodeSelector"] == {names.UID_LABEL: "0000-uid", names.ROLE_LABEL: "server"}
+        assert spec["nodeSelector"] == {names.NODEPOOL_LABEL: "ml-support-bot-serve", names.UID_LABEL: "0000-uid"}
+        assert "annotations" not in deployment["spec"]["template"]["metadata"], "a server may move"
         assert spec["automountServiceAccountToken"] is False
         assert spec["securityContext"]["runAsNonRoot"] is True
 
@@ -344,14 +415,6 @@ class TestServingDeployment:
         assert service["spec"]["ports"] == [{"name": "http", "port": 8123, "targetPort": "http"}]
         assert service["spec"]["selector"][names.ROLE_LABEL] == "server"
         assert endpoint_url(t) == "http://support-bot-serve.ml.svc:8123/v1"
-
-    def test_serving_claims_one_per_replica_of_the_serving_instance_type(self) -> None:
-        claims = build_serving_node_claims(
-            serving_target(serving={"replicas": 2, "instanceType": "Standard_NC24ads_A100_v4"})
-        )
-        assert [c["metadata"]["name"] for c in claims] == ["ml-support-bot-serve-0", "ml-support-bot-serve-1"]
-        assert claims[0]["metadata"]["labels"][names.ROLE_LABEL] == "server"
-        assert claims[0]["spec"]["requirements"][0]["values"] == ["Standard_NC24ads_A100_v4"]
 
 
 class TestCommandLines:

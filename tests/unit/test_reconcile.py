@@ -33,13 +33,42 @@ def job(example: str = "karpenter-aks", status: dict[str, Any] | None = None, **
     return load_job(manifest)
 
 
-def claim(name: str, *, ready: bool = True, failed: str | None = None) -> dict[str, Any]:
+TRAIN_POOL = "ml-support-bot-train"
+SERVE_POOL = "ml-support-bot-serve"
+
+
+def claim(
+    name: str, *, ready: bool = True, failed: str | None = None, launched: str = "False", message: str = ""
+) -> dict[str, Any]:
+    """A NodeClaim as Karpenter leaves it: ready, not yet ready, or unable to launch (``failed`` is the reason)."""
     conds = []
     if failed:
-        conds.append({"type": "Launched", "status": "False", "reason": failed, "message": "no capacity in eastus-2"})
+        text = message or "no capacity in eastus-2"
+        conds.append({"type": "Launched", "status": launched, "reason": failed, "message": text})
     elif ready:
         conds += [{"type": "Launched", "status": "True"}, {"type": "Ready", "status": "True"}]
-    return {"metadata": {"name": name}, "status": {"nodeName": name, "conditions": conds}}
+    else:
+        conds.append({"type": "Launched", "status": "Unknown", "reason": "AwaitingReconciliation", "message": "x"})
+    pool = SERVE_POOL if "serve" in name else TRAIN_POOL
+    return {
+        "metadata": {"name": name, "labels": {names.NODEPOOL_LABEL: pool}},
+        "status": {"nodeName": name, "conditions": conds},
+    }
+
+
+def pool(name: str = TRAIN_POOL, *, deleting: bool = False) -> dict[str, Any]:
+    meta: dict[str, Any] = {"name": name}
+    if deleting:
+        meta["deletionTimestamp"] = "2026-11-29T12:00:00Z"
+    return {"apiVersion": "karpenter.sh/v1", "kind": "NodePool", "metadata": meta, "spec": {}}
+
+
+def applied(decision: Decision, kind: str = "NodePool") -> list[str]:
+    return [m["metadata"]["name"] for m in decision.apply if m["kind"] == kind]
+
+
+def pools_deleted(decision: Decision) -> list[str]:
+    return sorted(d[3] for d in decision.delete if d[1] == "NodePool")
 
 
 def node(name: str, gpus: int = 8, labels: dict[str, str] | None = None) -> dict[str, Any]:
@@ -94,6 +123,7 @@ def run(ftj: FineTuneJob, **observed: Any) -> Decision:
 
 def ready_nodes() -> dict[str, Any]:
     return {
+        "node_pools": [pool()],
         "node_claims": [claim("ml-support-bot-0"), claim("ml-support-bot-1")],
         "nodes": [node("ml-support-bot-0"), node("ml-support-bot-1")],
     }
@@ -106,18 +136,71 @@ def condition(decision: Decision, kind: str) -> tuple[str, str, str]:
 
 
 class TestProvisioning:
-    def test_a_new_karpenter_job_claims_its_nodes_and_waits(self) -> None:
+    def test_a_new_karpenter_job_applies_its_node_pool_and_waits_for_it(self) -> None:
         decision = run(job())
-        assert [c["metadata"]["name"] for c in decision.create] == ["ml-support-bot-0", "ml-support-bot-1"]
+        assert applied(decision) == [TRAIN_POOL]
+        assert decision.create == [], "the Job comes once the pool exists"
         assert decision.status.phase == "Provisioning"
         status, reason, message = condition(decision, conditions.NODES_READY)
         assert (status, reason) == ("False", conditions.WAITING_FOR_NODES)
         assert "Standard_ND96asr_v4" in message
-        assert not any(m["kind"] == "Job" for m in decision.create)
+        assert TRAIN_POOL in message
 
-    def test_existing_claims_are_not_created_again(self) -> None:
-        decision = run(job(), node_claims=[claim("ml-support-bot-0", ready=False)])
-        assert [c["metadata"]["name"] for c in decision.create] == ["ml-support-bot-1"]
+    def test_dynamic_pool_launches_the_job_before_any_node_so_its_pods_bring_them(self) -> None:
+        decision = run(job(), node_pools=[pool()])
+        assert applied(decision) == [TRAIN_POOL], "applied on every pass"
+        (training,) = [m for m in decision.create if m["kind"] == "Job"]
+        template = training["spec"]["template"]
+        assert template["spec"]["nodeSelector"][names.NODEPOOL_LABEL] == TRAIN_POOL
+        assert template["metadata"]["annotations"] == {names.DO_NOT_DISRUPT: "true"}
+        limits = template["spec"]["containers"][0]["resources"]["limits"]
+        assert limits["nvidia.com/gpu"] == "8", "every GPU of the instance type, known before any node"
+        assert decision.status.phase == "Provisioning"
+        assert condition(decision, conditions.NODES_READY)[:2] == ("False", conditions.WAITING_FOR_NODES)
+
+    def test_pending_pods_on_claims_not_yet_ready_are_provisioning_then_training(self) -> None:
+        waiting = run(
+            job(),
+            node_pools=[pool()],
+            node_claims=[claim("ml-support-bot-0", ready=False)],
+            training_jobs=[training_job(0, "active")],
+            pods=[pod(0, "Pending"), pod(1, "Pending")],
+        )
+        assert waiting.status.phase == "Provisioning"
+        assert "(0 ready, 1 claimed)" in condition(waiting, conditions.NODES_READY)[2]
+        assert waiting.create == []
+        assert waiting.requeue_after == 5.0
+        running = run(job(), training_jobs=[training_job(0, "active")], pods=[pod(0), pod(1)], **ready_nodes())
+        assert running.status.phase == "Training"
+        assert condition(running, conditions.NODES_READY)[0] == "True"
+
+    def test_static_pool_keeps_its_replicas_and_waits_for_them_before_the_job(self) -> None:
+        ftj = job(resources={"nodePool": {"mode": "static"}})
+        decision = run(
+            ftj, node_pools=[pool()], node_claims=[claim("ml-support-bot-0")], nodes=[node("ml-support-bot-0")]
+        )
+        (applied_pool,) = [m for m in decision.apply if m["kind"] == "NodePool"]
+        assert applied_pool["spec"]["replicas"] == 2
+        assert decision.create == [], "static: no Job until the nodes are Ready"
+        assert decision.status.phase == "Provisioning"
+        ready = run(ftj, **ready_nodes())
+        assert sorted(m["kind"] for m in ready.create) == ["Job", "PersistentVolumeClaim", "Service"]
+
+    def test_a_claim_karpenter_cannot_launch_is_quoted_with_its_reason(self) -> None:
+        quota = "vCPU quota for family ND96asr_v4 in eastus-2 exhausted"
+        failing = claim("ml-support-bot-train-x7k2p", failed="QuotaExceeded", launched="Unknown", message=quota)
+        decision = run(
+            job(),
+            node_pools=[pool()],
+            node_claims=[failing],
+            training_jobs=[training_job(0, "active")],
+            pods=[pod(0, "Pending"), pod(1, "Pending")],
+        )
+        status, reason, message = condition(decision, conditions.NODES_READY)
+        assert (status, reason) == ("False", conditions.NODE_CLAIM_FAILED)
+        assert f"QuotaExceeded: {quota}" in message
+        assert "ml-support-bot-train-x7k2p" in message
+        assert decision.status.phase == "Provisioning"
 
     def test_a_failed_claim_surfaces_the_providers_reason(self) -> None:
         decision = run(job(), node_claims=[claim("ml-support-bot-0", failed="InsufficientCapacity")])
@@ -126,10 +209,19 @@ class TestProvisioning:
         assert "InsufficientCapacity" in message
         assert "no capacity in eastus-2" in message
 
+    def test_a_claim_karpenter_has_not_looked_at_yet_is_no_failure(self) -> None:
+        decision = run(job(), node_pools=[pool()], node_claims=[claim("ml-support-bot-0", ready=False)])
+        assert condition(decision, conditions.NODES_READY)[1] == conditions.WAITING_FOR_NODES
+
+    def test_nothing_is_made_for_a_pool_being_deleted(self) -> None:
+        decision = run(job(), node_pools=[pool(deleting=True)])
+        assert not [m for m in decision.create if m["kind"] == "Job"], "its pods would wait for a pool that goes"
+
     def test_karpenter_not_installed_is_explained(self) -> None:
         decision = run(job(), karpenter_installed=False)
         assert condition(decision, conditions.NODES_READY)[1] == conditions.KARPENTER_MISSING
         assert decision.create == []
+        assert decision.apply == []
 
     def test_byo_without_matching_nodes_says_what_it_waits_for(self) -> None:
         decision = run(job("byo-gpu-nodes"), nodes=[node("other", labels={"gpu-pool": "v100"})])
@@ -147,8 +239,8 @@ class TestProvisioning:
 class TestLaunch:
     def test_ready_nodes_stage_and_launch_attempt_zero_with_gpus_from_the_nodes(self) -> None:
         decision = run(job(), **ready_nodes())
-        assert [m["kind"] for m in decision.apply] == ["ConfigMap"], "the config names the attempt: applied"
-        assert sorted(m["kind"] for m in decision.create if m["kind"] != "NodeClaim") == [
+        assert [m["kind"] for m in decision.apply] == ["NodePool", "ConfigMap"], "the config names the attempt"
+        assert sorted(m["kind"] for m in decision.create) == [
             "Job",
             "PersistentVolumeClaim",
             "Service",
@@ -261,10 +353,13 @@ class TestEndings:
         assert again.create == []
         assert again.status.phase == "Publishing"
 
-    def test_published_completes_releases_claims_and_records_uri_digest_and_size(self) -> None:
+    def test_published_completes_releases_the_pool_and_records_uri_digest_and_size(self) -> None:
         decision = run(job(status={"phase": "Publishing"}, serving={"enabled": False}), **published())
         assert decision.status.phase == "Complete"
-        assert sorted(d[3] for d in decision.delete) == ["ml-support-bot-0", "ml-support-bot-1"]
+        assert decision.delete == [("karpenter.sh/v1", "NodePool", None, TRAIN_POOL)]
+        assert applied(decision) == [], "never applied again once released"
+        gone = run(job(status={"phase": "Complete"}, serving={"enabled": False}), **published(node_pools=[]))
+        assert gone.delete == [], "released already"
         adapter = decision.status.adapter
         assert adapter is not None
         assert (adapter.uri, adapter.digest, adapter.size_bytes) == (
@@ -341,13 +436,15 @@ class TestEndings:
         assert "401" in text
         assert "support-bot-workspace" in text
         assert not any(d[1] == "PersistentVolumeClaim" for d in decision.delete)
-        assert sorted(d[3] for d in decision.delete) == ["ml-support-bot-0", "ml-support-bot-1"]
+        assert pools_deleted(decision) == [TRAIN_POOL]
 
-    def test_release_on_delete_keeps_the_claims(self) -> None:
+    def test_release_on_delete_keeps_the_pool(self) -> None:
         decision = run(
             job(runPolicy={"releaseNodes": "OnDelete"}), training_jobs=[training_job(0, "complete")], **ready_nodes()
         )
         assert decision.delete == []
+        (kept,) = [m for m in decision.apply if m["kind"] == "NodePool"]
+        assert kept["spec"]["disruption"]["consolidateAfter"] == "Never"
 
     def test_a_permanent_failure_fails_once_with_the_trainers_reason(self) -> None:
         decision = run(
@@ -429,9 +526,14 @@ class TestServing:
         decision = run(self.serving_job(), **published())
         assert decision.status.phase == "Serving"
         kinds = sorted((m["kind"], m["metadata"]["name"]) for m in decision.apply)
-        assert kinds == [("Deployment", "support-bot-serve"), ("Service", "support-bot-serve")]
-        claims = [m["metadata"]["name"] for m in decision.create if m["kind"] == "NodeClaim"]
-        assert claims == ["ml-support-bot-serve-0"]
+        assert kinds == [
+            ("Deployment", "support-bot-serve"),
+            ("NodePool", SERVE_POOL),
+            ("Service", "support-bot-serve"),
+        ]
+        assert pools_deleted(decision) == [TRAIN_POOL], "training nodes go, the server gets its own pool"
+        deployed_pod = next(m for m in decision.apply if m["kind"] == "Deployment")["spec"]["template"]["spec"]
+        assert deployed_pod["nodeSelector"][names.NODEPOOL_LABEL] == SERVE_POOL
         status, reason, _ = condition(decision, conditions.SERVING_READY)
         assert (status, reason) == ("False", conditions.SERVING_STARTING)
         assert decision.status.endpoint is not None
@@ -451,28 +553,38 @@ class TestServing:
         assert decision.status.phase == "Serving"
 
     def test_a_failing_serving_claim_is_explained(self) -> None:
-        failing = claim("ml-support-bot-serve-0", failed="InsufficientCapacity")
-        failing["metadata"]["labels"] = {names.ROLE_LABEL: "server"}
+        failing = claim("ml-support-bot-serve-0", failed="InsufficientCapacity", launched="Unknown")
         decision = run(self.serving_job(), **published(deployment=deployment(0), serving_claims=[failing]))
         message = condition(decision, conditions.SERVING_READY)[2]
         assert "ml-support-bot-serve-0: InsufficientCapacity" in message
-        assert not any(m["kind"] == "NodeClaim" for m in decision.create)
 
     def test_turning_serving_off_removes_server_and_nodes(self) -> None:
         serving_claim = claim("ml-support-bot-serve-0")
         ftj = job(status={"phase": "Serving"}, serving={"enabled": False})
-        decision = run(ftj, **published(deployment=deployment(1), serving_claims=[serving_claim]))
+        observed = published(deployment=deployment(1), serving_claims=[serving_claim], node_pools=[pool(SERVE_POOL)])
+        decision = run(ftj, **observed)
         assert decision.status.phase == "Complete"
         deleted = {(d[1], d[3]) for d in decision.delete}
         assert {("Deployment", "support-bot-serve"), ("Service", "support-bot-serve")} <= deleted
-        assert ("NodeClaim", "ml-support-bot-serve-0") in deleted
+        assert ("NodePool", SERVE_POOL) in deleted
         assert decision.status.endpoint is None
         assert condition(decision, conditions.SERVING_READY)[:2] == ("False", conditions.SERVING_DISABLED)
 
-    def test_fewer_replicas_release_their_nodes(self) -> None:
+    def test_fewer_replicas_shrink_the_serving_pool(self) -> None:
         claims = [claim("ml-support-bot-serve-0"), claim("ml-support-bot-serve-1")]
         decision = run(self.serving_job(replicas=1), **published(deployment=deployment(1), serving_claims=claims))
-        assert [d[3] for d in decision.delete if d[1] == "NodeClaim" and "serve" in d[3]] == ["ml-support-bot-serve-1"]
+        (serving_pool,) = [m for m in decision.apply if m["kind"] == "NodePool"]
+        assert serving_pool["spec"]["limits"]["nodes"] == "1"
+
+    def test_a_failed_job_stops_its_server_and_its_pool(self) -> None:
+        decision = run(
+            job(status={"phase": "Publishing"}),
+            training_jobs=[training_job(0, "complete")],
+            publish_job=publish_job("failed", "PodFailurePolicy"),
+            publish_pods=[pod(0, "Failed", exit_code=2, message="401")],
+            **{**ready_nodes(), "node_pools": [pool(), pool(SERVE_POOL)]},
+        )
+        assert pools_deleted(decision) == [SERVE_POOL, TRAIN_POOL]
 
 
 # ---------------------------------------------------------------------------------- pre-flight
@@ -547,7 +659,7 @@ class TestPreflight:
         assert decision.status.phase == "Preflight"
         created = kinds(decision.create)
         assert created == ["PersistentVolumeClaim/support-bot-workspace", "Job/support-bot-preflight"]
-        assert not [o for o in decision.create if o["kind"] == "NodeClaim"]
+        assert not applied(decision), "no NodePool before the pre-flight passed"
         assert kinds(decision.apply) == ["ConfigMap/support-bot-config"]
         spec = decision.create[1]["spec"]["template"]["spec"]
         container = spec["containers"][0]
@@ -617,10 +729,7 @@ class TestPreflight:
                 }
             }
         ]
-        assert [c["metadata"]["name"] for c in decision.create if c["kind"] == "NodeClaim"] == [
-            "ml-support-bot-0",
-            "ml-support-bot-1",
-        ]
+        assert applied(decision) == [TRAIN_POOL]
         assert decision.status.phase == "Provisioning"
         status, reason, message = condition(decision, conditions.PREFLIGHT_PASSED)
         assert (status, reason) == ("True", conditions.PREFLIGHT_OK)
@@ -659,7 +768,7 @@ class TestPreflight:
         )
         decision = run(big, preflight_job=preflight_job(annotation=findings(LLAMA_8B)))
         assert decision.status.phase == "Failed"
-        assert not [o for o in decision.create if o["kind"] == "NodeClaim"]
+        assert not applied(decision), "no NodePool before the pre-flight passed"
         status, reason, message = condition(decision, conditions.FAILED)
         assert (status, reason) == ("True", conditions.WOULD_NOT_FIT)
         assert "A10G 24 GiB (g5.xlarge)" in message
@@ -708,4 +817,4 @@ class TestPreflight:
     def test_switched_off_it_goes_straight_to_the_nodes(self) -> None:
         decision = run(job())
         assert not conditions.get(decision.status.conditions, conditions.PREFLIGHT_PASSED)
-        assert [c["kind"] for c in decision.create] == ["NodeClaim", "NodeClaim"]
+        assert applied(decision) == [TRAIN_POOL]

@@ -1,4 +1,4 @@
-"""The sweep of orphaned cluster-scoped children: NodeClaims whose FineTuneJob went without the finalizer
+"""The sweep of orphaned cluster-scoped children: NodePools whose FineTuneJob went without the finalizer
 running (removed by hand while no operator ran) are deleted; those of live jobs, of another operator's
 namespaces and of unlabelled owners are not."""
 
@@ -28,7 +28,7 @@ def ftj(namespace: str, name: str, uid: str) -> Obj:
 
 def claim(name: str, namespace: str, job: str, uid: str | None, **meta: Any) -> Obj:
     labels = {**names.job_labels(namespace, job), **({names.UID_LABEL: uid} if uid else {})}
-    return {"apiVersion": "karpenter.sh/v1", "kind": "NodeClaim", "metadata": {"name": name, "labels": labels, **meta}}
+    return {"apiVersion": "karpenter.sh/v1", "kind": "NodePool", "metadata": {"name": name, "labels": labels, **meta}}
 
 
 def test_children_of_missing_or_replaced_jobs_are_orphans() -> None:
@@ -51,7 +51,7 @@ def test_children_outside_the_watched_namespaces_are_another_operators() -> None
 
 
 class FakeKube:
-    """The API as the sweep uses it: NodeClaims and FineTuneJobs by list, deletions recorded."""
+    """The API as the sweep uses it: NodePools and FineTuneJobs by list, deletions recorded."""
 
     def __init__(self, claims: list[Obj], jobs: list[Obj], *, karpenter: bool = True) -> None:
         self.claims, self.jobs, self.karpenter = claims, jobs, karpenter
@@ -65,7 +65,7 @@ class FakeKube:
         self, api_version: str, kind: str, *, namespace: str | None = None, labels: str | None = None
     ) -> list[Obj]:
         self.lists.append((kind, namespace, labels))
-        if kind == "NodeClaim":
+        if kind == "NodePool":
             return self.claims
         return [j for j in self.jobs if namespace is None or j["metadata"]["namespace"] == namespace]
 
@@ -76,8 +76,8 @@ class FakeKube:
 def test_sweep_lists_the_claims_first_then_the_jobs_and_deletes_the_orphans() -> None:
     kube = FakeKube([claim("ml-a-0", "ml", "a", "u1"), claim("ml-b-0", "ml", "b", "u2")], [ftj("ml", "a", "u1")])
     assert Controller(kube, OperatorSettings()).sweep() == 1  # type: ignore[arg-type]
-    assert kube.deleted == ["NodeClaim/ml-b-0"]
-    assert kube.lists == [("NodeClaim", None, "app.kubernetes.io/managed-by=kubetune"), ("FineTuneJob", None, None)]
+    assert kube.deleted == ["NodePool/ml-b-0"]
+    assert kube.lists == [("NodePool", None, "app.kubernetes.io/managed-by=kubetune"), ("FineTuneJob", None, None)]
 
 
 def test_sweep_in_namespaces_reads_only_their_jobs() -> None:
@@ -94,4 +94,4 @@ def test_sweep_without_karpenter_or_claims_reads_nothing_more() -> None:
     assert kube.lists == []
     empty = FakeKube([], [ftj("ml", "a", "u1")])
     assert Controller(empty, OperatorSettings()).sweep() == 0  # type: ignore[arg-type]
-    assert empty.lists == [("NodeClaim", None, "app.kubernetes.io/managed-by=kubetune")]
+    assert empty.lists == [("NodePool", None, "app.kubernetes.io/managed-by=kubetune")]

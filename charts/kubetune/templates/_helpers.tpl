@@ -96,12 +96,20 @@ kubetune_operator/kube.py (every API call), controller.py and handlers.py (what 
 - apiGroups: [""]
   resources: [nodes]
   verbs: [list, watch]
-# Karpenter NodeClaims (cluster-scoped, one per training node): the controller creates them, lists a
-# job's claims by label, and deletes them on completion or from the finalizer; kopf watches them; the
-# sweep lists the operator's claims and deletes those whose FineTuneJob is gone.
+# Karpenter NodePools (cluster-scoped, one for a job's training nodes and one for its server): the
+# controller applies them server-side (patch; the first apply creates the pool, which the apiserver
+# authorizes as create too), lists a job's pools by label, and deletes them on completion, when
+# serving stops and from the finalizer; the sweep lists the operator's pools and deletes those
+# whose FineTuneJob is gone.
+- apiGroups: [karpenter.sh]
+  resources: [nodepools]
+  verbs: [list, create, patch, delete]
+# Karpenter NodeClaims (made by Karpenter for the pools): read only. The controller lists a pool's
+# claims for NodesReady and launch failures, the finalizer lists them to wait until they are gone,
+# and kopf watches them to wake the job.
 - apiGroups: [karpenter.sh]
   resources: [nodeclaims]
-  verbs: [list, watch, create, delete]
+  verbs: [list, watch]
 # CRDs: kopf lists and watches them to start serving resources installed after the operator
 # (e.g. Karpenter's NodeClaims); without it kopf only scans once, at start-up.
 - apiGroups: [apiextensions.k8s.io]

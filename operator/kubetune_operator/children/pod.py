@@ -45,12 +45,20 @@ def container_security() -> Obj:
 
 
 def placement(target: Target, role: str) -> tuple[Obj, list[Obj]]:
-    """Node selector and tolerations: the job's own claims' nodes of ``role`` (karpenter), or the byo selector."""
+    """Node selector and tolerations: the nodes of the job's own NodePool of ``role`` (karpenter), or the byo selector."""
     tolerations = [t.model_dump(by_alias=True, exclude_none=True) for t in target.spec.resources.tolerations]
     if target.spec.resources.provisioner == "karpenter":
         tolerations.append({"key": names.GPU_TAINT_KEY, "operator": "Exists", "effect": "NoSchedule"})
-        return {names.UID_LABEL: target.uid, names.ROLE_LABEL: role}, tolerations
+        # Karpenter's own pool label tells its scheduler which pool the pending pods need; the uid
+        # makes sure it is this job's pool and no other that happens to share the name.
+        pool = names.node_pool(target.namespace, target.name, role)
+        return {names.NODEPOOL_LABEL: pool, names.UID_LABEL: target.uid}, tolerations
     return dict(target.spec.resources.node_selector), tolerations
+
+
+def gang_annotations(target: Target) -> Obj:
+    """Annotations of pods that must not lose their node while they run: Karpenter never disrupts it (karpenter)."""
+    return {names.DO_NOT_DISRUPT: "true"} if target.spec.resources.provisioner == "karpenter" else {}
 
 
 def resources(target: Target, gpus: int) -> Obj:

@@ -58,7 +58,7 @@ def build_publish_job(target: Target) -> Obj:
             "backoffLimit": 3,
             "podFailurePolicy": pod.failure_policy(names.PUBLISH_CONTAINER),
             "template": {
-                "metadata": {"labels": labels},
+                "metadata": {"labels": labels, **({"annotations": a} if (a := pod.gang_annotations(target)) else {})},
                 "spec": pod.pod_spec(
                     target,
                     names.ROLE_TRAINER,  # on the training nodes, which are released after it

@@ -128,6 +128,23 @@ def build_training_job(target: Target, *, suspend: bool = False) -> Obj:
     if spec.run_policy.queue_name:
         job_labels[KUEUE_QUEUE_LABEL] = spec.run_policy.queue_name
     pod_labels = {**target.labels, names.ATTEMPT_LABEL: str(target.attempt), names.ROLE_LABEL: names.ROLE_TRAINER}
+    template_spec = pod.pod_spec(
+        target,
+        names.ROLE_TRAINER,
+        subdomain=names.service(target.name),
+        restart_policy="Never",
+        containers=[container],
+        volumes=[
+            pod.config_volume(target),
+            pod.workspace_volume(target),
+            pod.shm_volume(target),
+            *(v.volume for v in sources),
+        ],
+    )
+    if spec.resources.provisioner == "karpenter":
+        # One pod per node: Karpenter then launches distributed.nodes nodes even when the pods would
+        # fit on one (pods asking for fewer GPUs than an instance has, CPU pods).
+        template_spec["affinity"] = _one_pod_per_node(pod_labels)
     job_spec: Obj = {
         "completionMode": "Indexed",
         "completions": spec.distributed.nodes,
@@ -137,20 +154,9 @@ def build_training_job(target: Target, *, suspend: bool = False) -> Obj:
         "podFailurePolicy": pod.failure_policy(names.TRAINER_CONTAINER),
         "suspend": suspend or bool(spec.run_policy.queue_name),
         "template": {
-            "metadata": {"labels": pod_labels},
-            "spec": pod.pod_spec(
-                target,
-                names.ROLE_TRAINER,
-                subdomain=names.service(target.name),
-                restart_policy="Never",
-                containers=[container],
-                volumes=[
-                    pod.config_volume(target),
-                    pod.workspace_volume(target),
-                    pod.shm_volume(target),
-                    *(v.volume for v in sources),
-                ],
-            ),
+            # Karpenter never takes a node from under a running gang.
+            "metadata": {"labels": pod_labels, **_annotations(pod.gang_annotations(target))},
+            "spec": template_spec,
         },
     }
     if spec.run_policy.active_deadline_seconds:
@@ -160,4 +166,19 @@ def build_training_job(target: Target, *, suspend: bool = False) -> Obj:
         "kind": "Job",
         "metadata": {**target.meta(names.training_job(target.name, target.attempt)), "labels": job_labels},
         "spec": job_spec,
+    }
+
+
+def _annotations(annotations: Obj) -> Obj:
+    return {"annotations": annotations} if annotations else {}
+
+
+def _one_pod_per_node(pod_labels: dict[str, str]) -> Obj:
+    """No two pods of the attempt on one node (hostname anti-affinity)."""
+    return {
+        "podAntiAffinity": {
+            "requiredDuringSchedulingIgnoredDuringExecution": [
+                {"labelSelector": {"matchLabels": pod_labels}, "topologyKey": "kubernetes.io/hostname"}
+            ]
+        }
     }

@@ -1,0 +1,275 @@
+"""The operator's per-job NodePools under real Karpenter (core v1.13 + its KWOK provider) on the local runtime.
+
+A cluster of its own, started with ``provisioner="karpenter"``, and an operator whose NodePools
+point at the ``KWOKNodeClass``. Karpenter launches the NodeClaims, the node daemon adopts their
+Nodes and runs the pods as processes; a 2-node ZeRO-2 LoRA job trains the toy model through a
+dynamic pool and through a static one, a type Karpenter cannot launch is quoted in NodesReady,
+and an operator SIGKILLed ten times makes one pool and two claims. Skipped until
+``karpenter-kwok`` is built (``kubetune local build --provisioner karpenter``).
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from kubernetes import client, watch
+
+from kubetune_local import cluster, karpenter
+from kubetune_local.catalog import FAILURES_CONFIGMAP
+from kubetune_local.controlplane import pid_alive
+from kubetune_local.kube import api_client
+from kubetune_operator import names
+from tests.factories import create_job, read_job, wait_until
+from tests.integration.conftest import CRD, OperatorProcess
+from tests.integration.test_operator import children, delete_and_expect_nothing_left
+from tests.integration.test_operator_training import ended, toy_claim, toy_job
+
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.trainer,
+    pytest.mark.skipif(not karpenter.binary_path().exists(), reason="karpenter-kwok is not built"),
+]
+
+KARPENTER = ("karpenter.sh", "v1")
+
+
+@pytest.fixture(scope="module")
+def karpenter_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[cluster.Cluster]:
+    home = Path(tmp_path_factory.mktemp("kubetune-nodepools"))
+    started = cluster.up(home, provisioner="karpenter")
+    try:
+        assert started.state.provisioner == "karpenter"
+        yield started
+    finally:
+        cluster.down(home, progress=lambda _line: None)
+    assert [n for n, pid in cluster.State.load(home).pids.items() if pid_alive(pid)] == []
+
+
+@pytest.fixture(scope="module")
+def api(karpenter_cluster: cluster.Cluster) -> client.ApiClient:
+    """This module's cluster (the ``namespace`` fixture makes its namespaces here)."""
+    result = karpenter_cluster.kubectl("apply", "--server-side", "-f", str(CRD), check=False)
+    assert result.returncode == 0, result.stderr
+    kapi = api_client(karpenter_cluster.kubeconfig)
+    extensions = client.ApiextensionsV1Api(kapi)
+
+    def established() -> bool:
+        found = extensions.read_custom_resource_definition("finetunejobs.kubetune.io")
+        return any(c.type == "Established" and c.status == "True" for c in found.status.conditions or [])
+
+    wait_until(established, what="the FineTuneJob CRD to be established")
+    return kapi
+
+
+@pytest.fixture(scope="module")
+def operator(
+    karpenter_cluster: cluster.Cluster, api: client.ApiClient, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[OperatorProcess]:
+    node_class = f"{karpenter.KWOK_NODE_CLASS[0]}/{karpenter.KWOK_NODE_CLASS[1]}/{karpenter.NODECLASS_NAME}"
+    running = OperatorProcess(
+        karpenter_cluster.kubeconfig,
+        tmp_path_factory.mktemp("operator") / "operator.log",
+        "--node-class",
+        node_class,
+    )
+    running.start()
+    try:
+        yield running
+    finally:
+        running.stop()
+
+
+class Counter:
+    """Every NodePool and NodeClaim the apiserver reports ADDED while it runs, by name (a watch per kind)."""
+
+    def __init__(self, api: client.ApiClient) -> None:
+        self.custom = client.CustomObjectsApi(api)
+        self.added: dict[str, list[str]] = {"nodepools": [], "nodeclaims": []}
+        self.created: dict[str, str] = {}
+        """creationTimestamp by name."""
+        self.stop = threading.Event()
+        self.threads = [threading.Thread(target=self._watch, args=(plural,), daemon=True) for plural in self.added]
+
+    def _watch(self, plural: str) -> None:
+        while not self.stop.is_set():
+            stream = watch.Watch().stream(self.custom.list_cluster_custom_object, *KARPENTER, plural, timeout_seconds=2)
+            for event in stream:
+                name = event["object"]["metadata"]["name"]
+                if event["type"] == "ADDED" and name not in self.added[plural]:
+                    self.added[plural].append(name)
+                    self.created[name] = event["object"]["metadata"]["creationTimestamp"]
+                if self.stop.is_set():
+                    return
+
+    def __enter__(self) -> Counter:
+        for thread in self.threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.stop.set()
+        for thread in self.threads:
+            thread.join(10)
+
+    def claims_of(self, pool: str) -> list[str]:
+        return sorted(c for c in self.added["nodeclaims"] if c.startswith(f"{pool}-"))
+
+
+def pools(api: client.ApiClient, namespace: str, job: str) -> list[dict[str, Any]]:
+    found: list[dict[str, Any]] = client.CustomObjectsApi(api).list_cluster_custom_object(
+        *KARPENTER, "nodepools", label_selector=names.selector(namespace, job)
+    )["items"]
+    return found
+
+
+def karpenter_left(api: client.ApiClient, pool: str) -> dict[str, list[str]]:
+    """The pool, its NodeClaims and its Nodes that still exist."""
+    custom, core = client.CustomObjectsApi(api), client.CoreV1Api(api)
+    selector = f"{names.NODEPOOL_LABEL}={pool}"
+    found = {
+        "NodePool": [
+            p["metadata"]["name"] for p in custom.list_cluster_custom_object(*KARPENTER, "nodepools")["items"]
+        ],
+        "NodeClaim": [
+            c["metadata"]["name"]
+            for c in custom.list_cluster_custom_object(*KARPENTER, "nodeclaims", label_selector=selector)["items"]
+        ],
+        "Node": [n.metadata.name for n in core.list_node(label_selector=selector).items],
+    }
+    found["NodePool"] = [p for p in found["NodePool"] if p == pool]
+    return {kind: items for kind, items in found.items() if items}
+
+
+def condition(api: client.ApiClient, namespace: str, name: str, kind: str) -> dict[str, Any] | None:
+    found: dict[str, Any] | None = next(
+        (c for c in read_job(api, namespace, name).get("status", {}).get("conditions", []) if c["type"] == kind), None
+    )
+    return found
+
+
+def train_through_a_pool(api: client.ApiClient, namespace: str, name: str, mode: str) -> None:
+    """A 2-node ZeRO-2 LoRA job through its ``mode`` pool: the pool, 2 claims and nodes, Complete, then nothing."""
+    toy_claim(api, namespace)
+    body = toy_job(name, steps=20, every=10)
+    body["spec"]["resources"]["nodePool"] = {"mode": mode}
+    pool = names.node_pool(namespace, name, names.ROLE_TRAINER)
+    started = time.monotonic()
+    with Counter(api) as counter:
+        create_job(api, namespace, body)
+        (created,) = wait_until(lambda: pools(api, namespace, name), what=f"the job's {mode} NodePool")
+        assert created["metadata"]["name"] == pool
+        assert created["spec"]["template"]["spec"]["requirements"][1]["values"] == ["on-demand"]
+        if mode == "static":
+            assert created["spec"]["replicas"] == 2
+        else:
+            assert "replicas" not in created["spec"]
+            assert created["spec"]["limits"] == {"nodes": "2"}
+        batch = client.BatchV1Api(api)
+        training = wait_until(
+            lambda: batch.list_namespaced_job(namespace, label_selector=f"{names.ATTEMPT_LABEL}=0").items,
+            timeout=300,
+            what="the training Job",
+        )[0]
+        launched = training.metadata.creation_timestamp.strftime("%Y-%m-%dT%H:%M:%SZ")
+        wait_until(lambda: len(counter.claims_of(pool)) == 2, timeout=120, what=f"2 NodeClaims of {pool}")
+        claim_times = [counter.created[c] for c in counter.claims_of(pool)]
+        if mode == "static":
+            assert max(claim_times) <= launched, "static: the nodes come before the Job"
+        else:
+            assert min(claim_times) >= launched, "dynamic: nothing is claimed before the Job's pods are pending"
+        result = wait_until(lambda: ended(api, namespace, name), timeout=600, what=f"the {mode} 2-node job to end")
+        status = read_job(api, namespace, name)["status"]
+        assert result == "Complete", json.dumps(status, indent=1)
+        trained = time.monotonic() - started
+        # Released on completion: Karpenter drains and deletes the pool's nodes and claims.
+        wait_until(lambda: not karpenter_left(api, pool), timeout=120, what=f"{pool}, its claims and nodes to go")
+        released = time.monotonic() - started - trained
+    assert counter.added["nodepools"].count(pool) == 1
+    assert len(counter.claims_of(pool)) == 2, counter.claims_of(pool)
+    jobs = {j.metadata.name for j in client.BatchV1Api(api).list_namespaced_job(namespace).items}
+    # A gang restart (the local runtime's pods share the host's ports with whatever else runs) keeps
+    # the pool and its nodes: still one pool and two claims.
+    assert {f"{name}-publish", f"{name}-train-0"} <= jobs, jobs
+    print(f"{mode}: Complete after {trained:.1f} s, pool and nodes gone {released:.1f} s later")
+    delete_and_expect_nothing_left(api, namespace, name)
+
+
+@pytest.mark.usefixtures("operator")
+def test_dynamic_pool_trains_a_two_node_zero_job_and_leaves_nothing(api: client.ApiClient, namespace: str) -> None:
+    train_through_a_pool(api, namespace, "dyn", "dynamic")
+
+
+@pytest.mark.usefixtures("operator")
+def test_static_pool_trains_a_two_node_zero_job_and_leaves_nothing(api: client.ApiClient, namespace: str) -> None:
+    train_through_a_pool(api, namespace, "stat", "static")
+
+
+@pytest.mark.usefixtures("operator")
+def test_a_type_karpenter_cannot_launch_is_quoted_within_a_minute(api: client.ApiClient, namespace: str) -> None:
+    toy_claim(api, namespace)
+    core = client.CoreV1Api(api)
+    message = "vCPU quota for G5 instances in us-east-1 is exhausted"
+    core.create_namespaced_config_map(
+        "kube-system", {"metadata": {"name": FAILURES_CONFIGMAP}, "data": {"g5.12xlarge": f"QuotaExceeded: {message}"}}
+    )
+    pool = names.node_pool(namespace, "quota", names.ROLE_TRAINER)
+    try:
+        body = toy_job("quota", steps=4)
+        body["spec"]["distributed"]["nodes"] = 1
+        body["spec"]["resources"] = {"provisioner": "karpenter", "instanceType": "g5.12xlarge", "cpu": "1"}
+        started = time.monotonic()
+        create_job(api, namespace, body)
+
+        def quoted() -> dict[str, Any] | None:
+            found = condition(api, namespace, "quota", "NodesReady")
+            return found if found and found["reason"] == "NodeClaimFailed" else None
+
+        found = wait_until(quoted, timeout=60, what="NodesReady False quoting Karpenter's reason")
+        took = time.monotonic() - started
+        assert found["status"] == "False"
+        assert f"QuotaExceeded: {message}" in found["message"], found
+        assert pool in found["message"]
+        assert read_job(api, namespace, "quota")["status"]["phase"] == "Provisioning"
+        print(f"quota: NodesReady quoted Karpenter's reason {took:.1f} s after the job was created")
+    finally:
+        core.delete_namespaced_config_map(FAILURES_CONFIGMAP, "kube-system")
+    delete_and_expect_nothing_left(api, namespace, "quota")
+    assert not karpenter_left(api, pool)
+
+
+def test_operator_sigkilled_ten_times_makes_one_pool_and_two_claims(
+    operator: OperatorProcess, api: client.ApiClient, namespace: str
+) -> None:
+    import random  # noqa: PLC0415
+
+    toy_claim(api, namespace)
+    pool = names.node_pool(namespace, "chaos", names.ROLE_TRAINER)
+    rng = random.Random(7)
+    with Counter(api) as counter:
+        create_job(api, namespace, toy_job("chaos", steps=40))
+        try:
+            for _ in range(10):
+                time.sleep(rng.uniform(0.5, 4.0))
+                operator.kill()
+                time.sleep(rng.uniform(0.0, 1.0))
+                operator.start()
+        finally:
+            if operator.process is None or operator.process.poll() is not None:
+                operator.start()
+        result = wait_until(
+            lambda: ended(api, namespace, "chaos"), timeout=900, what="the job to end despite the kills"
+        )
+        assert result == "Complete", read_job(api, namespace, "chaos")["status"]
+        wait_until(lambda: not karpenter_left(api, pool), timeout=120, what=f"{pool} and its nodes to go")
+    assert counter.added["nodepools"].count(pool) == 1, counter.added["nodepools"]
+    assert len(counter.claims_of(pool)) == 2, counter.claims_of(pool)
+    jobs = sorted(j.metadata.name for j in client.BatchV1Api(api).list_namespaced_job(namespace).items)
+    assert jobs == ["chaos-publish", "chaos-train-0"], "one Job per attempt, one publish Job"
+    delete_and_expect_nothing_left(api, namespace, "chaos")
+    assert not children(api, namespace, "chaos")
