@@ -8,7 +8,7 @@ CRD    := crds/kubetune.io_finetunejobs.yaml
 comma  := ,
 SOURCES := api/kubetune_api operator/kubetune_operator trainer/kubetune_trainer local/kubetune_local cli/kubetune_cli
 
-.PHONY: setup lint test unit binaries karpenter registry integration crds lock clean demo demo-down
+.PHONY: setup lint test unit binaries registry integration crds lock clean demo demo-down
 
 ## setup: create .venv and install kubetune with its pinned dependencies (quick when done already)
 setup: $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
@@ -32,11 +32,7 @@ unit: binaries
 
 ## binaries: build the control-plane binaries and Karpenter (KWOK) once (cached in ~/.cache/kubetune; ~11 + ~7 min the first time)
 binaries: setup
-	$(BIN)/kubetune local build --provisioner karpenter
-
-## karpenter: real Karpenter (core v1.13.0 + its KWOK provider) for the local runtime, built once (~6-10 min)
-karpenter: binaries
-	$(BIN)/kubetune local build --provisioner karpenter
+	$(BIN)/kubetune local build
 
 ## registry: Debian's docker-registry, the real OCI registry of the publish tests (apt-get; sudo unless root)
 registry:
@@ -45,11 +41,11 @@ registry:
 		$$SUDO apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends docker-registry; }
 
 ## integration: the tests against the local runtime's real control plane
-integration: binaries karpenter registry
+integration: binaries registry
 	$(BIN)/pytest -m integration
 
 ## test: everything CI runs: lint, unit and integration tests
-test: lint binaries karpenter registry
+test: lint binaries registry
 	$(BIN)/pytest
 
 ## demo: start the local runtime and the operator, train and serve examples/local.yaml, ask the adapter

@@ -26,7 +26,6 @@ from kubernetes.client.exceptions import ApiException
 from kubetune_api.resource import GROUP, PLURAL, VERSION
 from kubetune_local import cluster
 from kubetune_local.controlplane import MARK_ENV, free_port
-from kubetune_local.daemon import PROVISIONER_ENV
 from kubetune_local.karpenter import KWOK_NODE_CLASS, NODECLASS_NAME
 from kubetune_local.kube import api_client
 
@@ -54,10 +53,7 @@ def run_demo(home: Path) -> int:
         say(f"demo: stopping the local cluster already running from {home}")
         cluster.down(home, progress=lambda _line: None)
     say("demo: starting the local runtime")
-    # The example's NodePool needs real Karpenter (the stand-in fulfils bare NodeClaims only);
-    # $KUBETUNE_LOCAL_PROVISIONER may still choose.
-    provisioner = os.environ.get(PROVISIONER_ENV) or "karpenter"
-    local = cluster.up(home, progress=lambda line: say(f"demo:   {line}"), provisioner=provisioner)
+    local = cluster.up(home, progress=lambda line: say(f"demo:   {line}"))
     say(f"demo: cluster ready in {local.seconds_to_ready:.0f}s; export KUBECONFIG={local.kubeconfig}")
     api = api_client(local.kubeconfig)
     local.kubectl("apply", "--server-side", "-f", str(CRD))
@@ -121,13 +117,9 @@ def _start_operator(home: Path, kubeconfig: Path) -> Path:
                 str(free_port()),
                 "--progress-interval",
                 "2",
-                # Real Karpenter (local up --provisioner karpenter) only launches claims of its own
-                # NodeClass; the local stand-in ignores the class.
-                *(
-                    ["--node-class", f"{KWOK_NODE_CLASS[0]}/{KWOK_NODE_CLASS[1]}/{NODECLASS_NAME}"]
-                    if cluster.State.load(home).provisioner == "karpenter"
-                    else []
-                ),
+                # The local runtime's Karpenter launches the nodes of pools of its KWOK NodeClass only.
+                "--node-class",
+                f"{KWOK_NODE_CLASS[0]}/{KWOK_NODE_CLASS[1]}/{NODECLASS_NAME}",
             ],
             env=env,
             stdout=out,

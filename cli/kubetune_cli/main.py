@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -59,30 +58,28 @@ def _validate(args: argparse.Namespace) -> int:
 def _local(args: argparse.Namespace) -> int:
     from kubetune_local import cluster
     from kubetune_local.controlplane import default_home
+    from kubetune_local.karpenter import KWOK_NODE_CLASS, NODECLASS_NAME
 
     home = Path(args.home) if args.home else default_home()
     if args.action == "build":
         from kubetune_local.binaries import ensure_binaries, karpenter_crds
+        from kubetune_local.karpenter import ensure_binary, nodeclass_crd
 
         found = ensure_binaries()
         karpenter_crds()
         print(f"control-plane binaries ready in {found.directory}")
-        from kubetune_local.daemon import PROVISIONER_ENV
-
-        if (args.provisioner or os.environ.get(PROVISIONER_ENV)) == "karpenter":
-            from kubetune_local.karpenter import ensure_binary, nodeclass_crd
-
-            print(f"Karpenter (KWOK provider) ready: {ensure_binary()}")
-            nodeclass_crd()
+        print(f"Karpenter (KWOK provider) ready: {ensure_binary()}")
+        nodeclass_crd()
     elif args.action == "up":
         try:
-            started = cluster.up(home, provisioner=args.provisioner)
+            started = cluster.up(home)
         except cluster.AlreadyRunning as exc:
             print(exc, file=sys.stderr)
             return 1
         print(
             f"local cluster ready in {started.seconds_to_ready:.1f}s "
-            f"(nodes: kubetune-local; NodeClaims are fulfilled by {started.state.provisioner})"
+            "(node: kubetune-local; Karpenter launches the nodes of NodePools of the KWOK NodeClass "
+            f"{KWOK_NODE_CLASS[0]}/{KWOK_NODE_CLASS[1]}/{NODECLASS_NAME})"
         )
         print(f"export KUBECONFIG={started.kubeconfig}")
     elif args.action == "down":
@@ -365,18 +362,12 @@ def build_parser() -> argparse.ArgumentParser:
     local.add_argument(
         "action",
         choices=["build", "up", "down", "status", "logs"],
-        help="build: compile the binaries once (up does it too); up/down: start/stop the cluster; status; logs POD",
+        help="build: compile the binaries and Karpenter once (up does it too); up/down: start/stop the cluster; status; logs POD",
     )
     local.add_argument("pod", nargs="?", help="for logs: the pod")
     local.add_argument("-n", "--namespace", default="default", help="for logs: the pod's namespace")
     local.add_argument("-c", "--container", help="for logs: the container (the first one by default)")
     local.add_argument("--home", help="state folder (default $KUBETUNE_LOCAL_HOME or ~/.kubetune/local)")
-    local.add_argument(
-        "--provisioner",
-        choices=["local", "karpenter"],
-        help="for up/build: who fulfils NodeClaims: the node daemon (local) or real Karpenter with its KWOK "
-        "provider (karpenter; built once, ~7-10 min); default $KUBETUNE_LOCAL_PROVISIONER or local",
-    )
     local.set_defaults(run=_local)
 
     demo = commands.add_parser(

@@ -1,8 +1,9 @@
-"""A small catalog of cloud GPU instance types, so that NodeClaims get realistic nodes.
+"""A small catalog of cloud GPU instance types, so that NodePools get realistic nodes.
 
-The local provisioner sizes each process-backed node from its claim's instance type, as
-Karpenter would from the cloud's offering. A ConfigMap can make an entry fail, the way a cloud
-answers when capacity or quota runs out, so tests can see that reason reach the job's status.
+Real Karpenter's KWOK provider reads it (written in kwok's format by :mod:`kubetune_local.karpenter`)
+and sizes each node from its claim's instance type, as it would from the cloud's offering; the
+node daemon gives the adopted node the same capacity. A ConfigMap can make an entry fail, the way
+a cloud answers when capacity or quota runs out, so tests can see that reason reach the job's status.
 """
 
 from __future__ import annotations

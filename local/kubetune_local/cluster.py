@@ -1,7 +1,8 @@
 """``kubetune local up | down | status | logs``: one local cluster, rooted at a home folder.
 
-``up`` builds (once) and starts the control plane, installs Karpenter's NodeClaim CRDs and the
-local StorageClass, starts the node daemon and returns when the default node is Ready. Each
+``up`` builds (once) and starts the control plane, installs Karpenter's CRDs, its KWOK NodeClass
+and the local StorageClass, starts real Karpenter (its KWOK provider, :mod:`kubetune_local.karpenter`)
+and the node daemon, and returns when the default node is Ready. Each
 ``up`` starts a fresh cluster; certificates are kept. ``down`` stops everything it started and
 then sweeps any process that still carries the cluster's marker in its environment.
 """
@@ -28,7 +29,7 @@ from kubetune_local.controlplane import COMPONENTS, MARK_ENV, ControlPlane, Stat
 
 __all__ = ["AlreadyRunning", "Cluster", "State", "down", "marked_processes", "pod_log", "status", "up"]
 from kubetune_local import karpenter
-from kubetune_local.daemon import DEFAULT_NODE, PROVISIONER_ENV, PROVISIONERS
+from kubetune_local.daemon import DEFAULT_NODE
 from kubetune_local.kube import api_client
 from kubetune_local.storage import storage_class
 
@@ -71,16 +72,12 @@ def running(home: Path) -> dict[str, bool]:
     return {name: pid_alive(pid) for name, pid in state.pids.items()}
 
 
-def up(home: Path, *, progress: Progress = _say, timeout: float = 180.0, provisioner: str | None = None) -> Cluster:
+def up(home: Path, *, progress: Progress = _say, timeout: float = 180.0) -> Cluster:
     """Start a fresh local cluster and return once a node is Ready.
 
-    ``provisioner``: ``local`` (the node daemon fulfils NodeClaims) or ``karpenter`` (real
-    Karpenter, KWOK provider, built on first use); by default ``$KUBETUNE_LOCAL_PROVISIONER``,
-    else ``local``. It is recorded in the cluster's State, where the node daemon reads it.
+    Karpenter (built on first use, like the control plane) launches the nodes of NodePools; the
+    node daemon adopts them and runs their pods as processes.
     """
-    chosen = provisioner or os.environ.get(PROVISIONER_ENV) or "local"
-    if chosen not in PROVISIONERS:
-        raise ValueError(f"provisioner {chosen!r}: expected one of {', '.join(PROVISIONERS)}")
     home.mkdir(parents=True, exist_ok=True)
     alive = [name for name, ok in running(home).items() if ok]
     if alive:
@@ -89,32 +86,27 @@ def up(home: Path, *, progress: Progress = _say, timeout: float = 180.0, provisi
             f"run `kubetune local down` first, or use it: export KUBECONFIG={home / 'kubeconfig'}"
         )
     binaries = ensure_binaries(progress=progress)
-    crds = karpenter_crds(progress=progress)
-    with_karpenter = chosen == "karpenter"
-    karpenter_binary = karpenter.ensure_binary(progress=progress) if with_karpenter else None
-    if with_karpenter:
-        crds.append(karpenter.nodeclass_crd())
+    crds = [*karpenter_crds(progress=progress), karpenter.nodeclass_crd()]
+    karpenter_binary = karpenter.ensure_binary(progress=progress)
     started = time.monotonic()
     for stale in ("etcd", "pods", "volumes", "logs"):
         shutil.rmtree(home / stale, ignore_errors=True)
     plane = ControlPlane(home, binaries)
     progress("starting etcd, kube-apiserver, kube-controller-manager and kube-scheduler")
     state = plane.start(timeout=timeout)
-    state.provisioner = chosen
     state.save(home)
     try:
         api = api_client(plane.kubeconfig)
         _install(api, crds)
-        if karpenter_binary is not None:
-            client.CustomObjectsApi(api).create_cluster_custom_object(
-                "karpenter.kwok.sh", "v1alpha1", "kwoknodeclasses", karpenter.nodeclass()
-            )
-            state.pids[KARPENTER] = karpenter.spawn(home, karpenter_binary)
-            state.save(home)
-            progress("starting Karpenter (KWOK provider; its Nodes are adopted by the node daemon)")
+        client.CustomObjectsApi(api).create_cluster_custom_object(
+            "karpenter.kwok.sh", "v1alpha1", "kwoknodeclasses", karpenter.nodeclass()
+        )
+        state.pids[KARPENTER] = karpenter.spawn(home, karpenter_binary)
+        state.save(home)
+        progress("starting Karpenter (KWOK provider; its Nodes are adopted by the node daemon)")
         state.pids[DAEMON] = _spawn_daemon(home)
         state.save(home)
-        progress("starting the node daemon (process-backed nodes, NodeClaims, local volumes)")
+        progress("starting the node daemon (process-backed nodes, local volumes)")
         _wait_ready(api, home, timeout)
     except BaseException:
         down(home, progress=lambda _line: None)

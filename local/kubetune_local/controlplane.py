@@ -18,7 +18,7 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Final
 
@@ -87,16 +87,15 @@ class State:
     apiserver_port: int = 0
     pids: dict[str, int] = field(default_factory=dict)
     started_at: float = 0.0
-    provisioner: str = "local"
-    """Who fulfils NodeClaims: ``local`` (the node daemon's stand-in) or ``karpenter`` (real
-    Karpenter with its KWOK provider; the daemon adopts its Nodes)."""
 
     @classmethod
     def load(cls, home: Path) -> State:
         path = home / "state.json"
         if not path.exists():
             return cls()
-        return cls(**json.loads(path.read_text(encoding="utf-8")))
+        known = {f.name for f in fields(cls)}
+        # A state written by an older kubetune may carry fields this one no longer has.
+        return cls(**{k: v for k, v in json.loads(path.read_text(encoding="utf-8")).items() if k in known})
 
     def save(self, home: Path) -> None:
         temporary = home / "state.json.tmp"

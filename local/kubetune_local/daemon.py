@@ -1,5 +1,5 @@
-"""The local runtime's node daemon: process-backed nodes, the NodeClaim provisioner, local volumes
-and the kubelet log endpoint, in one background process started by ``kubetune local up``.
+"""The local runtime's node daemon: process-backed nodes (its own CPU node and the Nodes real
+Karpenter creates, which it adopts), local volumes and the kubelet log endpoint, in one background process started by ``kubetune local up``.
 
 Run as ``python -m kubetune_local.daemon --home DIR``; SIGTERM stops every pod it runs
 (SIGTERM, then SIGKILL after a short grace) before it exits.
@@ -20,17 +20,10 @@ from kubetune_local.controlplane import State, free_port
 from kubetune_local.kube import api_client
 from kubetune_local.kubelet_server import KubeletServer
 from kubetune_local.node import NodeAgent, Runtime, default_capacity
-from kubetune_local.nodeclaims import NodeClaimProvisioner
 from kubetune_local.storage import LocalPathProvisioner
 
 #: The runtime's own CPU node, for pods that need no GPU (the operator, built-in serving, tests).
 DEFAULT_NODE: Final = "kubetune-local"
-#: Who fulfils NodeClaims (``State.provisioner``): ``local``, the daemon's own NodeClaim
-#: provisioner; ``karpenter``, real Karpenter (KWOK provider), whose Nodes this daemon adopts.
-PROVISIONERS: Final = ("local", "karpenter")
-#: The default for ``kubetune local up`` when no ``--provisioner`` is given (CI can run a whole
-#: suite against Karpenter with it).
-PROVISIONER_ENV: Final = "KUBETUNE_LOCAL_PROVISIONER"
 
 
 def serve(home: Path) -> None:
@@ -57,11 +50,7 @@ def serve(home: Path) -> None:
     watcher.start()
     runtime.add_node(NodeAgent(runtime, DEFAULT_NODE, capacity=default_capacity()))
     LocalPathProvisioner(runtime).start()
-    if state.provisioner == "karpenter":
-        runtime.log("NodeClaims are Karpenter's: the local provisioner stays off, its Nodes are adopted")
-        KarpenterNodeAdopter(runtime).start()
-    else:
-        NodeClaimProvisioner(runtime).start()
+    KarpenterNodeAdopter(runtime).start()
     runtime.log(f"node daemon ready; kubelet endpoint 127.0.0.1:{runtime.kubelet_port}")
     done.wait()
     runtime.log("node daemon stopping")

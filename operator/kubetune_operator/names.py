@@ -73,15 +73,14 @@ DO_NOT_DISRUPT: Final = "karpenter.sh/do-not-disrupt"
 def node_pool(namespace: str, job: str, role: str) -> str:
     """The job's NodePool of ``role`` (trainer or server): cluster-scoped, so the namespace is part of the name.
 
-    ``<namespace>-<job>-train`` or ``-serve``; a name too long for Karpenter's claim names is cut
-    and ends in a hash of the whole, so it stays unique and the same on every pass.
+    ``<namespace>-<job>-train-<hash>`` (or ``-serve-``): the hash of namespace and job keeps two jobs
+    whose names join the same way (``a-b``/``c`` and ``a``/``b-c``) apart; a name too long for
+    Karpenter's claim names has its readable part cut. The same on every pass.
     """
     suffix = "serve" if role == ROLE_SERVER else "train"
-    full = f"{namespace}-{job}-{suffix}"
-    if len(full) <= NODE_POOL_MAX:
-        return full
-    digest = hashlib.sha256(f"{namespace}/{job}/{suffix}".encode()).hexdigest()[:8]
-    return f"{full[: NODE_POOL_MAX - len(digest) - 1].rstrip('-.')}-{digest}"
+    digest = hashlib.sha256(f"{namespace}/{job}".encode()).hexdigest()[:8]
+    tail = f"-{suffix}-{digest}"
+    return f"{namespace}-{job}"[: NODE_POOL_MAX - len(tail)].rstrip("-.") + tail
 
 
 def preflight_job(job: str) -> str:

@@ -4,11 +4,9 @@ Nothing here is mocked: tests talk to a real kube-apiserver, whose controllers a
 and whose pods run as processes on this machine. The first session on a machine builds the
 binaries (about 11 minutes); later ones start in seconds.
 
-The operator's jobs with ``provisioner: karpenter`` get their nodes from their NodePools, which only
-real Karpenter fulfils: the session's cluster runs it (``provisioner="karpenter"``) once
-``karpenter-kwok`` is built (``kubetune local build --provisioner karpenter``), and the operator
-points its pools at the KWOK NodeClass. ``KUBETUNE_LOCAL_PROVISIONER=local`` keeps the stand-in
-that fulfils bare NodeClaims only (tests/integration/test_local_runtime.py's NodeClaim tests).
+The operator's jobs with ``provisioner: karpenter`` get their nodes from their NodePools, which
+the cluster's real Karpenter (KWOK provider) launches; the operator points its pools at the KWOK
+NodeClass.
 """
 
 from __future__ import annotations
@@ -26,7 +24,6 @@ from kubernetes import client
 
 from kubetune_local import cluster, karpenter
 from kubetune_local.controlplane import free_port, pid_alive
-from kubetune_local.daemon import PROVISIONER_ENV
 from kubetune_local.kube import api_client
 from tests.factories import wait_until
 
@@ -34,7 +31,7 @@ from tests.factories import wait_until
 @pytest.fixture(scope="session")
 def local_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[cluster.Cluster]:
     home = Path(os.environ.get("KUBETUNE_TEST_HOME") or tmp_path_factory.mktemp("kubetune-local"))
-    started = cluster.up(home, provisioner=session_provisioner())
+    started = cluster.up(home)
     try:
         yield started
     finally:
@@ -44,19 +41,11 @@ def local_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[cluster.
     assert cluster.marked_processes(home) == []
 
 
-def session_provisioner() -> str:
-    """Who fulfils the session's NodeClaims: $KUBETUNE_LOCAL_PROVISIONER, else real Karpenter once built."""
-    chosen = os.environ.get(PROVISIONER_ENV)
-    if chosen:
-        return chosen
-    return "karpenter" if karpenter.binary_path().exists() else "local"
-
-
-def operator_args(started: cluster.Cluster) -> tuple[str, ...]:
-    """The operator's flags for ``started``: its NodePools point at the KWOK NodeClass under real Karpenter."""
-    if started.state.provisioner != "karpenter":
-        return ()
-    return ("--node-class", f"{karpenter.KWOK_NODE_CLASS[0]}/{karpenter.KWOK_NODE_CLASS[1]}/{karpenter.NODECLASS_NAME}")
+#: The operator's flags on the local runtime: its NodePools point at the KWOK NodeClass.
+NODE_CLASS_ARGS = (
+    "--node-class",
+    f"{karpenter.KWOK_NODE_CLASS[0]}/{karpenter.KWOK_NODE_CLASS[1]}/{karpenter.NODECLASS_NAME}",
+)
 
 
 @pytest.fixture(scope="session")
@@ -80,11 +69,9 @@ CRD = Path(__file__).resolve().parents[2] / "crds" / "kubetune.io_finetunejobs.y
 class OperatorProcess:
     """``kubetune operator`` as a real process against the local cluster (killable, restartable)."""
 
-    def __init__(self, kubeconfig: Path, log: Path, *extra_args: str, base_args: tuple[str, ...] = ()) -> None:
+    def __init__(self, kubeconfig: Path, log: Path, *extra_args: str) -> None:
         self.kubeconfig = kubeconfig
         self.log = log
-        self.base_args = base_args
-        """Flags of every start (the NodeClass); ``extra_args`` are a test's own."""
         self.extra_args = extra_args
         self.metrics_port = free_port()
         self.health_port = free_port()
@@ -105,7 +92,7 @@ class OperatorProcess:
                     str(self.health_port),
                     "--progress-interval",
                     "1",
-                    *self.base_args,
+                    *NODE_CLASS_ARGS,
                     *self.extra_args,
                 ],
                 env=env,
@@ -164,7 +151,6 @@ def operator(
     running = OperatorProcess(
         local_cluster.kubeconfig,
         tmp_path_factory.mktemp("operator") / "operator.log",
-        base_args=operator_args(local_cluster),
     )
     running.start()
     yield running

@@ -1,8 +1,7 @@
 """Real Karpenter (core + KWOK provider) on the local runtime: NodePools get process-backed nodes.
 
-A cluster of its own, started with ``provisioner="karpenter"``; skipped until
-``karpenter-kwok`` is built (``python -c 'from kubetune_local.karpenter import ensure_binary as
-b; b()'``, about 6 minutes on 2 cores).
+A cluster of its own (every local cluster runs Karpenter); skipped until ``karpenter-kwok`` is
+built (``kubetune local build``, about 6 minutes on 2 cores for Karpenter).
 """
 
 from __future__ import annotations
@@ -34,9 +33,8 @@ POOL_LABEL = "kubetune.io/nodepool"
 @pytest.fixture(scope="module")
 def kapi(tmp_path_factory: pytest.TempPathFactory) -> Iterator[client.ApiClient]:
     home = Path(tmp_path_factory.mktemp("kubetune-karpenter"))
-    started = cluster.up(home, provisioner="karpenter")
+    started = cluster.up(home)
     try:
-        assert started.state.provisioner == "karpenter"
         assert cluster.State.load(home).pids.get(cluster.KARPENTER)
         yield api_client(started.kubeconfig)
     finally:

@@ -14,7 +14,6 @@ from kubernetes.client.exceptions import ApiException
 
 from kubetune_api.resource import load_job
 from kubetune_local import cluster
-from kubetune_local.catalog import FAILURES_CONFIGMAP
 from kubetune_local.controlplane import free_port
 from kubetune_operator.children.target import Target
 from kubetune_operator.children.training import build_training_job
@@ -25,12 +24,6 @@ from tests.factories import MINIMAL, absent, finetunejob, wait_until
 pytestmark = pytest.mark.integration
 
 PYTHON = "python:3.11"  # recorded as the image; the local runtime runs the command in this environment
-
-
-def standin_only(started: cluster.Cluster) -> None:
-    """The node daemon fulfils bare NodeClaims only with provisioner local (real Karpenter does under karpenter)."""
-    if started.state.provisioner != "local":
-        pytest.skip("the stand-in NodeClaim provisioner is off: this cluster runs real Karpenter")
 
 
 def pod(name: str, script: str, **spec: Any) -> dict[str, Any]:
@@ -217,86 +210,6 @@ def test_pod_sees_configmap_and_pvc_files_and_pvc_data_outlives_the_pod(
     core.delete_namespaced_pod("writer", namespace)
     core.delete_namespaced_persistent_volume_claim("shared", namespace)
     wait_until(lambda: not folder.exists(), timeout=60, what="the released volume's folder to be removed (Delete)")
-
-
-def node_claim(name: str, instance_type: str, node_class: tuple[str, str]) -> dict[str, Any]:
-    """A Karpenter NodeClaim of ``instance_type`` with the (group, kind) node class named default."""
-    group, kind = node_class
-    return {
-        "apiVersion": "karpenter.sh/v1",
-        "kind": "NodeClaim",
-        "metadata": {"name": name},
-        "spec": {
-            "nodeClassRef": {"group": group, "kind": kind, "name": "default"},
-            "requirements": [{"key": "node.kubernetes.io/instance-type", "operator": "In", "values": [instance_type]}],
-        },
-    }
-
-
-def test_nodeclaim_gives_a_ready_gpu_node_and_the_scheduler_uses_it(
-    local_cluster: cluster.Cluster, api: client.ApiClient, namespace: str
-) -> None:
-    standin_only(local_cluster)
-    custom, core = client.CustomObjectsApi(api), client.CoreV1Api(api)
-    name = f"claim-{namespace}"
-    claim = node_claim(name, "Standard_NC48ads_A100_v4", ("karpenter.azure.com", "AKSNodeClass"))
-    claim["metadata"]["labels"] = {"kubetune.io/test": namespace}
-    claim["spec"]["taints"] = [{"key": "nvidia.com/gpu", "value": "true", "effect": "NoSchedule"}]
-    custom.create_cluster_custom_object("karpenter.sh", "v1", "nodeclaims", claim)
-    try:
-
-        def ready_claim() -> dict[str, Any] | None:
-            claim = custom.get_cluster_custom_object("karpenter.sh", "v1", "nodeclaims", name)
-            conditions = {c["type"]: c["status"] for c in claim.get("status", {}).get("conditions", [])}
-            return claim if conditions.get("Ready") == "True" else None
-
-        claim = wait_until(ready_claim, what="the NodeClaim to be Ready")
-        assert {"Launched", "Registered", "Initialized", "Ready"} <= {c["type"] for c in claim["status"]["conditions"]}
-        node = core.read_node(claim["status"]["nodeName"])
-        assert node.status.allocatable["nvidia.com/gpu"] == "2"
-        assert node.metadata.labels["node.kubernetes.io/instance-type"] == "Standard_NC48ads_A100_v4"
-        assert node.metadata.labels["kubetune.io/test"] == namespace
-        assert node.spec.provider_id == claim["status"]["providerID"]
-
-        manifest = pod("gpu-user", "import time; time.sleep(30)")
-        manifest["spec"]["tolerations"] = [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
-        manifest["spec"]["containers"][0]["resources"] = {"limits": {"nvidia.com/gpu": "1"}}
-        core.create_namespaced_pod(namespace, manifest)
-        wait_until(lambda: phase(api, namespace, "gpu-user") == "Running", what="the GPU pod to run")
-        assert raw_pod(api, namespace, "gpu-user")["spec"]["nodeName"] == name
-    finally:
-        custom.delete_cluster_custom_object("karpenter.sh", "v1", "nodeclaims", name)
-
-    wait_until(lambda: absent(lambda: core.read_node(name)), what="the claim's node to be removed with the claim")
-    # Its pod stops with the node; the pod garbage collector then removes pods of deleted nodes.
-    wait_until(lambda: phase(api, namespace, "gpu-user") in ("Failed", "Deleted"), what="its pod to stop")
-
-
-def test_a_failing_instance_type_reports_its_reason_on_the_claim(
-    local_cluster: cluster.Cluster, api: client.ApiClient, namespace: str
-) -> None:
-    standin_only(local_cluster)
-    custom, core = client.CustomObjectsApi(api), client.CoreV1Api(api)
-    failure = "InsufficientCapacity: no p5.48xlarge capacity in us-east-1b"
-    core.create_namespaced_config_map(
-        "kube-system", {"metadata": {"name": FAILURES_CONFIGMAP}, "data": {"p5.48xlarge": failure}}
-    )
-    name = f"fail-{namespace}"
-    try:
-        claim = node_claim(name, "p5.48xlarge", ("karpenter.k8s.aws", "EC2NodeClass"))
-        custom.create_cluster_custom_object("karpenter.sh", "v1", "nodeclaims", claim)
-
-        def launched_condition() -> dict[str, Any] | None:
-            claim = custom.get_cluster_custom_object("karpenter.sh", "v1", "nodeclaims", name)
-            return next((c for c in claim.get("status", {}).get("conditions", []) if c["type"] == "Launched"), None)
-
-        condition = wait_until(launched_condition, what="a Launched condition on the failing claim")
-        assert condition["status"] == "False"
-        assert condition["reason"] == "InsufficientCapacity"
-        assert "us-east-1b" in condition["message"]
-    finally:
-        core.delete_namespaced_config_map(FAILURES_CONFIGMAP, "kube-system")
-        custom.delete_cluster_custom_object("karpenter.sh", "v1", "nodeclaims", name)
 
 
 def test_kubectl_logs_shows_the_pod_output(

@@ -1,11 +1,11 @@
 """The operator's per-job NodePools under real Karpenter (core v1.13 + its KWOK provider) on the local runtime.
 
-A cluster of its own, started with ``provisioner="karpenter"``, and an operator whose NodePools
+A cluster of its own, and an operator whose NodePools
 point at the ``KWOKNodeClass``. Karpenter launches the NodeClaims, the node daemon adopts their
 Nodes and runs the pods as processes; a 2-node ZeRO-2 LoRA job trains the toy model through a
 dynamic pool and through a static one, a type Karpenter cannot launch is quoted in NodesReady,
 and an operator SIGKILLed ten times makes one pool and two claims. Skipped until
-``karpenter-kwok`` is built (``kubetune local build --provisioner karpenter``).
+``karpenter-kwok`` is built (``kubetune local build``).
 """
 
 from __future__ import annotations
@@ -42,9 +42,8 @@ KARPENTER = ("karpenter.sh", "v1")
 @pytest.fixture(scope="module")
 def karpenter_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[cluster.Cluster]:
     home = Path(tmp_path_factory.mktemp("kubetune-nodepools"))
-    started = cluster.up(home, provisioner="karpenter")
+    started = cluster.up(home)
     try:
-        assert started.state.provisioner == "karpenter"
         yield started
     finally:
         cluster.down(home, progress=lambda _line: None)
@@ -71,13 +70,7 @@ def api(karpenter_cluster: cluster.Cluster) -> client.ApiClient:
 def operator(
     karpenter_cluster: cluster.Cluster, api: client.ApiClient, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[OperatorProcess]:
-    node_class = f"{karpenter.KWOK_NODE_CLASS[0]}/{karpenter.KWOK_NODE_CLASS[1]}/{karpenter.NODECLASS_NAME}"
-    running = OperatorProcess(
-        karpenter_cluster.kubeconfig,
-        tmp_path_factory.mktemp("operator") / "operator.log",
-        "--node-class",
-        node_class,
-    )
+    running = OperatorProcess(karpenter_cluster.kubeconfig, tmp_path_factory.mktemp("operator") / "operator.log")
     running.start()
     try:
         yield running

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from typing import Any
 
 import pytest
@@ -61,12 +62,16 @@ def pool_target(resources: dict[str, Any] | None = None, **sections: Any) -> Tar
     return target(manifest["spec"])
 
 
+TRAIN_POOL = names.node_pool("ml", "support-bot", names.ROLE_TRAINER)
+SERVE_POOL = names.node_pool("ml", "support-bot", names.ROLE_SERVER)
+
+
 class TestNodePools:
     def test_dynamic_pool_of_the_jobs_instance_type_capped_at_its_nodes_and_gpus(self) -> None:
         pool = build_node_pool(pool_target())
         assert (pool["apiVersion"], pool["kind"]) == ("karpenter.sh/v1", "NodePool")
         meta, spec = pool["metadata"], pool["spec"]
-        assert meta["name"] == "ml-support-bot-train"
+        assert meta["name"] == names.node_pool("ml", "support-bot", names.ROLE_TRAINER)
         assert "ownerReferences" not in meta, "cluster-scoped: released by the finalizer"
         labels = {
             **names.job_labels("ml", "support-bot"),
@@ -121,7 +126,7 @@ class TestNodePools:
         pool = build_serving_node_pool(
             serving_target(serving={"replicas": 3, "instanceType": "Standard_NC24ads_A100_v4"})
         )
-        assert pool["metadata"]["name"] == "ml-support-bot-serve"
+        assert pool["metadata"]["name"] == names.node_pool("ml", "support-bot", names.ROLE_SERVER)
         assert pool["metadata"]["labels"][names.ROLE_LABEL] == "server"
         assert pool["spec"]["template"]["spec"]["requirements"][0]["values"] == ["Standard_NC24ads_A100_v4"]
         assert pool["spec"]["limits"] == {"nodes": "3", "nvidia.com/gpu": "3"}
@@ -132,7 +137,12 @@ class TestNodePools:
         assert max(len(a), len(b)) <= names.NODE_POOL_MAX
         assert a != b
         assert a == names.node_pool("n" * 63, "j" * 63, names.ROLE_TRAINER), "deterministic"
-        assert names.node_pool("ml", "bot", names.ROLE_SERVER) == "ml-bot-serve"
+        assert re.fullmatch(r"ml-bot-serve-[0-9a-f]{8}", names.node_pool("ml", "bot", names.ROLE_SERVER))
+
+    def test_names_that_join_the_same_way_get_different_pools(self) -> None:
+        # "a-b"/"c" and "a"/"b-c" both read "a-b-c": the hash keeps their pools (and nodes) apart.
+        assert names.node_pool("a-b", "c", names.ROLE_TRAINER) != names.node_pool("a", "b-c", names.ROLE_TRAINER)
+        assert names.node_pool("a-b", "c", names.ROLE_TRAINER).startswith("a-b-c-train-")
 
 
 class TestTrainingJob:
@@ -175,7 +185,7 @@ class TestTrainingJob:
         job = build_training_job(target(gpus=8))
         pod = job["spec"]["template"]["spec"]
         assert container(job)["resources"]["limits"] == {"nvidia.com/gpu": "8"}
-        assert pod["nodeSelector"] == {names.NODEPOOL_LABEL: "ml-support-bot-train", names.UID_LABEL: "0000-uid"}
+        assert pod["nodeSelector"] == {names.NODEPOOL_LABEL: TRAIN_POOL, names.UID_LABEL: "0000-uid"}
         assert job["spec"]["template"]["metadata"]["annotations"] == {"karpenter.sh/do-not-disrupt": "true"}
         (term,) = pod["affinity"]["podAntiAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
         assert term["topologyKey"] == "kubernetes.io/hostname", "one pod per node, whatever fits"
@@ -293,7 +303,7 @@ class TestPublishJob:
         assert "/var/run/kubetune/secrets/push-creds" in mounts
         assert "nvidia.com/gpu" not in str(main["resources"])
         spec = job["spec"]["template"]["spec"]
-        assert spec["nodeSelector"] == {names.NODEPOOL_LABEL: "ml-support-bot-train", names.UID_LABEL: "0000-uid"}
+        assert spec["nodeSelector"] == {names.NODEPOOL_LABEL: TRAIN_POOL, names.UID_LABEL: "0000-uid"}
         assert spec["automountServiceAccountToken"] is False
         rule = job["spec"]["podFailurePolicy"]["rules"][0]
         assert rule["onExitCodes"]["values"] == [2]
@@ -330,7 +340,7 @@ class TestServingDeployment:
         assert inits["fetch-model"]["command"][:2] == ["kubetune", "fetch-model"]
         fetch_mounts = {m["mountPath"] for m in inits["fetch-model"]["volumeMounts"]}
         assert "/var/run/kubetune/secrets/hf-token" in fetch_mounts
-        assert spec["nodeSelector"] == {names.NODEPOOL_LABEL: "ml-support-bot-serve", names.UID_LABEL: "0000-uid"}
+        assert spec["nodeSelector"] == {names.NODEPOOL_LABEL: SERVE_POOL, names.UID_LABEL: "0000-uid"}
         assert "annotations" not in deployment["spec"]["template"]["metadata"], "a server may move"
         assert spec["automountServiceAccountToken"] is False
         assert spec["securityContext"]["runAsNonRoot"] is True

@@ -10,9 +10,12 @@ from typing import Any
 
 import pytest
 
+from kubetune_operator import names
 from kubetune_operator.controller import Controller
 from kubetune_operator.settings import OperatorSettings
 from tests.conftest import REPO, load_yaml
+
+TRAIN_POOL = names.node_pool("ml", "support-bot", names.ROLE_TRAINER)
 
 pytestmark = pytest.mark.unit
 
@@ -84,8 +87,8 @@ def test_release_waits_for_the_pass_in_flight_and_no_pass_acts_after_it() -> Non
     kube.go_on.set()
     in_flight.join(10)
     release.join(10)
-    assert "NodePool/ml-support-bot-train" in kube.created, "the pass in flight applied its pool"
-    assert [d for d in kube.deleted if d.startswith("NodePool/")] == ["NodePool/ml-support-bot-train"], (
+    assert f"NodePool/{TRAIN_POOL}" in kube.created, "the pass in flight applied its pool"
+    assert [d for d in kube.deleted if d.startswith("NodePool/")] == [f"NodePool/{TRAIN_POOL}"], (
         "and the release removed it"
     )
     assert released == [0], "nothing left"
@@ -98,8 +101,8 @@ class ReleaseKube:
     """A job with a running gang on its pool's nodes: what the finalizer's release does to it."""
 
     def __init__(self) -> None:
-        self.pools = [{"metadata": {"name": "ml-support-bot-train"}}]
-        self.claims = [{"metadata": {"name": "ml-support-bot-train-abcde"}}]
+        self.pools = [{"metadata": {"name": TRAIN_POOL}}]
+        self.claims = [{"metadata": {"name": f"{TRAIN_POOL}-abcde"}}]
         running = {"metadata": {"name": "support-bot-train-0"}, "spec": {}, "status": {"active": 2}}
         done = {
             "metadata": {"name": "support-bot-preflight"},
@@ -131,7 +134,7 @@ def test_release_deletes_the_pools_stops_the_gang_and_counts_what_remains() -> N
     kube = ReleaseKube()
     controller = Controller(kube, OperatorSettings())  # type: ignore[arg-type]
     assert controller.release("ml", "support-bot", "uid-1") == 1, "the claim is still draining"
-    assert kube.deleted == ["NodePool/ml-support-bot-train"]
+    assert kube.deleted == [f"NodePool/{TRAIN_POOL}"]
     # Karpenter never evicts a running do-not-disrupt pod: the gang is stopped so that the node drains.
     assert kube.patched == [("Job/ml/support-bot-train-0", {"spec": {"suspend": True}})]
     kube.claims = []

@@ -13,7 +13,6 @@ import pytest
 
 from kubetune_local.catalog import CATALOG, capacity_of
 from kubetune_local.network import AddressBook
-from kubetune_local.nodeclaims import requested_instance_type
 from kubetune_local.pods.environment import command_line, environment, expand
 from kubetune_local.pods.volumes import rewrite_paths
 
@@ -125,17 +124,8 @@ def test_commands_expand_only_the_containers_own_variables(tmp_path: Path, monke
 
 
 class TestCatalog:
-    def test_claim_requirements_pick_the_instance_type(self) -> None:
-        claim = {
-            "spec": {
-                "requirements": [
-                    {"key": "karpenter.sh/capacity-type", "operator": "In", "values": ["on-demand"]},
-                    {"key": "node.kubernetes.io/instance-type", "operator": "In", "values": ["p4d.24xlarge"]},
-                ]
-            }
-        }
-        instance = CATALOG[requested_instance_type(claim) or ""]
-        assert capacity_of(instance)["nvidia.com/gpu"] == "8"
+    def test_gpu_types_have_their_gpus_and_the_cpu_type_none(self) -> None:
+        assert capacity_of(CATALOG["p4d.24xlarge"])["nvidia.com/gpu"] == "8"
         assert "nvidia.com/gpu" not in capacity_of(CATALOG["local-cpu"])
 
 

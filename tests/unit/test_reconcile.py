@@ -33,8 +33,8 @@ def job(example: str = "karpenter-aks", status: dict[str, Any] | None = None, **
     return load_job(manifest)
 
 
-TRAIN_POOL = "ml-support-bot-train"
-SERVE_POOL = "ml-support-bot-serve"
+TRAIN_POOL = names.node_pool("ml", "support-bot", names.ROLE_TRAINER)
+SERVE_POOL = names.node_pool("ml", "support-bot", names.ROLE_SERVER)
 
 
 def claim(
@@ -188,7 +188,7 @@ class TestProvisioning:
 
     def test_a_claim_karpenter_cannot_launch_is_quoted_with_its_reason(self) -> None:
         quota = "vCPU quota for family ND96asr_v4 in eastus-2 exhausted"
-        failing = claim("ml-support-bot-train-x7k2p", failed="QuotaExceeded", launched="Unknown", message=quota)
+        failing = claim(f"{TRAIN_POOL}-x7k2p", failed="QuotaExceeded", launched="Unknown", message=quota)
         decision = run(
             job(),
             node_pools=[pool()],
@@ -199,7 +199,7 @@ class TestProvisioning:
         status, reason, message = condition(decision, conditions.NODES_READY)
         assert (status, reason) == ("False", conditions.NODE_CLAIM_FAILED)
         assert f"QuotaExceeded: {quota}" in message
-        assert "ml-support-bot-train-x7k2p" in message
+        assert f"{TRAIN_POOL}-x7k2p" in message
         assert decision.status.phase == "Provisioning"
 
     def test_a_failed_claim_surfaces_the_providers_reason(self) -> None:
@@ -553,13 +553,13 @@ class TestServing:
         assert decision.status.phase == "Serving"
 
     def test_a_failing_serving_claim_is_explained(self) -> None:
-        failing = claim("ml-support-bot-serve-0", failed="InsufficientCapacity", launched="Unknown")
+        failing = claim(f"{SERVE_POOL}-0", failed="InsufficientCapacity", launched="Unknown")
         decision = run(self.serving_job(), **published(deployment=deployment(0), serving_claims=[failing]))
         message = condition(decision, conditions.SERVING_READY)[2]
-        assert "ml-support-bot-serve-0: InsufficientCapacity" in message
+        assert f"{SERVE_POOL}-0: InsufficientCapacity" in message
 
     def test_turning_serving_off_removes_server_and_nodes(self) -> None:
-        serving_claim = claim("ml-support-bot-serve-0")
+        serving_claim = claim(f"{SERVE_POOL}-0")
         ftj = job(status={"phase": "Serving"}, serving={"enabled": False})
         observed = published(deployment=deployment(1), serving_claims=[serving_claim], node_pools=[pool(SERVE_POOL)])
         decision = run(ftj, **observed)
@@ -571,7 +571,7 @@ class TestServing:
         assert condition(decision, conditions.SERVING_READY)[:2] == ("False", conditions.SERVING_DISABLED)
 
     def test_fewer_replicas_shrink_the_serving_pool(self) -> None:
-        claims = [claim("ml-support-bot-serve-0"), claim("ml-support-bot-serve-1")]
+        claims = [claim(f"{SERVE_POOL}-0"), claim(f"{SERVE_POOL}-1")]
         decision = run(self.serving_job(replicas=1), **published(deployment=deployment(1), serving_claims=claims))
         (serving_pool,) = [m for m in decision.apply if m["kind"] == "NodePool"]
         assert serving_pool["spec"]["limits"]["nodes"] == "1"
