@@ -47,6 +47,7 @@ from kubetune_operator.observed import (
     training_claims,
     training_jobs,
     uses_karpenter,
+    waits_for_nodes,
 )
 from kubetune_operator.reconcile import decide
 from kubetune_operator.settings import OperatorSettings
@@ -136,6 +137,7 @@ class Controller:
             else []
         )
         nodes = self.nodes(node_labels(job, uid))
+        events = self._karpenter_events() if installed and waits_for_nodes(job, pools, claims) else []
         children = self.kube.list("batch/v1", "Job", namespace=namespace, labels=selector)
         jobs, publish, preflight = training_jobs(children), publish_job(children), preflight_job(children)
         pods = (
@@ -174,6 +176,7 @@ class Controller:
             uid=uid,
             node_pools=pools,
             node_claims=training_claims(claims, namespace, meta["name"]),
+            karpenter_events=events,
             nodes=nodes,
             karpenter_installed=installed or not karpenter,
             training_jobs=jobs,
@@ -186,6 +189,12 @@ class Controller:
             serving_claims=serving_claims(claims, namespace, meta["name"]),
             deployment=deployment,
             serving_pods=serving_pods,
+        )
+
+    def _karpenter_events(self) -> list[Obj]:
+        """Karpenter's Warning events about NodePools and NodeClaims: cluster-scoped objects, so in ``default``."""
+        return self.kube.list(
+            "v1", "Event", namespace="default", fields=f"involvedObject.apiVersion={KARPENTER_API_VERSION},type=Warning"
         )
 
     def _karpenter_installed(self) -> bool:

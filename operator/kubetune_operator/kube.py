@@ -60,9 +60,15 @@ class Kube:
     # ----------------------------------------------------------------------------- reads
 
     def list(
-        self, api_version: str, kind: str, *, namespace: str | None = None, labels: str | None = None
+        self,
+        api_version: str,
+        kind: str,
+        *,
+        namespace: str | None = None,
+        labels: str | None = None,
+        fields: str | None = None,
     ) -> list[Obj]:
-        found = self.resource(api_version, kind).get(namespace=namespace, label_selector=labels)
+        found = self.resource(api_version, kind).get(namespace=namespace, label_selector=labels, field_selector=fields)
         return [item.to_dict() for item in found.items]
 
     # ---------------------------------------------------------------------------- writes

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Final, Literal
 
 from kubetune_api.instances import instance_shape
-from kubetune_api.objects import Obj, now
+from kubetune_api.objects import Obj, now, parse_time
 from kubetune_api.resource import Adapter, FineTuneJob, Progress
 from kubetune_operator import conditions, names
 
@@ -34,6 +34,8 @@ class Observed:
     """The job's Karpenter NodePools (training and serving) that exist."""
     node_claims: list[Obj] = field(default_factory=list)
     """The NodeClaims of the training NodePool."""
+    karpenter_events: list[Obj] = field(default_factory=list)
+    """Karpenter's Warning events about NodePools and NodeClaims (read while the job waits for nodes)."""
     nodes: list[Obj] = field(default_factory=list)
     """Nodes of the job's pools (karpenter) or every node (byo)."""
     karpenter_installed: bool = True
@@ -77,6 +79,20 @@ def claims_selector(namespace: str, job: str) -> str:
     """The label selector of the NodeClaims Karpenter made for the job's pools (it labels each with its pool)."""
     pools = sorted(names.node_pool(namespace, job, role) for role in (names.ROLE_TRAINER, names.ROLE_SERVER))
     return f"{names.NODEPOOL_LABEL} in ({','.join(pools)})"
+
+
+def waits_for_nodes(job: FineTuneJob, pools: list[Obj], claims: list[Obj]) -> bool:
+    """Whether one of the job's NodePools exists with fewer Ready claims than it wants (Karpenter's events then say why)."""
+    wanted = {
+        names.node_pool(job.namespace, job.name, names.ROLE_TRAINER): job.spec.distributed.nodes,
+        names.node_pool(job.namespace, job.name, names.ROLE_SERVER): job.spec.serving.replicas,
+    }
+    for pool in pools:
+        name = pool["metadata"]["name"]
+        ready = [c for c in claims if pool_of(c) == name and conditions_of(c).get("Ready", {}).get("status") == "True"]
+        if name in wanted and len(ready) < wanted[name]:
+            return True
+    return False
 
 
 def pool_of(obj: Obj) -> str | None:
@@ -305,6 +321,56 @@ def launch_failure(claim: Obj) -> str | None:
     return f"{reason}: {message}" if message else reason
 
 
+#: The conditions of a NodePool that say why Karpenter will not launch its nodes (Ready sums them up).
+_POOL_CONDITIONS: Final = ("ValidationSucceeded", "NodeClassReady", "NodeRegistrationHealthy", "Ready")
+#: How old a Karpenter Warning event may be and still say why nodes are missing now.
+EVENT_WINDOW: Final = datetime.timedelta(minutes=2)
+
+
+def pool_failure(pool: Obj) -> str | None:
+    """Why Karpenter will not launch nodes for ``pool``: the first of its conditions that is False, quoted."""
+    found = conditions_of(pool)
+    for kind in _POOL_CONDITIONS:
+        condition = found.get(kind)
+        if condition and condition.get("status") == "False":
+            reason, message = condition.get("reason") or kind, condition.get("message") or ""
+            return f"{kind} False, {reason}: {message}" if message else f"{kind} False, {reason}"
+    return None
+
+
+def karpenter_warning(events: list[Obj], pool: str, at: datetime.datetime) -> str | None:
+    """The latest of Karpenter's Warning events about ``pool`` or its claims within :data:`EVENT_WINDOW` of ``at``.
+
+    Karpenter deletes a claim it cannot launch for lack of capacity (InsufficientCapacityError, on
+    the claim) and tries again, and says on the pool when its requirements leave no instance type
+    (NoCompatibleInstanceTypes); neither stays in a condition, only in these events.
+    """
+    recent: list[tuple[datetime.datetime, str]] = []
+    for event in events:
+        involved = event.get("involved_object") or event.get("involvedObject") or {}
+        name = str(involved.get("name") or "")
+        if involved.get("kind") not in ("NodePool", "NodeClaim") or not (name == pool or name.startswith(f"{pool}-")):
+            continue
+        when = _event_time(event)
+        if when is None or at - when > EVENT_WINDOW:
+            continue
+        recent.append((when, f"{event.get('reason')}: {event.get('message') or ''}".rstrip(": ")))
+    return max(recent)[1] if recent else None
+
+
+def _event_time(event: Obj) -> datetime.datetime | None:
+    for key in ("last_timestamp", "lastTimestamp", "event_time", "eventTime"):
+        value = event.get(key)
+        if value:
+            return value if isinstance(value, datetime.datetime) else parse_time(str(value))
+    created = (event.get("metadata") or {}).get("creation_timestamp") or (event.get("metadata") or {}).get(
+        "creationTimestamp"
+    )
+    if created:
+        return created if isinstance(created, datetime.datetime) else parse_time(str(created))
+    return None
+
+
 def serving_claims_note(claims: list[Obj]) -> str:
     """What holds the serving NodeClaims up: their launch failures, else how many are not ready."""
     pending = [c for c in claims if conditions_of(c).get("Ready", {}).get("status") != "True"]
@@ -400,16 +466,22 @@ def _karpenter_nodes(observed: Observed) -> NodeReadiness:
             0,
             [],
         )
+    what = f"NodePool {pool} ({spec.resources.instance_type}, {spec.resources.capacity_type})"
     for claim in observed.node_claims:
         failure = launch_failure(claim)
         if failure is not None:
             return NodeReadiness(
                 False,
                 conditions.NODE_CLAIM_FAILED,
-                f"NodeClaim {claim['metadata']['name']} of NodePool {pool} ({spec.resources.instance_type}, "
-                f"{spec.resources.capacity_type}) cannot launch: {failure}",
+                f"NodeClaim {claim['metadata']['name']} of {what} cannot launch: {failure}",
                 planned_gpus(observed, []),
                 [],
+            )
+    for existing in observed.node_pools:
+        failure = pool_failure(existing) if existing["metadata"]["name"] == pool else None
+        if failure is not None:
+            return NodeReadiness(
+                False, conditions.NODE_POOL_NOT_READY, f"{what} is not ready: {failure}", planned_gpus(observed, []), []
             )
     ready_claims = [c for c in observed.node_claims if conditions_of(c).get("Ready", {}).get("status") == "True"]
     nodes = {n["metadata"]["name"]: n for n in observed.nodes}
@@ -421,6 +493,15 @@ def _karpenter_nodes(observed: Observed) -> NodeReadiness:
     gpus = planned_gpus(observed, ready_nodes)
     with_gpus = [n for n in ready_nodes if _gpus(n, gpu) >= gpus]
     if len(with_gpus) < wanted:
+        warning = karpenter_warning(observed.karpenter_events, pool, observed.now)
+        if warning is not None:
+            return NodeReadiness(
+                False,
+                conditions.NODE_CLAIM_FAILED,
+                f"Karpenter cannot launch nodes of {what} ({len(with_gpus)} of {wanted} ready): {warning}",
+                gpus,
+                [],
+            )
         return NodeReadiness(
             False,
             conditions.WAITING_FOR_NODES,

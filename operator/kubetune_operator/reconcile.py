@@ -19,7 +19,7 @@ import datetime
 from dataclasses import dataclass
 from typing import Literal
 
-from kubetune_api.objects import parse_time
+from kubetune_api.objects import Obj, parse_time
 from kubetune_api.resource import Adapter, Endpoint, FineTuneJobStatus, Phase, Workload
 from kubetune_operator import conditions, names
 from kubetune_operator.children.nodes import (
@@ -50,6 +50,7 @@ from kubetune_operator.observed import (
     findings_annotation,
     has_pool,
     in_phase,
+    karpenter_warning,
     publish_result,
     recorded_result,
     result_annotation,
@@ -134,7 +135,22 @@ def _keep_node_pool(facts: Facts, decision: Decision) -> None:
         if has_pool(observed, names.ROLE_TRAINER):
             decision.delete.append((KARPENTER_API_VERSION, NODE_POOL_KIND, None, training_pool_name(facts.target)))
     elif facts.preflight.clear:
-        decision.apply.append(build_node_pool(facts.target))
+        _apply_pool(observed, build_node_pool(facts.target), decision)
+
+
+def _apply_pool(observed: Observed, pool: Obj, decision: Decision) -> None:
+    """Apply ``pool``, or replace the job's pool of the other mode: Karpenter refuses to turn a pool static or dynamic.
+
+    The pool of the old mode is deleted (Karpenter drains its nodes: a running gang fails and
+    restarts from its checkpoint); the next pass, once it is gone, creates the new one.
+    """
+    name = pool["metadata"]["name"]
+    existing = next((p for p in observed.node_pools if p["metadata"]["name"] == name), None)
+    if existing is not None and ("replicas" in (existing.get("spec") or {})) != ("replicas" in pool["spec"]):
+        if not existing["metadata"].get("deletionTimestamp"):
+            decision.delete.append((KARPENTER_API_VERSION, NODE_POOL_KIND, None, name))
+        return
+    decision.apply.append(pool)
 
 
 def _phase(facts: Facts, conds: Conditions, decision: Decision) -> Outcome:
@@ -364,7 +380,7 @@ def _serve(facts: Facts, adapter: Adapter, conds: Conditions, decision: Decision
     serving = target.spec.serving
     if uses_karpenter(observed.job) and observed.karpenter_installed:
         # The server's own pool: its instance type, at most (dynamic) or exactly (static) its replicas.
-        decision.apply.append(build_serving_node_pool(target))
+        _apply_pool(observed, build_serving_node_pool(target), decision)
     decision.apply += [build_serving_deployment(target, adapter.uri), build_serving_service(target)]
     endpoint = Endpoint(url=endpoint_url(target), model_name=serving_model_name(target))
     status = (observed.deployment or {}).get("status") or {}
@@ -384,10 +400,17 @@ def _serve(facts: Facts, adapter: Adapter, conds: Conditions, decision: Decision
             "False",
             conditions.SERVING_STARTING,
             f"0/{serving.replicas} replicas ready"
-            f"{serving_claims_note(observed.serving_claims)}{waiting_reasons(observed.serving_pods)}",
+            f"{serving_claims_note(observed.serving_claims)}{_karpenter_note(facts)}"
+            f"{waiting_reasons(observed.serving_pods)}",
         )
         decision.requeue_after = _SOON
     return endpoint
+
+
+def _karpenter_note(facts: Facts) -> str:
+    """Karpenter's latest Warning about the server's NodePool or its claims, if any."""
+    warning = karpenter_warning(facts.observed.karpenter_events, serving_pool_name(facts.target), facts.observed.now)
+    return f"; Karpenter: {warning}" if warning else ""
 
 
 def _was_serving(conds: Conditions) -> bool:

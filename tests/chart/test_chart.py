@@ -99,16 +99,32 @@ def test_lint_is_clean(helm: Helm, name: str) -> None:
 #: What each scenario renders beyond the operator's Deployment, ServiceAccount and RBAC.
 EXPECTED_KINDS = {
     "default": {"Service"},
-    "namespaced": {"Service", "Role", "RoleBinding"},
+    "namespaced": {"Service"},
     "ha": {"Service", "ClusterKopfPeering"},
     "monitoring": {"Service", "ServiceMonitor", "PodMonitor", "ConfigMap"},
 }
+#: The Role (and its binding) every install has: list events in namespace default, where Karpenter's
+#: events about cluster-scoped NodePools and NodeClaims are kept.
+EVENTS_ROLE = "kubetune-karpenter-events"
+
+
+def watched_roles(manifests: list[Manifest], kind: str = "Role") -> list[Manifest]:
+    """The Roles (or RoleBindings) of the watched namespaces: all but the Karpenter events Role."""
+    return [m for m in of_kind(manifests, kind) if m["metadata"]["name"] != EVENTS_ROLE]
 
 
 def test_scenario_renders_what_it_promises(scenario: tuple[str, list[Manifest]]) -> None:
     name, manifests = scenario
     kinds = {m["kind"] for m in manifests}
-    base = {"CustomResourceDefinition", "Deployment", "ServiceAccount", "ClusterRole", "ClusterRoleBinding"}
+    base = {
+        "CustomResourceDefinition",
+        "Deployment",
+        "ServiceAccount",
+        "ClusterRole",
+        "ClusterRoleBinding",
+        "Role",
+        "RoleBinding",
+    }
     assert kinds == base | EXPECTED_KINDS[name]
     crds = {m["metadata"]["name"] for m in of_kind(manifests, "CustomResourceDefinition")}
     assert crds == {"finetunejobs.kubetune.io", "clusterkopfpeerings.kopf.dev", "kopfpeerings.kopf.dev"}
@@ -126,7 +142,16 @@ def test_defaults_watch_the_cluster_with_one_standalone_replica(helm: Helm) -> N
     assert args.metrics_port == 8080
     assert args.trainer_image == DEFAULT_TRAINER_IMAGE, "the chart's default trainer is the operator's default"
     assert args.allow_private_network is None, "URL sources reach only public addresses by default"
-    assert not of_kind(manifests, "Role")
+    assert not watched_roles(manifests), "cluster scope: everything in the ClusterRole"
+
+
+def test_the_only_role_outside_watched_namespaces_lists_events_in_default(helm: Helm) -> None:
+    for manifests in (helm.template(), helm.template("--values", str(SCENARIOS["namespaced"]))):
+        (role,) = [r for r in of_kind(manifests, "Role") if r["metadata"]["name"] == EVENTS_ROLE]
+        (binding,) = [b for b in of_kind(manifests, "RoleBinding") if b["metadata"]["name"] == EVENTS_ROLE]
+        assert role["metadata"]["namespace"] == binding["metadata"]["namespace"] == "default"
+        assert role["rules"] == [{"apiGroups": [""], "resources": ["events"], "verbs": ["list"]}]
+        assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "kubetune", "namespace": "kubetune-system"}]
 
 
 def test_private_networks_for_sources_are_passed_to_the_operator(helm: Helm) -> None:
@@ -138,8 +163,8 @@ def test_namespaced_install_passes_each_namespace_and_binds_a_role_in_each(helm:
     manifests = helm.template("--values", str(SCENARIOS["namespaced"]))
     args = operator_args(manifests)
     assert args.namespace == ["team-a", "team-b"]
-    roles = {r["metadata"]["namespace"] for r in of_kind(manifests, "Role")}
-    bindings = {b["metadata"]["namespace"]: b for b in of_kind(manifests, "RoleBinding")}
+    roles = {r["metadata"]["namespace"] for r in watched_roles(manifests)}
+    bindings = {b["metadata"]["namespace"]: b for b in watched_roles(manifests, "RoleBinding")}
     assert roles == set(bindings) == {"team-a", "team-b"}
     for binding in bindings.values():
         assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "kubetune", "namespace": "kubetune-system"}]
@@ -151,7 +176,7 @@ def test_namespaced_install_passes_each_namespace_and_binds_a_role_in_each(helm:
 def test_namespaced_install_defaults_to_the_release_namespace(helm: Helm) -> None:
     manifests = helm.template("--set", "watch.scope=namespaces", namespace="ml")
     assert operator_args(manifests).namespace == ["ml"]
-    assert {r["metadata"]["namespace"] for r in of_kind(manifests, "Role")} == {"ml"}
+    assert {r["metadata"]["namespace"] for r in watched_roles(manifests)} == {"ml"}
 
 
 def test_ha_peers_through_kopf(helm: Helm) -> None:
@@ -177,7 +202,7 @@ def test_ha_in_namespaces_peers_per_namespace(helm: Helm) -> None:
     peerings = of_kind(manifests, "KopfPeering")
     assert {p["metadata"]["namespace"] for p in peerings} == {"team-a", "team-b"}
     assert not of_kind(manifests, "ClusterKopfPeering")
-    for role in of_kind(manifests, "Role"):
+    for role in watched_roles(manifests):
         assert any("kopfpeerings" in rule["resources"] for rule in role["rules"])
 
 

@@ -276,7 +276,7 @@ def test_a_finetunejob_runs_its_course_on_the_charts_rbac_alone(
 
 
 #: (verb, resource, where) the operator needs, and those it must never have. ``where`` is
-#: "watched", "elsewhere" (a namespace it does not watch) or "cluster".
+#: "watched", "elsewhere" (a namespace it does not watch), "default" or "cluster".
 ALLOWED = [
     ("watch", "finetunejobs.kubetune.io", "watched"),
     ("patch", "finetunejobs.kubetune.io/status", "watched"),
@@ -288,6 +288,7 @@ ALLOWED = [
     ("patch", "nodepools.karpenter.sh", "cluster"),
     ("list", "nodepools.karpenter.sh", "cluster"),
     ("delete", "nodepools.karpenter.sh", "cluster"),
+    ("list", "events", "default"),
     ("list", "nodeclaims.karpenter.sh", "cluster"),
     ("watch", "nodeclaims.karpenter.sh", "cluster"),
     ("patch", "deployments.apps", "watched"),
@@ -325,7 +326,11 @@ REFUSED = [
 def can_i(
     local_cluster: cluster.Cluster, installed: Installed, verb: str, resource: str, where: str, other: str
 ) -> bool:
-    scope = {"watched": [f"--namespace={installed.watched}"], "elsewhere": [f"--namespace={other}"]}
+    scope = {
+        "watched": [f"--namespace={installed.watched}"],
+        "elsewhere": [f"--namespace={other}"],
+        "default": ["--namespace=default"],
+    }
     resource, _, subresource = resource.partition("/")
     if subresource:
         head, _, group = resource.partition(".")

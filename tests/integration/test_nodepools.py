@@ -204,35 +204,57 @@ def test_static_pool_trains_a_two_node_zero_job_and_leaves_nothing(api: client.A
 
 
 @pytest.mark.usefixtures("operator")
-def test_a_type_karpenter_cannot_launch_is_quoted_within_a_minute(api: client.ApiClient, namespace: str) -> None:
+@pytest.mark.parametrize(
+    ("name", "instance_type", "failure", "quoted"),
+    [
+        # The provider refuses the launch: the claim stays, Launched Unknown with the provider's reason.
+        (
+            "quota",
+            "g5.12xlarge",
+            "QuotaExceeded: vCPU quota for G5 instances in us-east-1 is exhausted",
+            "QuotaExceeded: vCPU quota for G5 instances in us-east-1 is exhausted",
+        ),
+        # No capacity: Karpenter deletes the claim and tries again; only its Warning event says why.
+        (
+            "nocap",
+            "g6.12xlarge",
+            "InsufficientCapacity: no g6.12xlarge capacity in us-east-1a",
+            "no g6.12xlarge capacity in us-east-1a",
+        ),
+    ],
+)
+def test_a_type_karpenter_cannot_launch_is_quoted_within_a_minute(
+    api: client.ApiClient, namespace: str, name: str, instance_type: str, failure: str, quoted: str
+) -> None:
     toy_claim(api, namespace)
     core = client.CoreV1Api(api)
-    message = "vCPU quota for G5 instances in us-east-1 is exhausted"
     core.create_namespaced_config_map(
-        "kube-system", {"metadata": {"name": FAILURES_CONFIGMAP}, "data": {"g5.12xlarge": f"QuotaExceeded: {message}"}}
+        "kube-system", {"metadata": {"name": FAILURES_CONFIGMAP}, "data": {instance_type: failure}}
     )
-    pool = names.node_pool(namespace, "quota", names.ROLE_TRAINER)
+    pool = names.node_pool(namespace, name, names.ROLE_TRAINER)
     try:
-        body = toy_job("quota", steps=4)
+        body = toy_job(name, steps=4)
         body["spec"]["distributed"]["nodes"] = 1
-        body["spec"]["resources"] = {"provisioner": "karpenter", "instanceType": "g5.12xlarge", "cpu": "1"}
+        body["spec"]["resources"] = {"provisioner": "karpenter", "instanceType": instance_type, "cpu": "1"}
         started = time.monotonic()
         create_job(api, namespace, body)
 
-        def quoted() -> dict[str, Any] | None:
-            found = condition(api, namespace, "quota", "NodesReady")
+        def reported() -> dict[str, Any] | None:
+            found = condition(api, namespace, name, "NodesReady")
             return found if found and found["reason"] == "NodeClaimFailed" else None
 
-        found = wait_until(quoted, timeout=60, what="NodesReady False quoting Karpenter's reason")
+        found = wait_until(reported, timeout=60, what="NodesReady False quoting Karpenter's reason")
         took = time.monotonic() - started
         assert found["status"] == "False"
-        assert f"QuotaExceeded: {message}" in found["message"], found
+        assert quoted in found["message"], found
         assert pool in found["message"]
-        assert read_job(api, namespace, "quota")["status"]["phase"] == "Provisioning"
-        print(f"quota: NodesReady quoted Karpenter's reason {took:.1f} s after the job was created")
+        assert read_job(api, namespace, name)["status"]["phase"] == "Provisioning"
+        print(
+            f"{name}: NodesReady quoted Karpenter's reason {took:.1f} s after the job was created: {found['message']}"
+        )
     finally:
         core.delete_namespaced_config_map(FAILURES_CONFIGMAP, "kube-system")
-    delete_and_expect_nothing_left(api, namespace, "quota")
+    delete_and_expect_nothing_left(api, namespace, name)
     assert not karpenter_left(api, pool)
 
 

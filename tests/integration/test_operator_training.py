@@ -11,19 +11,16 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import signal
-import threading
 import time
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 import pytest
-from kubernetes import client, watch
+from kubernetes import client
 
 from kubetune_local import cluster
-from kubetune_operator import names
 from tests.conftest import OciRegistry
 from tests.factories import create_job, finetunejob, read_job, serve_folder, serve_s3, wait_until
 from tests.integration.conftest import OperatorProcess
@@ -335,56 +332,3 @@ def test_models_and_datasets_in_s3_and_in_a_registry_are_read_with_the_secrets_k
             operator.stop()
             operator.extra_args = ()
             operator.start()
-
-
-def test_operator_sigkilled_ten_times_duplicates_nothing(
-    operator: OperatorProcess, api: client.ApiClient, namespace: str
-) -> None:
-    toy_claim(api, namespace)
-    created: dict[str, set[str]] = {"Job": set(), "NodeClaim": set()}
-    counts = {"Job": 0, "NodeClaim": 0}
-    stop = threading.Event()
-
-    def count(kind: str, lister: Any, *args: Any) -> None:
-        while not stop.is_set():
-            for event in watch.Watch().stream(lister, *args, timeout_seconds=3):
-                name = (
-                    event["object"]["metadata"]["name"]
-                    if isinstance(event["object"], dict)
-                    else event["object"].metadata.name
-                )
-                if event["type"] == "ADDED" and name not in created[kind]:
-                    created[kind].add(name)
-                    counts[kind] += 1
-                if stop.is_set():
-                    return
-
-    custom, batch = client.CustomObjectsApi(api), client.BatchV1Api(api)
-    watchers = [
-        threading.Thread(target=count, args=("Job", batch.list_namespaced_job, namespace), daemon=True),
-        threading.Thread(
-            target=count,
-            args=("NodeClaim", custom.list_cluster_custom_object, "karpenter.sh", "v1", "nodeclaims"),
-            daemon=True,
-        ),
-    ]
-    for thread in watchers:
-        thread.start()
-    create_job(api, namespace, toy_job("chaos", steps=40))
-    rng = random.Random(7)
-    try:
-        for _ in range(10):
-            time.sleep(rng.uniform(0.5, 4.0))
-            operator.kill()
-            time.sleep(rng.uniform(0.0, 1.0))
-            operator.start()
-        result = wait_until(
-            lambda: ended(api, namespace, "chaos"), timeout=900, what="the job to end despite the kills"
-        )
-    finally:
-        stop.set()
-    assert result == "Complete"
-    pool = names.node_pool(namespace, "chaos", names.ROLE_TRAINER)
-    ours = {name for name in created["NodeClaim"] if name.startswith(f"{pool}-")}
-    assert len(ours) == 2, f"one NodeClaim per node of the job's pool: {sorted(ours)}"
-    assert sorted(created["Job"]) == ["chaos-publish", "chaos-train-0"], "exactly one Job per attempt, one publish Job"

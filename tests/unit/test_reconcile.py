@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import json
 from typing import Any
 
@@ -10,7 +11,7 @@ import pytest
 from kubetune_api.resource import FineTuneJob, Progress, load_job
 from kubetune_operator import conditions, names
 from kubetune_operator.decision import Decision
-from kubetune_operator.observed import Observed
+from kubetune_operator.observed import Observed, waits_for_nodes
 from kubetune_operator.reconcile import decide
 from kubetune_operator.settings import OperatorSettings
 from tests.conftest import REPO, load_yaml
@@ -56,11 +57,13 @@ def claim(
     }
 
 
-def pool(name: str = TRAIN_POOL, *, deleting: bool = False) -> dict[str, Any]:
+def pool(name: str = TRAIN_POOL, *, deleting: bool = False, replicas: int | None = None) -> dict[str, Any]:
+    """A NodePool as the apiserver returns it: dynamic, or static with ``replicas``."""
     meta: dict[str, Any] = {"name": name}
     if deleting:
         meta["deletionTimestamp"] = "2026-11-29T12:00:00Z"
-    return {"apiVersion": "karpenter.sh/v1", "kind": "NodePool", "metadata": meta, "spec": {}}
+    spec: dict[str, Any] = {} if replicas is None else {"replicas": replicas}
+    return {"apiVersion": "karpenter.sh/v1", "kind": "NodePool", "metadata": meta, "spec": spec}
 
 
 def applied(decision: Decision, kind: str = "NodePool") -> list[str]:
@@ -177,7 +180,10 @@ class TestProvisioning:
     def test_static_pool_keeps_its_replicas_and_waits_for_them_before_the_job(self) -> None:
         ftj = job(resources={"nodePool": {"mode": "static"}})
         decision = run(
-            ftj, node_pools=[pool()], node_claims=[claim("ml-support-bot-0")], nodes=[node("ml-support-bot-0")]
+            ftj,
+            node_pools=[pool(replicas=2)],
+            node_claims=[claim("ml-support-bot-0")],
+            nodes=[node("ml-support-bot-0")],
         )
         (applied_pool,) = [m for m in decision.apply if m["kind"] == "NodePool"]
         assert applied_pool["spec"]["replicas"] == 2
@@ -208,6 +214,70 @@ class TestProvisioning:
         assert (status, reason) == ("False", conditions.NODE_CLAIM_FAILED)
         assert "InsufficientCapacity" in message
         assert "no capacity in eastus-2" in message
+
+    def test_karpenters_insufficient_capacity_event_is_quoted_while_the_pods_wait(self) -> None:
+        # Karpenter deletes a claim it has no capacity for and tries again: only its event says why.
+        at = datetime.datetime(2026, 12, 3, 12, 0, tzinfo=datetime.UTC)
+        ice = karpenter_event(f"{TRAIN_POOL}-q8z2x", "InsufficientCapacityError", "no p5 capacity", at)
+        other = karpenter_event("other-pool-train-0-abcde", "InsufficientCapacityError", "not ours", at)
+        stale = karpenter_event(f"{TRAIN_POOL}-old00", "InsufficientCapacityError", "an hour ago", at, minutes=-60)
+        waiting = {
+            "node_pools": [pool()],
+            "training_jobs": [training_job(0, "active")],
+            "pods": [pod(0, "Pending"), pod(1, "Pending")],
+            "now": at + datetime.timedelta(seconds=30),
+        }
+        decision = run(job(), karpenter_events=[other, ice, stale], **waiting)
+        status, reason, message = condition(decision, conditions.NODES_READY)
+        assert (status, reason) == ("False", conditions.NODE_CLAIM_FAILED)
+        assert "InsufficientCapacityError: NodeClaim" in message
+        assert "no p5 capacity" in message
+        assert "not ours" not in message
+        assert TRAIN_POOL in message
+        assert decision.status.phase == "Provisioning"
+        quiet = run(job(), karpenter_events=[other, stale], **waiting)
+        assert condition(quiet, conditions.NODES_READY)[1] == conditions.WAITING_FOR_NODES, "old news is no reason"
+
+    def test_switching_the_pool_mode_replaces_the_pool(self) -> None:
+        # Karpenter refuses to add or drop replicas on an existing pool: the operator deletes the
+        # dynamic pool, applies nothing until it is gone, then creates the static one.
+        dynamic = pool()
+        static = job(resources={"nodePool": {"mode": "static"}})
+        switching = run(static, node_pools=[dynamic])
+        assert pools_deleted(switching) == [TRAIN_POOL]
+        assert applied(switching) == []
+        going = dict(dynamic, metadata={**dynamic["metadata"], "deletionTimestamp": "2026-12-03T12:00:00Z"})
+        waiting = run(static, node_pools=[going])
+        assert (pools_deleted(waiting), applied(waiting)) == ([], [])
+        created = run(static)
+        assert applied(created) == [TRAIN_POOL]
+        (manifest,) = [m for m in created.apply if m["kind"] == "NodePool"]
+        assert manifest["spec"]["replicas"] == 2
+
+    def test_a_pool_condition_that_is_false_is_quoted(self) -> None:
+        refused = pool()
+        refused["status"] = {
+            "conditions": [
+                {"type": "ValidationSucceeded", "status": "True", "reason": "ValidationSucceeded"},
+                {
+                    "type": "NodeClassReady",
+                    "status": "False",
+                    "reason": "NodeClassNotFound",
+                    "message": "no AKSNodeClass default",
+                },
+                {"type": "Ready", "status": "False", "reason": "UnhealthyDependents"},
+            ]
+        }
+        decision = run(job(), node_pools=[refused])
+        status, reason, message = condition(decision, conditions.NODES_READY)
+        assert (status, reason) == ("False", conditions.NODE_POOL_NOT_READY)
+        assert "NodeClassReady False, NodeClassNotFound: no AKSNodeClass default" in message
+
+    def test_only_a_pool_short_of_ready_claims_reads_karpenters_events(self) -> None:
+        ftj = job()
+        assert waits_for_nodes(ftj, [pool()], [claim("ml-support-bot-0")])
+        assert not waits_for_nodes(ftj, [pool()], [claim("ml-support-bot-0"), claim("ml-support-bot-1")])
+        assert not waits_for_nodes(ftj, [], [])
 
     def test_a_claim_karpenter_has_not_looked_at_yet_is_no_failure(self) -> None:
         decision = run(job(), node_pools=[pool()], node_claims=[claim("ml-support-bot-0", ready=False)])
@@ -818,3 +888,15 @@ class TestPreflight:
         decision = run(job())
         assert not conditions.get(decision.status.conditions, conditions.PREFLIGHT_PASSED)
         assert applied(decision) == [TRAIN_POOL]
+
+
+def karpenter_event(name: str, reason: str, message: str, at: datetime.datetime, *, minutes: int = 0) -> dict[str, Any]:
+    """A Warning event Karpenter leaves on a NodeClaim (in namespace default, as the apiserver returns it)."""
+    when = (at + datetime.timedelta(minutes=minutes)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return {
+        "involvedObject": {"apiVersion": "karpenter.sh/v1", "kind": "NodeClaim", "name": name},
+        "reason": reason,
+        "message": f"NodeClaim {name} event: {message}",
+        "type": "Warning",
+        "lastTimestamp": when,
+    }
