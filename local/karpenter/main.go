@@ -5,11 +5,14 @@
 // to true. An instance type whose offerings are all unavailable is how a launch failure is
 // injected: Karpenter then finds no offering for the pods that need it.
 //
-// The provider is wrapped (see failingProvider) for two reasons: upstream's KWOK Create panics
+// The provider is wrapped (see failingProvider) for three reasons: upstream's KWOK Create panics
 // on a claim whose instance types have no available offering (a static NodePool creates such
-// claims without checking), and the stall that panic causes blocks all provisioning; and tests
+// claims without checking), and the stall that panic causes blocks all provisioning; tests
 // inject launch failures through the ConfigMap kube-system/kubetune-local-instance-failures
-// ("<instance type>: <Reason>: <message>"), read on every launch.
+// ("<instance type>: <Reason>: <message>"), read on every launch; and a terminated instance's
+// Node must go, as a cloud's node controller (CCM) removes it: Karpenter deletes the Node of a
+// claim itself only once the claim is registered, and upstream KWOK's Delete leaves the Node of a
+// claim deleted before that (a job deleted while its nodes boot) behind forever.
 //
 // Built by kubetune_local.karpenter from a generated wrapper module that requires
 // sigs.k8s.io/karpenter at the pinned version; this file is copied into it verbatim.
@@ -25,6 +28,7 @@ import (
 
 	corev1 "k8s.io/api/core/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/types"
 	"sigs.k8s.io/controller-runtime/pkg/client"
 	"sigs.k8s.io/controller-runtime/pkg/log"
@@ -70,6 +74,19 @@ func (p *failingProvider) Create(ctx context.Context, nodeClaim *karpv1.NodeClai
 	}
 	return nil, cloudprovider.NewInsufficientCapacityError(
 		fmt.Errorf("no available offering for instance types %s in the catalog", strings.Join(names, ", ")))
+}
+
+// Delete terminates the claim's instance, as upstream KWOK does, and then does what a cloud's
+// node controller does when an instance is gone: it deletes the instance's Node object.
+func (p *failingProvider) Delete(ctx context.Context, nodeClaim *karpv1.NodeClaim) error {
+	err := p.CloudProvider.Delete(ctx, nodeClaim)
+	if name := strings.TrimPrefix(nodeClaim.Status.ProviderID, "kwok://"); name != "" && name != nodeClaim.Status.ProviderID {
+		node := &corev1.Node{ObjectMeta: metav1.ObjectMeta{Name: name}}
+		if derr := p.kubeClient.Delete(ctx, node); derr != nil && !apierrors.IsNotFound(derr) {
+			return fmt.Errorf("deleting the Node %s of terminated instance %s: %w", name, nodeClaim.Name, derr)
+		}
+	}
+	return err
 }
 
 // injected returns the configured failure when every candidate instance type has one.

@@ -14,6 +14,7 @@ daemon adopts them (:class:`kubetune_local.adopt.KarpenterNodeAdopter`).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -47,7 +48,9 @@ def karpenter_root(version: str = KARPENTER_VERSION) -> Path:
 
 
 def binary_path(version: str = KARPENTER_VERSION) -> Path:
-    return karpenter_root(version) / "bin" / BINARY
+    """Where the binary built from this checkout's ``main.go`` lives: a changed main is a new binary."""
+    source = hashlib.sha256(MAIN_GO.read_bytes()).hexdigest()[:12]
+    return karpenter_root(version) / "bin" / source / BINARY
 
 
 def _price(instance: InstanceType) -> float:
@@ -135,6 +138,9 @@ def ensure_binary(progress: Progress | None = None) -> Path:
             tail = "\n".join((result.stdout + result.stderr).splitlines()[-40:])
             raise BuildError(f"`{' '.join(step[:3])} …` failed (exit {result.returncode}):\n{tail}")
     (target.parent / f".{BINARY}.tmp").replace(target)
+    for stale in target.parent.parent.iterdir():  # binaries of other versions of main.go
+        if stale != target.parent:
+            shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
     say(f"built {BINARY} in {time.monotonic() - started:.0f}s")
     return target
 

@@ -103,7 +103,12 @@ def delete_and_expect_nothing_left(api: client.ApiClient, namespace: str, name: 
     try:
         wait_until(nothing_left, timeout=180, what=f"every child of {name} to be gone")
     except pytest.fail.Exception:
-        pytest.fail(f"children of {name} still there after 180 s: {left}")
+        nodes = [
+            {"name": n.metadata.name, "deleting": n.metadata.deletion_timestamp, "finalizers": n.metadata.finalizers,
+             "created": n.metadata.creation_timestamp, "taints": n.spec.taints}
+            for n in client.CoreV1Api(api).list_node(label_selector=names.selector(namespace, name)).items
+        ]
+        pytest.fail(f"children of {name} still there after 180 s: {left}; nodes: {nodes}")
 
 
 def test_byo_waits_for_a_matching_node_then_launches(api: client.ApiClient, namespace: str) -> None:
