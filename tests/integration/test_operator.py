@@ -104,8 +104,13 @@ def delete_and_expect_nothing_left(api: client.ApiClient, namespace: str, name: 
         wait_until(nothing_left, timeout=180, what=f"every child of {name} to be gone")
     except pytest.fail.Exception:
         nodes = [
-            {"name": n.metadata.name, "deleting": n.metadata.deletion_timestamp, "finalizers": n.metadata.finalizers,
-             "created": n.metadata.creation_timestamp, "taints": n.spec.taints}
+            {
+                "name": n.metadata.name,
+                "deleting": n.metadata.deletion_timestamp,
+                "finalizers": n.metadata.finalizers,
+                "created": n.metadata.creation_timestamp,
+                "taints": n.spec.taints,
+            }
             for n in client.CoreV1Api(api).list_node(label_selector=names.selector(namespace, name)).items
         ]
         pytest.fail(f"children of {name} still there after 180 s: {left}; nodes: {nodes}")
