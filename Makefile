@@ -8,7 +8,7 @@ CRD    := crds/kubetune.io_finetunejobs.yaml
 comma  := ,
 SOURCES := api/kubetune_api operator/kubetune_operator trainer/kubetune_trainer local/kubetune_local cli/kubetune_cli
 
-.PHONY: setup lint test unit binaries karpenter registry integration crds lock clean demo demo-down
+.PHONY: setup lint test unit binaries karpenter kueue registry integration crds lock clean demo demo-down
 
 ## setup: create .venv and install kubetune with its pinned dependencies (quick when done already)
 setup: $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
@@ -37,6 +37,10 @@ binaries: setup
 ## karpenter: real Karpenter (core v1.13.0 + its KWOK provider) for the local runtime, built once (~6-10 min)
 karpenter: binaries
 	$(BIN)/kubetune local build --provisioner karpenter
+
+## kueue: real Kueue (v0.17.0) for the local runtime (`kubetune local up --kueue`), built once (~13 min)
+kueue: binaries
+	$(BIN)/kubetune local build --kueue
 
 ## registry: Debian's docker-registry, the real OCI registry of the publish tests (apt-get; sudo unless root)
 registry:

@@ -74,15 +74,21 @@ def _local(args: argparse.Namespace) -> int:
 
             print(f"Karpenter (KWOK provider) ready: {ensure_binary()}")
             nodeclass_crd()
+        from kubetune_local import kueue
+
+        if args.kueue or kueue.enabled_by_environment():
+            print(f"Kueue {kueue.KUEUE_VERSION} ready: {kueue.ensure_binary()}")
+            kueue.manifests()
     elif args.action == "up":
         try:
-            started = cluster.up(home, provisioner=args.provisioner)
+            started = cluster.up(home, provisioner=args.provisioner, kueue=args.kueue or None)
         except cluster.AlreadyRunning as exc:
             print(exc, file=sys.stderr)
             return 1
         print(
             f"local cluster ready in {started.seconds_to_ready:.1f}s "
-            f"(nodes: kubetune-local; NodeClaims are fulfilled by {started.state.provisioner})"
+            f"(nodes: kubetune-local; NodeClaims are fulfilled by {started.state.provisioner}"
+            f"{'; Kueue admits queued Jobs' if started.state.kueue else ''})"
         )
         print(f"export KUBECONFIG={started.kubeconfig}")
     elif args.action == "down":
@@ -376,6 +382,12 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["local", "karpenter"],
         help="for up/build: who fulfils NodeClaims: the node daemon (local) or real Karpenter with its KWOK "
         "provider (karpenter; built once, ~7-10 min); default $KUBETUNE_LOCAL_PROVISIONER or local",
+    )
+    local.add_argument(
+        "--kueue",
+        action="store_true",
+        help="for up/build: also run real Kueue (v0.17.0: admits Jobs labelled kueue.x-k8s.io/queue-name; "
+        "built once, ~13 min); default $KUBETUNE_LOCAL_KUEUE=1 or off",
     )
     local.set_defaults(run=_local)
 

@@ -90,6 +90,8 @@ class State:
     provisioner: str = "local"
     """Who fulfils NodeClaims: ``local`` (the node daemon's stand-in) or ``karpenter`` (real
     Karpenter with its KWOK provider; the daemon adopts its Nodes)."""
+    kueue: bool = False
+    """Whether real Kueue runs as a process of the cluster (``up(kueue=True)``)."""
 
     @classmethod
     def load(cls, home: Path) -> State:
