@@ -110,7 +110,7 @@ def up(
     karpenter_binary = karpenter.ensure_binary(progress=progress) if with_karpenter else None
     if with_karpenter:
         crds.append(_load(karpenter.nodeclass_crd()))
-    with_kueue_parts = (
+    kueue_built = (
         (local_kueue.ensure_binary(progress=progress), local_kueue.manifests(progress=progress)) if with_kueue else None
     )
     started = time.monotonic()
@@ -124,10 +124,11 @@ def up(
     state.save(home)
     try:
         api = api_client(plane.kubeconfig)
-        kueue_setup = local_kueue.prepare(home) if with_kueue_parts else None
-        if with_kueue_parts and kueue_setup:
-            port, bundle = kueue_setup.ports.webhook, kueue_setup.ca_bundle
-            crds += local_kueue.crd_documents(with_kueue_parts[1], port=port, ca_bundle=bundle)
+        kueue_run = local_kueue.prepare(home, *kueue_built) if kueue_built else None
+        if kueue_run is not None:
+            crds += local_kueue.crd_documents(
+                kueue_run.manifests, port=kueue_run.ports.webhook, ca_bundle=kueue_run.ca_bundle
+            )
         _install(api, crds)
         if karpenter_binary is not None:
             client.CustomObjectsApi(api).create_cluster_custom_object(
@@ -136,13 +137,13 @@ def up(
             state.pids[KARPENTER] = karpenter.spawn(home, karpenter_binary)
             state.save(home)
             progress("starting Karpenter (KWOK provider; its Nodes are adopted by the node daemon)")
-        if with_kueue_parts and kueue_setup:
-            _spawn_kueue(api, home, state, binary=with_kueue_parts[0], setup=kueue_setup, progress=progress)
+        if kueue_run is not None:
+            _spawn_kueue(api, home, state, kueue_run, progress)
         state.pids[DAEMON] = _spawn_daemon(home)
         state.save(home)
         progress("starting the node daemon (process-backed nodes, NodeClaims, local volumes)")
-        if with_kueue_parts and kueue_setup:
-            _start_kueue_webhooks(api, home, kueue_setup, with_kueue_parts[1], timeout)
+        if kueue_run is not None:
+            _start_kueue_webhooks(api, home, kueue_run, timeout)
         _wait_ready(api, home, timeout)
     except BaseException:
         down(home, progress=lambda _line: None)
@@ -155,19 +156,15 @@ def _load(path: Path) -> dict[str, Any]:
     return loaded
 
 
-def _spawn_kueue(
-    api: client.ApiClient, home: Path, state: State, *, binary: Path, setup: local_kueue.Setup, progress: Progress
-) -> None:
+def _spawn_kueue(api: client.ApiClient, home: Path, state: State, setup: local_kueue.Setup, progress: Progress) -> None:
     with contextlib.suppress(ApiException):  # 409: already there
         client.CoreV1Api(api).create_namespace({"metadata": {"name": local_kueue.NAMESPACE}})
-    state.pids[KUEUE] = local_kueue.spawn(home, binary, setup)
+    state.pids[KUEUE] = local_kueue.spawn(home, setup)
     state.save(home)
     progress(f"starting Kueue {local_kueue.KUEUE_VERSION} (webhooks on 127.0.0.1:{setup.ports.webhook})")
 
 
-def _start_kueue_webhooks(
-    api: client.ApiClient, home: Path, setup: local_kueue.Setup, found: local_kueue.Manifests, timeout: float
-) -> None:
+def _start_kueue_webhooks(api: client.ApiClient, home: Path, setup: local_kueue.Setup, timeout: float) -> None:
     """Wait until Kueue is ready, install its webhook configurations, and return once the
     apiserver calls them: a dry-run Job with a queue label comes back suspended."""
     pid = State.load(home).pids[KUEUE]
@@ -180,7 +177,7 @@ def _start_kueue_webhooks(
         if time.monotonic() > deadline:
             raise TimeoutError(f"Kueue not ready at {readyz} after {timeout:.0f}s; see {log}:\n{_tail(log)}")
         time.sleep(0.3)
-    documents = list(yaml.safe_load_all(found.webhooks.read_text(encoding="utf-8")))
+    documents = list(yaml.safe_load_all(setup.manifests.webhooks.read_text(encoding="utf-8")))
     admission = client.AdmissionregistrationV1Api(api)
     for configuration in local_kueue.webhook_configurations(
         [d for d in documents if d], port=setup.ports.webhook, ca_bundle=setup.ca_bundle

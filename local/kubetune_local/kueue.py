@@ -297,6 +297,8 @@ def configuration(*, ports: Ports, cert_dir: Path, frameworks: Collection[str] =
 class Setup:
     """What one cluster's Kueue runs with."""
 
+    binary: Path
+    manifests: Manifests
     ports: Ports
     cert_dir: Path
     """Holds ``tls.crt`` and ``tls.key``: the webhook and metrics servers' certificate."""
@@ -319,14 +321,15 @@ def serving_certificate(pki: Path, cert_dir: Path) -> bytes:
     return ca.pair.cert.read_bytes()
 
 
-def prepare(home: Path) -> Setup:
-    """Choose free loopback ports, issue the certificate and write the Configuration file."""
+def prepare(home: Path, binary: Path, found: Manifests) -> Setup:
+    """For the cluster at ``home`` (its CA in ``pki``): choose free loopback ports, issue the
+    serving certificate and write the Configuration file ``kueue/config.yaml``."""
     ports = Ports(webhook=free_port(), metrics=free_port(), health=free_port())
     cert_dir = home / "kueue" / "certs"
     ca_bundle = serving_certificate(home / "pki", cert_dir)
     config = home / "kueue" / "config.yaml"
     config.write_text(yaml.safe_dump(configuration(ports=ports, cert_dir=cert_dir), sort_keys=False), encoding="utf-8")
-    return Setup(ports=ports, cert_dir=cert_dir, ca_bundle=ca_bundle, config=config)
+    return Setup(binary=binary, manifests=found, ports=ports, cert_dir=cert_dir, ca_bundle=ca_bundle, config=config)
 
 
 def command(binary: Path, config: Path) -> list[str]:
@@ -334,13 +337,13 @@ def command(binary: Path, config: Path) -> list[str]:
     return [str(binary), f"--config={config}", "--zap-log-level=info"]
 
 
-def spawn(home: Path, binary: Path, setup: Setup) -> int:
+def spawn(home: Path, setup: Setup) -> int:
     """Start Kueue against the cluster at ``home`` with the admin kubeconfig; log ``logs/kueue.log``."""
     (home / "logs").mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "KUBECONFIG": str(home / "kubeconfig"), METRICS_CERT_ENV: str(setup.cert_dir)}
     with open(home / "logs" / "kueue.log", "ab") as log:
         process = subprocess.Popen(
-            command(binary, setup.config),
+            command(setup.binary, setup.config),
             stdout=log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
