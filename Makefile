@@ -8,7 +8,7 @@ CRD    := crds/kubetune.io_finetunejobs.yaml
 comma  := ,
 SOURCES := api/kubetune_api operator/kubetune_operator trainer/kubetune_trainer local/kubetune_local cli/kubetune_cli
 
-.PHONY: setup lint test unit binaries registry integration crds lock clean demo demo-down
+.PHONY: setup lint test unit binaries kueue registry integration crds lock clean demo demo-down
 
 ## setup: create .venv and install kubetune with its pinned dependencies (quick when done already)
 setup: $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
@@ -34,6 +34,10 @@ unit: binaries
 binaries: setup
 	$(BIN)/kubetune local build
 
+## kueue: real Kueue (v0.17.0) for the local runtime (`kubetune local up --kueue`), built once (~13 min)
+kueue: binaries
+	$(BIN)/kubetune local build --kueue
+
 ## registry: Debian's docker-registry, the real OCI registry of the publish tests (apt-get; sudo unless root)
 registry:
 	@test -x /usr/bin/docker-registry || { \
@@ -41,11 +45,11 @@ registry:
 		$$SUDO apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends docker-registry; }
 
 ## integration: the tests against the local runtime's real control plane
-integration: binaries registry
+integration: binaries kueue registry
 	$(BIN)/pytest -m integration
 
 ## test: everything CI runs: lint, unit and integration tests
-test: lint binaries registry
+test: lint binaries kueue registry
 	$(BIN)/pytest
 
 ## demo: start the local runtime and the operator, train and serve examples/local.yaml, ask the adapter

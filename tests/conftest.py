@@ -16,7 +16,12 @@ import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parent.parent
-EXAMPLES = sorted((REPO / "examples").glob("*.yaml"))
+#: The FineTuneJob manifests of examples/ (not the other kinds beside them, such as Kueue's queues).
+EXAMPLES = sorted(
+    path
+    for path in (REPO / "examples").glob("*.yaml")
+    if (next(yaml.safe_load_all(path.read_text(encoding="utf-8"))) or {}).get("kind") == "FineTuneJob"
+)
 BAD_INPUT = sorted((REPO / "tests" / "bad_input").glob("*.yaml"))
 
 

@@ -70,16 +70,22 @@ def _local(args: argparse.Namespace) -> int:
         print(f"control-plane binaries ready in {found.directory}")
         print(f"Karpenter (KWOK provider) ready: {ensure_binary()}")
         nodeclass_crd()
+        from kubetune_local import kueue
+
+        if args.kueue or kueue.enabled_by_environment():
+            print(f"Kueue {kueue.KUEUE_VERSION} ready: {kueue.ensure_binary()}")
+            kueue.manifests()
     elif args.action == "up":
         try:
-            started = cluster.up(home)
+            started = cluster.up(home, kueue=args.kueue or None)
         except cluster.AlreadyRunning as exc:
             print(exc, file=sys.stderr)
             return 1
         print(
             f"local cluster ready in {started.seconds_to_ready:.1f}s "
             "(node: kubetune-local; Karpenter launches the nodes of NodePools of the KWOK NodeClass "
-            f"{KWOK_NODE_CLASS[0]}/{KWOK_NODE_CLASS[1]}/{NODECLASS_NAME})"
+            f"{KWOK_NODE_CLASS[0]}/{KWOK_NODE_CLASS[1]}/{NODECLASS_NAME}"
+            f"{'; Kueue admits queued Jobs' if started.state.kueue else ''})"
         )
         print(f"export KUBECONFIG={started.kubeconfig}")
     elif args.action == "down":
@@ -368,6 +374,12 @@ def build_parser() -> argparse.ArgumentParser:
     local.add_argument("-n", "--namespace", default="default", help="for logs: the pod's namespace")
     local.add_argument("-c", "--container", help="for logs: the container (the first one by default)")
     local.add_argument("--home", help="state folder (default $KUBETUNE_LOCAL_HOME or ~/.kubetune/local)")
+    local.add_argument(
+        "--kueue",
+        action="store_true",
+        help="for up/build: also run real Kueue (v0.17.0: admits Jobs labelled kueue.x-k8s.io/queue-name; "
+        "built once, ~13 min); default $KUBETUNE_LOCAL_KUEUE=1 or off",
+    )
     local.set_defaults(run=_local)
 
     demo = commands.add_parser(

@@ -132,6 +132,93 @@ def ensure_binaries(
     )
 
 
+def go_env() -> dict[str, str]:
+    """The environment of every ``go`` step: the installed toolchain (no automatic download of
+    another), static binaries, and go.mod files completed from the module proxy as needed."""
+    return {
+        **os.environ,
+        "GOTOOLCHAIN": os.environ.get("GOTOOLCHAIN", "local"),
+        "CGO_ENABLED": "0",
+        "GOFLAGS": "-buildvcs=false -mod=mod",
+    }
+
+
+def run_go(what: str, args: list[str], *, cwd: Path, env: dict[str, str], say: Progress) -> str:
+    """Run ``go args`` in ``cwd``; say a line every 30 s; raise BuildError with the output's tail on failure."""
+    started = time.monotonic()
+    say(f"  {what} ...")
+    with tempfile.TemporaryFile(mode="w+") as log:
+        process = subprocess.Popen(["go", *args], cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT)
+        stop = threading.Event()
+
+        def heartbeat() -> None:
+            while not stop.wait(30):
+                say(f"  {what}: still running ({time.monotonic() - started:.0f}s)")
+
+        ticker = threading.Thread(target=heartbeat, daemon=True)
+        ticker.start()
+        code = process.wait()
+        stop.set()
+        log.seek(0)
+        output = log.read()
+    if code != 0:
+        tail = "\n".join(output.splitlines()[-40:])
+        raise BuildError(f"`go {' '.join(args[:3])} …` failed while {what} (exit {code}):\n{tail}")
+    say(f"  {what}: {time.monotonic() - started:.0f}s")
+    return output
+
+
+def go_module(module: str, version: str, workdir: Path, *, env: dict[str, str]) -> Path:
+    """``module@version``'s folder in the Go module cache, downloaded through the proxy when needed."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    result = subprocess.run(
+        ["go", "mod", "download", "-json", f"{module}@{version}"],
+        capture_output=True,
+        text=True,
+        cwd=workdir,
+        env=env,
+        check=False,
+    )
+    info = json.loads(result.stdout or "{}")
+    if "Dir" not in info:
+        raise BuildError(f"cannot fetch {module}@{version}: {info.get('Error') or result.stderr}")
+    return Path(info["Dir"])
+
+
+def build_wrapper(
+    name: str,
+    *,
+    module: str,
+    version: str,
+    main_go: str,
+    target: Path,
+    work: Path,
+    ldflags: str = "",
+    say: Progress,
+) -> None:
+    """Build ``target`` from a generated wrapper module: ``main_go`` as its only file, requiring
+    ``module@version``, its ``go`` line copied from that module's go.mod, the rest resolved by
+    ``go mod tidy``. The binary is written beside ``target`` and renamed into place when complete."""
+    env = go_env()
+    upstream = go_module(module, version, work, env=env)
+    declared = json.loads(subprocess.check_output(["go", "mod", "edit", "-json", str(upstream / "go.mod")], env=env))
+    work.mkdir(parents=True, exist_ok=True)
+    (work / "go.mod").write_text(f"module kubetune.local/build/{name}\n\ngo {declared['Go']}\n", encoding="utf-8")
+    (work / "main.go").write_text(main_go, encoding="utf-8")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    temporary = target.parent / f".{name}.tmp"
+    run_go(f"requiring {module}@{version}", ["mod", "edit", f"-require={module}@{version}"], cwd=work, env=env, say=say)
+    run_go(f"downloading the modules {name} needs", ["mod", "tidy"], cwd=work, env=env, say=say)
+    run_go(
+        f"building {name}",
+        ["build", "-trimpath", f"-ldflags=-s -w {ldflags}".strip(), "-o", str(temporary), "."],
+        cwd=work,
+        env=env,
+        say=say,
+    )
+    temporary.replace(target)
+
+
 class _Builder:
     """Runs the ``go`` commands, with a heartbeat on long steps and the output kept on failure."""
 
@@ -142,12 +229,7 @@ class _Builder:
         self.say = say
         self.out = cache_dir(version)
         self.work = cache_root() / version / "build"
-        self.env = {
-            **os.environ,
-            "GOTOOLCHAIN": os.environ.get("GOTOOLCHAIN", "local"),
-            "CGO_ENABLED": "0",
-            "GOFLAGS": "-buildvcs=false -mod=mod",
-        }
+        self.env = go_env()
 
     def build(self, missing: list[str]) -> None:
         self.out.mkdir(parents=True, exist_ok=True)
@@ -162,28 +244,7 @@ class _Builder:
     # ------------------------------------------------------------------------- plumbing
 
     def _go(self, what: str, args: list[str], cwd: Path) -> str:
-        """Run ``go args`` in ``cwd``; print a line every 30 s; raise with the output's tail on failure."""
-        started = time.monotonic()
-        self.say(f"  {what} ...")
-        with tempfile.TemporaryFile(mode="w+") as log:
-            process = subprocess.Popen(["go", *args], cwd=cwd, env=self.env, stdout=log, stderr=subprocess.STDOUT)
-            stop = threading.Event()
-
-            def heartbeat() -> None:
-                while not stop.wait(30):
-                    self.say(f"  {what}: still running ({time.monotonic() - started:.0f}s)")
-
-            ticker = threading.Thread(target=heartbeat, daemon=True)
-            ticker.start()
-            code = process.wait()
-            stop.set()
-            log.seek(0)
-            output = log.read()
-        if code != 0:
-            tail = "\n".join(output.splitlines()[-40:])
-            raise BuildError(f"`go {' '.join(args[:3])} …` failed while {what} (exit {code}):\n{tail}")
-        self.say(f"  {what}: {time.monotonic() - started:.0f}s")
-        return output
+        return run_go(what, args, cwd=cwd, env=self.env, say=self.say)
 
     def _module(self, module: str, version: str) -> dict[str, Any]:
         info: dict[str, Any] = json.loads(
@@ -310,18 +371,4 @@ def karpenter_crds(progress: Progress | None = None) -> list[Path]:
 
 def karpenter_module(workdir: Path, *, env: dict[str, str]) -> Path:
     """The sigs.k8s.io/karpenter module's folder in the Go module cache, downloaded when needed."""
-    workdir.mkdir(parents=True, exist_ok=True)
-    result = subprocess.run(
-        ["go", "mod", "download", "-json", f"sigs.k8s.io/karpenter@{KARPENTER_VERSION}"],
-        capture_output=True,
-        text=True,
-        cwd=workdir,
-        env=env,
-        check=False,
-    )
-    info = json.loads(result.stdout or "{}")
-    if "Dir" not in info:
-        raise BuildError(
-            f"cannot fetch sigs.k8s.io/karpenter@{KARPENTER_VERSION}: {info.get('Error') or result.stderr}"
-        )
-    return Path(info["Dir"])
+    return go_module("sigs.k8s.io/karpenter", KARPENTER_VERSION, workdir, env=env)

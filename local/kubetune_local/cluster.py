@@ -2,9 +2,10 @@
 
 ``up`` builds (once) and starts the control plane, installs Karpenter's CRDs, its KWOK NodeClass
 and the local StorageClass, starts real Karpenter (its KWOK provider, :mod:`kubetune_local.karpenter`)
-and the node daemon, and returns when the default node is Ready. Each
-``up`` starts a fresh cluster; certificates are kept. ``down`` stops everything it started and
-then sweeps any process that still carries the cluster's marker in its environment.
+and the node daemon, and returns when the default node is Ready; with ``kueue`` it also runs real
+Kueue (:mod:`kubetune_local.kueue`) and returns once its webhooks answer. Each ``up`` starts a
+fresh cluster; certificates are kept. ``down`` stops everything it started and then sweeps any
+process that still carries the cluster's marker in its environment.
 """
 
 from __future__ import annotations
@@ -16,9 +17,12 @@ import shutil
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import yaml
 from kubernetes import client
@@ -29,12 +33,14 @@ from kubetune_local.controlplane import COMPONENTS, MARK_ENV, ControlPlane, Stat
 
 __all__ = ["AlreadyRunning", "Cluster", "State", "down", "marked_processes", "pod_log", "status", "up"]
 from kubetune_local import karpenter
+from kubetune_local import kueue as local_kueue
 from kubetune_local.daemon import DEFAULT_NODE
 from kubetune_local.kube import api_client
 from kubetune_local.storage import storage_class
 
 DAEMON = "node-daemon"
 KARPENTER = "karpenter"
+KUEUE = "kueue"
 
 Progress = Callable[[str], None]
 
@@ -72,12 +78,15 @@ def running(home: Path) -> dict[str, bool]:
     return {name: pid_alive(pid) for name, pid in state.pids.items()}
 
 
-def up(home: Path, *, progress: Progress = _say, timeout: float = 180.0) -> Cluster:
-    """Start a fresh local cluster and return once a node is Ready.
+def up(home: Path, *, progress: Progress = _say, timeout: float = 180.0, kueue: bool | None = None) -> Cluster:
+    """Start a fresh local cluster and return once a node is Ready (and Kueue admits, with it).
 
     Karpenter (built on first use, like the control plane) launches the nodes of NodePools; the
-    node daemon adopts them and runs their pods as processes.
+    node daemon adopts them and runs their pods as processes. ``kueue``: also run real Kueue
+    (built on first use), its CRDs and webhooks installed; by default ``$KUBETUNE_LOCAL_KUEUE``
+    (1, true or yes), else off. Recorded as ``State.kueue``.
     """
+    with_kueue = local_kueue.enabled_by_environment() if kueue is None else kueue
     home.mkdir(parents=True, exist_ok=True)
     alive = [name for name, ok in running(home).items() if ok]
     if alive:
@@ -86,17 +95,26 @@ def up(home: Path, *, progress: Progress = _say, timeout: float = 180.0) -> Clus
             f"run `kubetune local down` first, or use it: export KUBECONFIG={home / 'kubeconfig'}"
         )
     binaries = ensure_binaries(progress=progress)
-    crds = [*karpenter_crds(progress=progress), karpenter.nodeclass_crd()]
+    crds = [_load(path) for path in [*karpenter_crds(progress=progress), karpenter.nodeclass_crd()]]
     karpenter_binary = karpenter.ensure_binary(progress=progress)
+    kueue_built = (
+        (local_kueue.ensure_binary(progress=progress), local_kueue.manifests(progress=progress)) if with_kueue else None
+    )
     started = time.monotonic()
     for stale in ("etcd", "pods", "volumes", "logs"):
         shutil.rmtree(home / stale, ignore_errors=True)
     plane = ControlPlane(home, binaries)
     progress("starting etcd, kube-apiserver, kube-controller-manager and kube-scheduler")
     state = plane.start(timeout=timeout)
+    state.kueue = with_kueue
     state.save(home)
     try:
         api = api_client(plane.kubeconfig)
+        kueue_run = local_kueue.prepare(home, *kueue_built) if kueue_built else None
+        if kueue_run is not None:
+            crds += local_kueue.crd_documents(
+                kueue_run.manifests, port=kueue_run.ports.webhook, ca_bundle=kueue_run.ca_bundle
+            )
         _install(api, crds)
         client.CustomObjectsApi(api).create_cluster_custom_object(
             "karpenter.kwok.sh", "v1alpha1", "kwoknodeclasses", karpenter.nodeclass()
@@ -104,9 +122,13 @@ def up(home: Path, *, progress: Progress = _say, timeout: float = 180.0) -> Clus
         state.pids[KARPENTER] = karpenter.spawn(home, karpenter_binary)
         state.save(home)
         progress("starting Karpenter (KWOK provider; its Nodes are adopted by the node daemon)")
+        if kueue_run is not None:
+            _spawn_kueue(api, home, state, kueue_run, progress)
         state.pids[DAEMON] = _spawn_daemon(home)
         state.save(home)
         progress("starting the node daemon (process-backed nodes, local volumes)")
+        if kueue_run is not None:
+            _start_kueue_webhooks(api, home, kueue_run, timeout)
         _wait_ready(api, home, timeout)
     except BaseException:
         down(home, progress=lambda _line: None)
@@ -114,15 +136,98 @@ def up(home: Path, *, progress: Progress = _say, timeout: float = 180.0) -> Clus
     return Cluster(home, plane.kubeconfig, binaries, state, time.monotonic() - started)
 
 
-def _install(api: client.ApiClient, crds: list[Path]) -> None:
+def _load(path: Path) -> dict[str, Any]:
+    loaded: dict[str, Any] = yaml.safe_load(path.read_text(encoding="utf-8"))
+    return loaded
+
+
+def _spawn_kueue(api: client.ApiClient, home: Path, state: State, setup: local_kueue.Setup, progress: Progress) -> None:
+    with contextlib.suppress(ApiException):  # 409: already there
+        client.CoreV1Api(api).create_namespace({"metadata": {"name": local_kueue.NAMESPACE}})
+    state.pids[KUEUE] = local_kueue.spawn(home, setup)
+    state.save(home)
+    progress(f"starting Kueue {local_kueue.KUEUE_VERSION} (webhooks on 127.0.0.1:{setup.ports.webhook})")
+
+
+def _start_kueue_webhooks(api: client.ApiClient, home: Path, setup: local_kueue.Setup, timeout: float) -> None:
+    """Wait until Kueue is ready, install its webhook configurations, and return once the
+    apiserver calls them: a dry-run Job with a queue label comes back suspended."""
+    pid = State.load(home).pids[KUEUE]
+    log = home / "logs" / "kueue.log"
+    deadline = time.monotonic() + timeout
+    readyz = f"http://127.0.0.1:{setup.ports.health}/readyz"
+    while not _answers(readyz):
+        if not pid_alive(pid):
+            raise RuntimeError(f"Kueue exited during start-up; see {log}:\n{_tail(log)}")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"Kueue not ready at {readyz} after {timeout:.0f}s; see {log}:\n{_tail(log)}")
+        time.sleep(0.3)
+    documents = list(yaml.safe_load_all(setup.manifests.webhooks.read_text(encoding="utf-8")))
+    admission = client.AdmissionregistrationV1Api(api)
+    for configuration in local_kueue.webhook_configurations(
+        [d for d in documents if d], port=setup.ports.webhook, ca_bundle=setup.ca_bundle
+    ):
+        if configuration["kind"] == "MutatingWebhookConfiguration":
+            admission.create_mutating_webhook_configuration(configuration)
+        else:
+            admission.create_validating_webhook_configuration(configuration)
+    batch = client.BatchV1Api(api)
+    last = ""
+    while time.monotonic() < deadline:
+        try:
+            answer = batch.create_namespaced_job("default", _probe_job(), dry_run="All")
+            if answer.spec.suspend:
+                return
+            last = "the dry-run Job came back unsuspended (the mutating webhook is not called yet)"
+        except ApiException as exc:
+            last = f"{exc.status}: {exc.body}"
+        if not pid_alive(pid):
+            raise RuntimeError(f"Kueue exited during start-up; see {log}:\n{_tail(log)}")
+        time.sleep(0.3)
+    raise TimeoutError(f"Kueue's webhooks do not answer the apiserver after {timeout:.0f}s ({last}); see {log}")
+
+
+def _probe_job() -> dict[str, Any]:
+    """A Job with a queue label, created unsuspended, only ever sent as a dry run."""
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {"name": "kueue-webhook-probe", "labels": {local_kueue.QUEUE_LABEL: "probe"}},
+        "spec": {
+            "suspend": False,
+            "template": {
+                "spec": {
+                    "restartPolicy": "Never",
+                    "containers": [{"name": "probe", "image": "probe", "command": ["true"]}],
+                }
+            },
+        },
+    }
+
+
+def _answers(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:  # noqa: S310 - a loopback URL of ours
+            return bool(response.status == 200)
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+def _tail(path: Path, lines: int = 30) -> str:
+    if not path.exists():
+        return ""
+    return "\n".join(path.read_text(encoding="utf-8", errors="replace").splitlines()[-lines:])
+
+
+def _install(api: client.ApiClient, crds: list[dict[str, Any]]) -> None:
     extensions = client.ApiextensionsV1Api(api)
-    for path in crds:
+    for crd in crds:
         with contextlib.suppress(ApiException):  # 409: already there
-            extensions.create_custom_resource_definition(yaml.safe_load(path.read_text(encoding="utf-8")))
+            extensions.create_custom_resource_definition(crd)
     with contextlib.suppress(ApiException):
         client.StorageV1Api(api).create_storage_class(storage_class())
     deadline = time.monotonic() + 60
-    names = [yaml.safe_load(p.read_text(encoding="utf-8"))["metadata"]["name"] for p in crds]
+    names = [crd["metadata"]["name"] for crd in crds]
     while time.monotonic() < deadline:
         established = [
             any(
@@ -197,10 +302,11 @@ def _ancestors() -> set[int]:
 
 
 def down(home: Path, *, progress: Progress = _say) -> list[str]:
-    """Stop the node daemon (and so every pod), then the control plane; return what was stopped."""
+    """Stop Kueue and Karpenter, the node daemon (and so every pod), then the control plane;
+    return what was stopped."""
     state = State.load(home)
     stopped = []
-    order = [KARPENTER, DAEMON, *reversed(COMPONENTS)]
+    order = [KUEUE, KARPENTER, DAEMON, *reversed(COMPONENTS)]
     for name in order:
         pid = state.pids.get(name)
         if pid is not None and pid_alive(pid):

@@ -87,6 +87,8 @@ class State:
     apiserver_port: int = 0
     pids: dict[str, int] = field(default_factory=dict)
     started_at: float = 0.0
+    kueue: bool = False
+    """Whether real Kueue runs as a process of the cluster (``up(kueue=True)``)."""
 
     @classmethod
     def load(cls, home: Path) -> State:

@@ -25,7 +25,15 @@ from collections.abc import Collection
 from pathlib import Path
 from typing import Final
 
-from kubetune_local.binaries import KARPENTER_VERSION, BuildError, Progress, cache_root, karpenter_module
+from kubetune_local.binaries import (
+    KARPENTER_VERSION,
+    BuildError,
+    Progress,
+    build_wrapper,
+    cache_root,
+    go_env,
+    karpenter_module,
+)
 from kubetune_local.catalog import CATALOG, InstanceType, capacity_of
 from kubetune_local.kube import Obj
 
@@ -96,17 +104,8 @@ def nodeclass_crd() -> Path:
     return target
 
 
-def _go_env() -> dict[str, str]:
-    return {
-        **os.environ,
-        "GOTOOLCHAIN": os.environ.get("GOTOOLCHAIN", "local"),
-        "CGO_ENABLED": "0",
-        "GOFLAGS": "-buildvcs=false -mod=mod",
-    }
-
-
 def _module_dir() -> Path:
-    return karpenter_module(karpenter_root(), env=_go_env())
+    return karpenter_module(karpenter_root(), env=go_env())
 
 
 def ensure_binary(progress: Progress | None = None) -> Path:
@@ -117,27 +116,17 @@ def ensure_binary(progress: Progress | None = None) -> Path:
     if shutil.which("go") is None:
         raise BuildError("the `go` command is needed once to build Karpenter (sigs.k8s.io/karpenter)")
     say = progress or (lambda line: print(line, file=sys.stderr, flush=True))
-    module = _module_dir()
-    upstream = json.loads(subprocess.check_output(["go", "mod", "edit", "-json", str(module / "go.mod")]))
-    work = karpenter_root() / "build" / BINARY
-    work.mkdir(parents=True, exist_ok=True)
-    (work / "go.mod").write_text(f"module kubetune.local/build/{BINARY}\n\ngo {upstream['Go']}\n", encoding="utf-8")
-    shutil.copyfile(MAIN_GO, work / "main.go")
-    env = _go_env()
     started = time.monotonic()
     say(f"building {BINARY} (Karpenter {KARPENTER_VERSION}, KWOK provider) into {target.parent} (first run only)")
-    steps = [
-        ["go", "mod", "edit", f"-require=sigs.k8s.io/karpenter@{KARPENTER_VERSION}"],
-        ["go", "mod", "tidy"],
-        ["go", "build", "-trimpath", "-ldflags=-s -w", "-o", str(target.parent / f".{BINARY}.tmp"), "."],
-    ]
-    target.parent.mkdir(parents=True, exist_ok=True)
-    for step in steps:
-        result = subprocess.run(step, cwd=work, env=env, capture_output=True, text=True, check=False)
-        if result.returncode != 0:
-            tail = "\n".join((result.stdout + result.stderr).splitlines()[-40:])
-            raise BuildError(f"`{' '.join(step[:3])} …` failed (exit {result.returncode}):\n{tail}")
-    (target.parent / f".{BINARY}.tmp").replace(target)
+    build_wrapper(
+        BINARY,
+        module="sigs.k8s.io/karpenter",
+        version=KARPENTER_VERSION,
+        main_go=MAIN_GO.read_text(encoding="utf-8"),
+        target=target,
+        work=karpenter_root() / "build" / BINARY,
+        say=say,
+    )
     for stale in target.parent.parent.iterdir():  # binaries of other versions of main.go
         if stale != target.parent:
             shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
