@@ -31,6 +31,7 @@ MAX_NAME_LENGTH: Final = 40
 Phase = Literal[
     "Pending",
     "Preflight",
+    "Queued",
     "Provisioning",
     "Initializing",
     "Training",
@@ -163,7 +164,7 @@ class FineTuneJobStatus(StatusModel):
     """What the operator observed and decided; recomputed on every reconcile."""
 
     phase: Phase = "Pending"
-    """Pending, Preflight, Provisioning, Initializing, Training, Publishing, Serving, Complete, Failed or Suspended."""
+    """Pending, Preflight, Queued (waiting for Kueue to admit it: no node yet), Provisioning, Initializing, Training, Publishing, Serving, Complete, Failed or Suspended."""
     observed_generation: Annotated[int, Field(ge=0)] | None = None
     """The metadata.generation the status was computed from."""
     conditions: Annotated[

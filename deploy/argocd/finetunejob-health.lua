@@ -90,6 +90,9 @@ elseif phase == "Training" then
 elseif phase == "Preflight" then
   hs.status = "Progressing"
   hs.message = message_of(condition(status, "PreflightPassed"), "Preflight")
+elseif phase == "Queued" then
+  hs.status = "Progressing"
+  hs.message = message_of(condition(status, "Training"), "Queued")
 elseif phase == "Provisioning" then
   hs.status = "Progressing"
   hs.message = message_of(condition(status, "NodesReady"), "Provisioning")

@@ -29,7 +29,10 @@ from kubetune_operator.children.nodes import (
 from kubetune_operator.decision import Decision
 from kubetune_operator.kube import Kube
 from kubetune_operator.observed import (
+    KUEUE_API_VERSIONS,
+    KUEUE_JOB_UID_LABEL,
     Observed,
+    attempt_of,
     claims_selector,
     current_attempt,
     in_phase,
@@ -43,6 +46,7 @@ from kubetune_operator.observed import (
     reads_publish_pods,
     reads_serving,
     reads_serving_pods,
+    reads_workload,
     serving_claims,
     training_claims,
     training_jobs,
@@ -161,6 +165,8 @@ class Controller:
             if reads_preflight_pods(preflight)
             else []
         )
+        current = max(jobs, key=attempt_of) if jobs else None
+        workload = self._workload(namespace, current) if reads_workload(job, current) else None
         deployment = None
         serving_pods: list[Obj] = []
         if reads_serving(job, publish):
@@ -189,7 +195,19 @@ class Controller:
             serving_claims=serving_claims(claims, namespace, meta["name"]),
             deployment=deployment,
             serving_pods=serving_pods,
+            workload=workload,
         )
+
+    def _workload(self, namespace: str, job: Obj | None) -> Obj | None:
+        """Kueue's Workload of ``job`` (by Kueue's job-uid label), in the newest Kueue API the cluster serves."""
+        if job is None:
+            return None
+        for api_version in KUEUE_API_VERSIONS:
+            if self.kube.installed(api_version, "Workload"):
+                labels = f"{KUEUE_JOB_UID_LABEL}={job['metadata']['uid']}"
+                found = self.kube.list(api_version, "Workload", namespace=namespace, labels=labels)
+                return found[0] if found else None
+        return None
 
     def _karpenter_events(self) -> list[Obj]:
         """Karpenter's Warning events about NodePools and NodeClaims: cluster-scoped objects, so in ``default``."""

@@ -55,6 +55,8 @@ class Observed:
     deployment: Obj | None = None
     """The serving Deployment, when it exists."""
     serving_pods: list[Obj] = field(default_factory=list)
+    workload: Obj | None = None
+    """Kueue's Workload of the current attempt's Job (runPolicy.queueName), when Kueue made one."""
     now: datetime.datetime = field(default_factory=now)
 
 
@@ -207,6 +209,43 @@ def _adapter(text: str) -> Adapter | None:
         )
     except (ValueError, TypeError, KeyError):
         return None
+
+
+#: Kueue's API versions, newest first: v1beta2 from Kueue 0.15, v1beta1 before.
+KUEUE_API_VERSIONS: Final = ("kueue.x-k8s.io/v1beta2", "kueue.x-k8s.io/v1beta1")
+#: Kueue's label on a Workload: the uid of the Job it admits.
+KUEUE_JOB_UID_LABEL: Final = "kueue.x-k8s.io/job-uid"
+
+
+def reads_workload(job: FineTuneJob, current: Obj | None) -> bool:
+    """Kueue's Workload says why a queued attempt waits, or that it was evicted."""
+    return bool(job.spec.run_policy.queue_name) and current is not None and job_state(current) == "Suspended"
+
+
+def waits_in_queue(job: FineTuneJob, current: Obj | None) -> bool:
+    """Whether the job waits for Kueue: queued, and its attempt's Job not created yet or suspended by Kueue.
+
+    Kueue admits a Job by unsuspending it and evicts one by suspending it again; until then nothing
+    that costs money (a NodePool, a node) exists for the job. runPolicy.suspend is the user's own.
+    """
+    if not job.spec.run_policy.queue_name or job.spec.run_policy.suspend:
+        return False
+    return current is None or job_state(current) == "Suspended"
+
+
+def kueue_reason(workload: Obj | None) -> str:
+    """Why Kueue has not admitted the Workload, in Kueue's words (its conditions), or that it has none yet."""
+    if workload is None:
+        return "Kueue has not made a Workload for it yet (is Kueue running, and the LocalQueue there?)"
+    found = conditions_of(workload)
+    evicted = found.get("Evicted")
+    if evicted and evicted.get("status") == "True":
+        return f"evicted by Kueue ({evicted.get('reason')}: {evicted.get('message', '')}); resumes from its last checkpoint when admitted again"
+    for kind in ("QuotaReserved", "Admitted"):
+        condition = found.get(kind)
+        if condition and condition.get("status") == "False" and condition.get("message"):
+            return f"{kind} False, {condition.get('reason')}: {condition['message']}"
+    return "waiting for Kueue to reserve quota"
 
 
 def reads_serving(job: FineTuneJob, publish: Obj | None) -> bool:

@@ -51,17 +51,21 @@ from kubetune_operator.observed import (
     has_pool,
     in_phase,
     karpenter_warning,
+    kueue_reason,
     publish_result,
     recorded_result,
     result_annotation,
     serving_claims_note,
     uses_karpenter,
     waiting_reasons,
+    waits_in_queue,
 )
 from kubetune_operator.settings import OperatorSettings
 
 #: Seconds to the next pass while something is about to change (nodes, pods, a publish, a server).
 _SOON = 5.0
+#: How often a queued job re-reads its Workload (Kueue's admission itself wakes it: it changes the Job).
+_QUEUE_POLL = 15.0
 
 
 @dataclass(frozen=True)
@@ -131,7 +135,8 @@ def _keep_node_pool(facts: Facts, decision: Decision) -> None:
     observed = facts.observed
     if not (uses_karpenter(observed.job) and observed.karpenter_installed):
         return
-    if facts.release:
+    if facts.release or waits_in_queue(observed.job, facts.current):
+        # Released, or waiting for Kueue (not admitted yet, or evicted): no pool, so no node is paid for.
         if has_pool(observed, names.ROLE_TRAINER):
             decision.delete.append((KARPENTER_API_VERSION, NODE_POOL_KIND, None, training_pool_name(facts.target)))
     elif facts.preflight.clear:
@@ -163,6 +168,13 @@ def _phase(facts: Facts, conds: Conditions, decision: Decision) -> Outcome:
         return _failed(facts, conds)
     if not facts.preflight.clear:
         return _preflight(facts, conds, decision)
+    return _cleared(facts, conds, decision)
+
+
+def _cleared(facts: Facts, conds: Conditions, decision: Decision) -> Outcome:
+    """Past the pre-flight: wait for Kueue, then for the nodes, then train."""
+    if waits_in_queue(facts.observed.job, facts.current):
+        return _queued(facts, conds, decision)
     if not facts.readiness.ready and not _pods_bring_nodes(facts):
         return _provisioning(facts, conds, decision)
     return _nodes_ready(facts, conds, decision)
@@ -294,6 +306,30 @@ def _provisioning(facts: Facts, conds: Conditions, decision: Decision) -> Outcom
     return Outcome("Provisioning", facts.attempt, None)
 
 
+def _queued(facts: Facts, conds: Conditions, decision: Decision) -> Outcome:
+    """runPolicy.queueName: the attempt's Job waits, suspended, for Kueue to admit it; no node exists until then.
+
+    The Job (with Kueue's queue label and the gang's pod-set resources) is created first, so Kueue
+    can count it against the ClusterQueue's quota; Kueue admits it by unsuspending it, and the
+    pool comes then (a dynamic pool's nodes come for the pending pods). An evicted attempt (Kueue
+    suspends it again) comes back here, its pool deleted; re-admitted, its pods resume from the
+    last checkpoint.
+    """
+    queue = facts.spec.run_policy.queue_name
+    if facts.current is None:
+        outcome = _launching(facts, conds, decision)
+        reason = "its Job is created suspended for Kueue to admit"
+    else:
+        outcome = Outcome("Queued", facts.attempt, None)
+        reason = kueue_reason(facts.observed.workload)
+    conds.set(
+        conditions.TRAINING, "False", conditions.QUEUED, f"waiting for Kueue to admit it from queue {queue}: {reason}"
+    )
+    conds.set(conditions.NODES_READY, "False", conditions.QUEUED, "no node until Kueue admits the job")
+    decision.requeue_after = _QUEUE_POLL
+    return dataclasses.replace(outcome, phase="Queued")
+
+
 def _launching(facts: Facts, conds: Conditions, decision: Decision) -> Outcome:
     """The first attempt, or a gang restart after a retryable failure: stage and create its Job."""
     attempt = facts.attempt
@@ -333,7 +369,6 @@ def _running(facts: Facts, conds: Conditions, decision: Decision) -> Outcome:
     """The attempt goes on: resumed if it was suspended; queued, training or initializing by its pods."""
     observed, current, spec = facts.observed, facts.current, facts.spec
     assert current is not None
-    queued = facts.current_state == "Suspended" and bool(spec.run_policy.queue_name)
     if facts.current_state == "Suspended" and not spec.run_policy.queue_name:
         decision.patch.append((current, {"spec": {"suspend": False}}))
     if conds.has(conditions.SUSPENDED):
@@ -341,14 +376,6 @@ def _running(facts: Facts, conds: Conditions, decision: Decision) -> Outcome:
     running = in_phase(observed.pods, "Running")
     # Pods that finished while the Job controller has not yet marked the Job complete.
     finished = in_phase(observed.pods, "Succeeded")
-    if queued:
-        conds.set(
-            conditions.TRAINING,
-            "False",
-            conditions.QUEUED,
-            f"waiting for Kueue to admit it from queue {spec.run_policy.queue_name}",
-        )
-        return Outcome("Pending", facts.attempt, None)
     if len(running) + len(finished) >= spec.distributed.nodes and (running or finished):
         done = f", {len(finished)} finished" if finished else ""
         conds.set(

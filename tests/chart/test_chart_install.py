@@ -289,6 +289,7 @@ ALLOWED = [
     ("list", "nodepools.karpenter.sh", "cluster"),
     ("delete", "nodepools.karpenter.sh", "cluster"),
     ("list", "events", "default"),
+    ("list", "workloads.kueue.x-k8s.io", "watched"),
     ("list", "nodeclaims.karpenter.sh", "cluster"),
     ("watch", "nodeclaims.karpenter.sh", "cluster"),
     ("patch", "deployments.apps", "watched"),
@@ -296,6 +297,8 @@ ALLOWED = [
 ]
 REFUSED = [
     ("get", "secrets", "watched"),
+    # Kueue owns admission: the operator reads Workloads, never changes them.
+    ("patch", "workloads.kueue.x-k8s.io", "watched"),
     ("list", "secrets", "cluster"),
     ("create", "pods", "watched"),
     ("delete", "pods", "watched"),

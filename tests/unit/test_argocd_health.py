@@ -166,6 +166,13 @@ def test_the_preflight_shows_what_it_checks(run: Any) -> None:
     assert run(job("Preflight")) == ("Progressing", "Preflight")
 
 
+def test_a_queued_job_says_why_kueue_has_not_admitted_it(run: Any) -> None:
+    message = "waiting for Kueue to admit it from queue team-a: QuotaReserved False, Pending: insufficient unused quota"
+    obj = job("Queued", conditions=[cond("Training", "False", "Queued", message)])
+    assert run(obj) == ("Progressing", message)
+    assert run(job("Queued")) == ("Progressing", "Queued")
+
+
 @pytest.mark.parametrize("phase", ["Pending", "Initializing", "Publishing", "SomethingNew"])
 def test_other_phases_are_progressing_with_the_phase(run: Any, phase: str) -> None:
     assert run(job(phase)) == ("Progressing", phase)

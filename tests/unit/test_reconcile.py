@@ -571,12 +571,79 @@ class TestSuspendAndQueue:
         decision = run(job(), training_jobs=[training_job(0, "suspended")], **ready_nodes())
         assert [patch for _, patch in decision.patch] == [{"spec": {"suspend": False}}]
 
-    def test_queued_job_waits_for_kueue(self) -> None:
-        queued = job(runPolicy={"queueName": "team-a"})
-        decision = run(queued, training_jobs=[training_job(0, "suspended")], **ready_nodes())
-        assert decision.status.phase == "Pending"
-        assert condition(decision, conditions.TRAINING)[1] == conditions.QUEUED
+
+def workload(**conds: tuple[str, str, str]) -> dict[str, Any]:
+    """Kueue's Workload with conditions given as type=(status, reason, message)."""
+    return {
+        "apiVersion": "kueue.x-k8s.io/v1beta2",
+        "kind": "Workload",
+        "metadata": {"name": "job-support-bot-train-0-1a2b3", "namespace": "ml"},
+        "status": {
+            "conditions": [
+                {"type": kind, "status": status, "reason": reason, "message": message}
+                for kind, (status, reason, message) in conds.items()
+            ]
+        },
+    }
+
+
+class TestKueue:
+    """runPolicy.queueName: nothing that costs money before Kueue admits the job."""
+
+    def queued(self, **run_policy: Any) -> FineTuneJob:
+        return job(runPolicy={"queueName": "team-a", **run_policy})
+
+    def test_the_first_pass_creates_the_suspended_job_and_no_pool(self) -> None:
+        decision = run(self.queued())
+        (training,) = [m for m in decision.create if m["kind"] == "Job"]
+        assert training["spec"]["suspend"] is True
+        assert training["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team-a"
+        assert applied(decision) == [], "no NodePool before admission"
+        assert decision.status.phase == "Queued"
+        assert condition(decision, conditions.NODES_READY)[1] == conditions.QUEUED
+
+    def test_waiting_quotes_kueues_reason_and_keeps_no_pool(self) -> None:
+        quota = "couldn't assign flavors to pod set main: insufficient unused quota for nvidia.com/gpu in flavor a100, 16 more needed"
+        waiting = workload(QuotaReserved=("False", "Pending", quota))
+        decision = run(self.queued(), training_jobs=[training_job(0, "suspended")], workload=waiting)
+        assert decision.status.phase == "Queued"
+        status, reason, message = condition(decision, conditions.TRAINING)
+        assert (status, reason) == ("False", conditions.QUEUED)
+        assert f"QuotaReserved False, Pending: {quota}" in message
+        assert applied(decision) == []
+        assert decision.create == []
         assert decision.patch == [], "Kueue owns suspend"
+
+    def test_admitted_brings_the_pool_and_the_pods_then_train(self) -> None:
+        admitted = run(self.queued(), training_jobs=[training_job(0, "pending")], pods=[pod(0, "Pending")])
+        assert applied(admitted) == [TRAIN_POOL]
+        assert admitted.status.phase == "Provisioning"
+        training = run(self.queued(), training_jobs=[training_job(0, "active")], pods=[pod(0), pod(1)], **ready_nodes())
+        assert training.status.phase == "Training"
+
+    def test_an_evicted_job_goes_back_to_the_queue_and_releases_its_nodes(self) -> None:
+        evicted = workload(
+            Evicted=("True", "Preempted", "Preempted to accommodate a workload (UID: 9f) due to prioritization"),
+            QuotaReserved=("False", "Pending", "insufficient unused quota for nvidia.com/gpu in flavor a100"),
+        )
+        decision = run(self.queued(), training_jobs=[training_job(0, "suspended")], workload=evicted, **ready_nodes())
+        assert decision.status.phase == "Queued"
+        assert pools_deleted(decision) == [TRAIN_POOL]
+        assert applied(decision) == []
+        message = condition(decision, conditions.TRAINING)[2]
+        assert "evicted by Kueue (Preempted: Preempted to accommodate" in message
+        assert "resumes from its last checkpoint" in message
+
+    def test_no_workload_yet_says_so(self) -> None:
+        decision = run(self.queued(), training_jobs=[training_job(0, "suspended")])
+        assert "Kueue has not made a Workload" in condition(decision, conditions.TRAINING)[2]
+
+    def test_the_users_suspend_still_suspends_an_admitted_job(self) -> None:
+        decision = run(
+            self.queued(suspend=True), training_jobs=[training_job(0, "active")], pods=[pod(0), pod(1)], **ready_nodes()
+        )
+        assert decision.status.phase == "Suspended"
+        assert [patch for _, patch in decision.patch] == [{"spec": {"suspend": True}}]
 
 
 def deployment(ready: int) -> dict[str, Any]:

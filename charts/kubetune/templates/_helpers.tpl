@@ -183,6 +183,11 @@ kubetune_operator/kube.py (every API call), controller.py and handlers.py (what 
 - apiGroups: [""]
   resources: [events]
   verbs: [create]
+# Kueue's Workloads (runPolicy.queueName): the controller lists the Workload of a queued Job, by
+# Kueue's job-uid label, to quote why Kueue has not admitted it or why it evicted it.
+- apiGroups: [kueue.x-k8s.io]
+  resources: [workloads]
+  verbs: [list]
 {{- if and (include "kubetune.ha" .) (eq .Values.watch.scope "namespaces") }}
 # kopf peering (several replicas, namespace-scoped): every replica lists and watches the peering
 # objects of the namespace to see whether a live replica of a higher priority works ...
