@@ -1,0 +1,290 @@
+"""Kueue first, against real Kueue (v0.17.0) and real Karpenter on the local runtime: no NodePool,
+NodeClaim or Node exists for a FineTuneJob before Kueue admits it, and an evicted job gives its
+nodes back and resumes from its checkpoint when admitted again.
+
+A cluster of its own, started with ``kueue=True``, and an operator. The jobs are the toy 2-node
+ZeRO-2 LoRA job on ``g5.xlarge`` nodes (1 fake A10G each: the pods ask for ``nvidia.com/gpu: 1``
+and train on the CPU), queued in a ClusterQueue whose GPU quota fits one job. Skipped until
+Kueue is built (``make kueue``).
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from kubernetes import client
+
+from kubetune_local import cluster, kueue
+from kubetune_local.kube import api_client
+from kubetune_operator import names
+from tests.factories import create_job, read_job, wait_until
+from tests.integration.conftest import CRD, OperatorProcess
+from tests.integration.test_nodepools import Counter, condition, karpenter_left
+from tests.integration.test_operator import delete_and_expect_nothing_left
+from tests.integration.test_operator_training import ended, phase, toy_claim, toy_job
+
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.trainer,
+    pytest.mark.skipif(not kueue.binary_path().exists(), reason="Kueue is not built (make kueue)"),
+]
+
+GROUP, VERSION = kueue.API_GROUP, kueue.API_VERSION
+INSTANCE = "g5.xlarge"
+#: The priority of the workload that preempts a training job (a plain Job with Kueue's label).
+URGENT = "urgent"
+
+
+@pytest.fixture(scope="module")
+def kueue_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[cluster.Cluster]:
+    home = Path(tmp_path_factory.mktemp("kubetune-kueue-first"))
+    started = cluster.up(home, kueue=True)
+    try:
+        yield started
+    finally:
+        cluster.down(home, progress=lambda _line: None)
+    assert cluster.marked_processes(home) == []
+
+
+@pytest.fixture(scope="module")
+def api(kueue_cluster: cluster.Cluster) -> client.ApiClient:
+    """This module's cluster, with the CRD, one ResourceFlavor of g5.xlarge nodes and a ClusterQueue of 2 GPUs."""
+    applied = kueue_cluster.kubectl("apply", "--server-side", "-f", str(CRD), check=False)
+    assert applied.returncode == 0, applied.stderr
+    kapi = api_client(kueue_cluster.kubeconfig)
+    custom = client.CustomObjectsApi(kapi)
+    custom.create_cluster_custom_object(
+        GROUP,
+        VERSION,
+        "resourceflavors",
+        {
+            "apiVersion": f"{GROUP}/{VERSION}",
+            "kind": "ResourceFlavor",
+            "metadata": {"name": "a10g"},
+            "spec": {"nodeLabels": {"node.kubernetes.io/instance-type": INSTANCE}},
+        },
+    )
+    custom.create_cluster_custom_object(
+        GROUP,
+        VERSION,
+        "clusterqueues",
+        {
+            "apiVersion": f"{GROUP}/{VERSION}",
+            "kind": "ClusterQueue",
+            "metadata": {"name": "two-gpus"},
+            "spec": {
+                "namespaceSelector": {},
+                "queueingStrategy": "StrictFIFO",
+                # A workload of a higher priority takes the quota of a running one.
+                "preemption": {"withinClusterQueue": "LowerPriority"},
+                "resourceGroups": [
+                    {
+                        "coveredResources": ["cpu", "nvidia.com/gpu"],
+                        "flavors": [
+                            {
+                                "name": "a10g",
+                                "resources": [
+                                    {"name": "cpu", "nominalQuota": "8"},
+                                    {"name": "nvidia.com/gpu", "nominalQuota": "2"},
+                                ],
+                            }
+                        ],
+                    }
+                ],
+            },
+        },
+    )
+    custom.create_cluster_custom_object(
+        GROUP,
+        VERSION,
+        "workloadpriorityclasses",
+        {
+            "apiVersion": f"{GROUP}/{VERSION}",
+            "kind": "WorkloadPriorityClass",
+            "metadata": {"name": URGENT},
+            "value": 1000,
+        },
+    )
+
+    def active() -> bool:
+        found = custom.get_cluster_custom_object(GROUP, VERSION, "clusterqueues", "two-gpus")
+        return any(
+            c["type"] == "Active" and c["status"] == "True" for c in found.get("status", {}).get("conditions", [])
+        )
+
+    wait_until(active, what="ClusterQueue two-gpus to be Active")
+    return kapi
+
+
+@pytest.fixture(scope="module")
+def operator(
+    kueue_cluster: cluster.Cluster, api: client.ApiClient, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[OperatorProcess]:
+    running = OperatorProcess(kueue_cluster.kubeconfig, tmp_path_factory.mktemp("operator") / "operator.log")
+    running.start()
+    try:
+        yield running
+    finally:
+        running.stop()
+
+
+@pytest.fixture
+def namespace(api: client.ApiClient) -> Iterator[str]:
+    """A namespace with the LocalQueue ``gpus`` of ClusterQueue two-gpus."""
+    name = f"k-{uuid.uuid4().hex[:8]}"
+    core = client.CoreV1Api(api)
+    core.create_namespace({"metadata": {"name": name}})
+    wait_until(lambda: core.list_namespaced_service_account(name).items, what=f"default ServiceAccount in {name}")
+    client.CustomObjectsApi(api).create_namespaced_custom_object(
+        GROUP,
+        VERSION,
+        name,
+        "localqueues",
+        {
+            "apiVersion": f"{GROUP}/{VERSION}",
+            "kind": "LocalQueue",
+            "metadata": {"name": "gpus"},
+            "spec": {"clusterQueue": "two-gpus"},
+        },
+    )
+    yield name
+    core.delete_namespace(name)
+
+
+def queued_job(name: str, *, steps: int, every: int = 10) -> dict[str, Any]:
+    """The toy 2-node job on g5.xlarge nodes, one GPU per pod, through the LocalQueue gpus."""
+    body = toy_job(name, steps=steps, every=every)
+    body["spec"]["resources"] = {"provisioner": "karpenter", "instanceType": INSTANCE, "gpusPerNode": 1, "cpu": "1"}
+    body["spec"]["runPolicy"]["queueName"] = "gpus"
+    return body
+
+
+def training_condition(api: client.ApiClient, namespace: str, name: str) -> dict[str, Any]:
+    return condition(api, namespace, name, "Training") or {}
+
+
+def nothing_of(counter: Counter, pool: str) -> None:
+    """No NodePool, NodeClaim or Node was ever made for ``pool``'s job (watched since before it was applied)."""
+    assert pool not in counter.added["nodepools"], f"{pool} was created before Kueue admitted its job"
+    assert counter.claims_of(pool) == [], f"claims of {pool}: {counter.claims_of(pool)}"
+
+
+@pytest.mark.usefixtures("operator")
+def test_the_second_job_waits_in_the_queue_with_no_node_until_the_first_is_done(
+    api: client.ApiClient, namespace: str
+) -> None:
+    toy_claim(api, namespace)
+    first, second = (names.node_pool(namespace, n, names.ROLE_TRAINER) for n in ("first", "second"))
+    with Counter(api) as counter:
+        create_job(api, namespace, queued_job("first", steps=40))
+        create_job(api, namespace, queued_job("second", steps=20))
+
+        def one_trains_one_waits() -> str | None:
+            message = str(training_condition(api, namespace, "second").get("message", ""))
+            trains = phase(api, namespace, "first") in ("Provisioning", "Initializing", "Training")
+            return message if trains and "insufficient unused quota for nvidia.com/gpu" in message else None
+
+        message = wait_until(one_trains_one_waits, timeout=180, what="the second job Queued with Kueue's reason")
+        started = time.monotonic()
+        assert phase(api, namespace, "second") == "Queued"
+        assert "QuotaReserved False, Pending: couldn't assign flavors to pod set" in message, message
+        print(f"second: {message}")
+
+        def first_ended_and_second_never_provisioned() -> str | None:
+            nothing_of(counter, second)
+            return ended(api, namespace, "first")
+
+        assert wait_until(first_ended_and_second_never_provisioned, timeout=600, what="the first job to end") == (
+            "Complete"
+        )
+        waited = time.monotonic() - started
+        assert first in counter.added["nodepools"]
+        assert len(counter.claims_of(first)) == 2, counter.claims_of(first)
+        result = wait_until(lambda: ended(api, namespace, "second"), timeout=600, what="the second job to end")
+        assert result == "Complete", read_job(api, namespace, "second")["status"]
+    assert counter.added["nodepools"].count(second) == 1
+    assert len(counter.claims_of(second)) == 2, counter.claims_of(second)
+    print(f"second: Queued with no pool for {waited:.0f} s while the first trained, then admitted and Complete")
+    for name in ("first", "second"):
+        delete_and_expect_nothing_left(api, namespace, name)
+
+
+def urgent_job(namespace: str) -> dict[str, Any]:
+    """A plain Job of a higher priority asking for the queue's 2 GPUs (it need never run: its admission is the point)."""
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {
+            "name": "urgent",
+            "namespace": namespace,
+            "labels": {kueue.QUEUE_LABEL: "gpus", "kueue.x-k8s.io/priority-class": URGENT},
+        },
+        "spec": {
+            "suspend": True,
+            "backoffLimit": 0,
+            "template": {
+                "spec": {
+                    "restartPolicy": "Never",
+                    "containers": [
+                        {
+                            "name": "main",
+                            "image": "python:3.11",
+                            "command": ["python", "-c", "import time; time.sleep(600)"],
+                            "resources": {
+                                "requests": {"nvidia.com/gpu": "2", "cpu": "1"},
+                                "limits": {"nvidia.com/gpu": "2"},
+                            },
+                        }
+                    ],
+                }
+            },
+        },
+    }
+
+
+@pytest.mark.usefixtures("operator")
+def test_an_evicted_job_releases_its_nodes_and_resumes_from_its_checkpoint(
+    kueue_cluster: cluster.Cluster, api: client.ApiClient, namespace: str
+) -> None:
+    toy_claim(api, namespace)
+    pool = names.node_pool(namespace, "low", names.ROLE_TRAINER)
+    create_job(api, namespace, queued_job("low", steps=60, every=10))
+
+    def past_a_checkpoint() -> bool:
+        progress = read_job(api, namespace, "low").get("status", {}).get("progress") or {}
+        return int(progress.get("step") or 0) >= 15
+
+    wait_until(past_a_checkpoint, timeout=600, what="training to pass its first checkpoint")
+    batch = client.BatchV1Api(api)
+    batch.create_namespaced_job(namespace, urgent_job(namespace))
+
+    def evicted() -> str | None:
+        message = str(training_condition(api, namespace, "low").get("message", ""))
+        return message if phase(api, namespace, "low") == "Queued" and "evicted by Kueue" in message else None
+
+    message = wait_until(evicted, timeout=120, what="the job to go back to Queued, evicted by Kueue")
+    assert "Preempted" in message, message
+    print(f"low: {message}")
+    wait_until(lambda: not karpenter_left(api, pool), timeout=120, what=f"{pool}, its claims and nodes to go")
+    batch.delete_namespaced_job("urgent", namespace, propagation_policy="Background")
+    result = wait_until(lambda: ended(api, namespace, "low"), timeout=900, what="the job to be readmitted and end")
+    status = read_job(api, namespace, "low")["status"]
+    assert result == "Complete", status
+    assert status["progress"]["step"] == 60
+    assert status.get("restarts", 0) == 0, "an eviction is no gang failure: the same attempt resumes"
+    jobs = sorted(j.metadata.name for j in batch.list_namespaced_job(namespace).items)
+    assert jobs == ["low-publish", "low-train-0"], jobs
+    rank0 = next(
+        p.metadata.name
+        for p in client.CoreV1Api(api).list_namespaced_pod(namespace, label_selector="kubetune.io/attempt=0").items
+        if p.metadata.name.startswith("low-train-0-0")
+    )
+    log = cluster.pod_log(kueue_cluster.home, rank0, namespace=namespace)
+    assert "resuming from" in log, "re-admitted, the gang resumed from its checkpoint"
+    assert "checkpoint-" in log
+    delete_and_expect_nothing_left(api, namespace, "low")
