@@ -75,6 +75,7 @@ def test_release_waits_for_the_pass_in_flight_and_no_pass_acts_after_it() -> Non
     obj = load_yaml(REPO / "examples" / "karpenter-aks.yaml")
     obj["metadata"].update(uid="uid-1", generation=1, creationTimestamp="2026-11-29T10:00:00Z", resourceVersion="1")
     obj["spec"]["preflight"] = {"enabled": False}  # straight to the NodePool
+    obj["spec"]["runPolicy"].pop("queueName")  # no Kueue to wait for
 
     in_flight = threading.Thread(target=controller.reconcile, args=(obj,))
     in_flight.start()
