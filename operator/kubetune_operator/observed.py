@@ -222,6 +222,11 @@ def reads_workload(job: FineTuneJob, current: Obj | None) -> bool:
     return bool(job.spec.run_policy.queue_name) and current is not None and job_state(current) == "Suspended"
 
 
+def not_admitted(job: FineTuneJob, current: Obj | None) -> bool:
+    """Whether a queued job's attempt is not admitted (no Job yet, or suspended): it may hold no node then."""
+    return bool(job.spec.run_policy.queue_name) and (current is None or job_state(current) == "Suspended")
+
+
 def waits_in_queue(job: FineTuneJob, current: Obj | None) -> bool:
     """Whether the job waits for Kueue: queued, and its attempt's Job not created yet or suspended by Kueue.
 

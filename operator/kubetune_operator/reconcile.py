@@ -52,6 +52,7 @@ from kubetune_operator.observed import (
     in_phase,
     karpenter_warning,
     kueue_reason,
+    not_admitted,
     publish_result,
     recorded_result,
     result_annotation,
@@ -135,8 +136,8 @@ def _keep_node_pool(facts: Facts, decision: Decision) -> None:
     observed = facts.observed
     if not (uses_karpenter(observed.job) and observed.karpenter_installed):
         return
-    if facts.release or waits_in_queue(observed.job, facts.current):
-        # Released, or waiting for Kueue (not admitted yet, or evicted): no pool, so no node is paid for.
+    if facts.release or not_admitted(observed.job, facts.current):
+        # Released, or not admitted by Kueue (not yet, evicted, or suspended): no pool, so no node is paid for.
         if has_pool(observed, names.ROLE_TRAINER):
             decision.delete.append((KARPENTER_API_VERSION, NODE_POOL_KIND, None, training_pool_name(facts.target)))
     elif facts.preflight.clear:

@@ -638,6 +638,12 @@ class TestKueue:
         decision = run(self.queued(), training_jobs=[training_job(0, "suspended")])
         assert "Kueue has not made a Workload" in condition(decision, conditions.TRAINING)[2]
 
+    def test_a_suspended_job_in_a_queue_gets_no_pool(self) -> None:
+        decision = run(self.queued(suspend=True), training_jobs=[training_job(0, "suspended")], **ready_nodes())
+        assert decision.status.phase == "Suspended"
+        assert pools_deleted(decision) == [TRAIN_POOL], "no node is held for a job that is not admitted"
+        assert applied(decision) == []
+
     def test_the_users_suspend_still_suspends_an_admitted_job(self) -> None:
         decision = run(
             self.queued(suspend=True), training_jobs=[training_job(0, "active")], pods=[pod(0), pod(1)], **ready_nodes()
