@@ -168,27 +168,22 @@ def training_condition(api: client.ApiClient, namespace: str, name: str) -> dict
     return condition(api, namespace, name, "Training") or {}
 
 
-def nothing_of(counter: Counter, pool: str) -> None:
-    """No NodePool, NodeClaim or Node was ever made for ``pool``'s job (watched since before it was applied)."""
-    assert pool not in counter.added["nodepools"], f"{pool} was created before Kueue admitted its job"
-    assert counter.claims_of(pool) == [], f"claims of {pool}: {counter.claims_of(pool)}"
-
-
 @pytest.mark.usefixtures("operator")
-def test_the_second_job_waits_in_the_queue_with_no_node_until_the_first_is_done(
+def test_of_two_jobs_applied_at_once_one_waits_queued_with_no_node_until_the_other_is_done(
     api: client.ApiClient, namespace: str
 ) -> None:
     toy_claim(api, namespace)
-    first, second = (names.node_pool(namespace, n, names.ROLE_TRAINER) for n in ("first", "second"))
+    pools = {n: names.node_pool(namespace, n, names.ROLE_TRAINER) for n in ("one", "two")}
     with Counter(api) as counter:
-        create_job(api, namespace, queued_job("first", steps=40))
-        create_job(api, namespace, queued_job("second", steps=20))
-
+        # Applied in the same second: Kueue orders them by creation time in seconds, then by uid,
+        # so which one it admits is its choice; the other must wait with nothing provisioned.
+        create_job(api, namespace, queued_job("one", steps=40))
+        create_job(api, namespace, queued_job("two", steps=40))
         seen: dict[str, Any] = {}
 
-        def one_trains_one_waits() -> str | None:
+        def one_trains_one_waits() -> tuple[str, str, str] | None:
             seen.update(
-                {name: read_job(api, namespace, name).get("status", {}) for name in ("first", "second")},
+                {name: read_job(api, namespace, name).get("status", {}) for name in pools},
                 workloads=[
                     (w["metadata"]["name"], w.get("status", {}).get("conditions"))
                     for w in client.CustomObjectsApi(api).list_namespaced_custom_object(
@@ -196,39 +191,40 @@ def test_the_second_job_waits_in_the_queue_with_no_node_until_the_first_is_done(
                     )["items"]
                 ],
             )
-            message = str(training_condition(api, namespace, "second").get("message", ""))
-            trains = phase(api, namespace, "first") in ("Provisioning", "Initializing", "Training")
-            return message if trains and "insufficient unused quota for nvidia.com/gpu" in message else None
+            for admitted, waiting in (("one", "two"), ("two", "one")):
+                message = str(training_condition(api, namespace, waiting).get("message", ""))
+                trains = phase(api, namespace, admitted) in ("Provisioning", "Initializing", "Training")
+                if trains and "insufficient unused quota for nvidia.com/gpu" in message:
+                    return admitted, waiting, message
+            return None
 
         try:
-            message = wait_until(one_trains_one_waits, timeout=180, what="the second job Queued with Kueue's reason")
+            admitted, waiting, message = wait_until(
+                one_trains_one_waits, timeout=180, what="one job training and the other Queued with Kueue's reason"
+            )
         except pytest.fail.Exception:
             pytest.fail(f"not one training and one queued: {seen}")
         started = time.monotonic()
-        assert phase(api, namespace, "second") == "Queued"
+        assert phase(api, namespace, waiting) == "Queued"
         assert "QuotaReserved False, Pending: couldn't assign flavors to pod set" in message, message
-        print(f"second: {message}")
+        print(f"{waiting}: {message}")
 
-        def first_trained_and_second_never_provisioned() -> str | None:
-            nothing_of(counter, second)
-            current = phase(api, namespace, "first")
-            return current if current in ("Publishing", "Complete", "Failed") else None
-
-        # The first's training Job done, Kueue's quota is free: the second may be admitted while the
-        # first publishes (the publish Job is not queued).
-        wait_until(first_trained_and_second_never_provisioned, timeout=600, what="the first job to finish training")
+        # Kueue frees the quota when the admitted job's training Job completes (its publish Job is
+        # not queued) and admits the other then: nothing of the other may be older than that.
+        result = wait_until(lambda: ended(api, namespace, admitted), timeout=600, what=f"{admitted} to end")
+        assert result == "Complete"
+        done = client.BatchV1Api(api).read_namespaced_job(f"{admitted}-train-0", namespace).status.completion_time
+        freed = done.strftime("%Y-%m-%dT%H:%M:%SZ")
         waited = time.monotonic() - started
-        assert wait_until(lambda: ended(api, namespace, "first"), timeout=300, what="the first job to end") == (
-            "Complete"
-        )
-        assert first in counter.added["nodepools"]
-        assert len(counter.claims_of(first)) == 2, counter.claims_of(first)
-        result = wait_until(lambda: ended(api, namespace, "second"), timeout=600, what="the second job to end")
-        assert result == "Complete", read_job(api, namespace, "second")["status"]
-    assert counter.added["nodepools"].count(second) == 1
-    assert len(counter.claims_of(second)) == 2, counter.claims_of(second)
-    print(f"second: Queued with no pool for {waited:.0f} s while the first trained, then admitted and Complete")
-    for name in ("first", "second"):
+        assert len(counter.claims_of(pools[admitted])) == 2, counter.claims_of(pools[admitted])
+        result = wait_until(lambda: ended(api, namespace, waiting), timeout=600, what=f"{waiting} to end")
+        assert result == "Complete", read_job(api, namespace, waiting)["status"]
+    made = sorted(counter.created[n] for n in [pools[waiting], *counter.claims_of(pools[waiting])])
+    assert made[0] >= freed, f"the waiting job's pool or claims ({made}) came before Kueue freed the quota ({freed})"
+    assert counter.added["nodepools"].count(pools[waiting]) == 1
+    assert len(counter.claims_of(pools[waiting])) == 2, counter.claims_of(pools[waiting])
+    print(f"{waiting}: Queued with no pool for {waited:.0f} s while {admitted} trained, then admitted and Complete")
+    for name in pools:
         delete_and_expect_nothing_left(api, namespace, name)
 
 
