@@ -29,7 +29,15 @@ from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
 from kubetune_local.binaries import Binaries, ensure_binaries, karpenter_crds
-from kubetune_local.controlplane import COMPONENTS, MARK_ENV, ControlPlane, State, pid_alive, stop_process
+from kubetune_local.controlplane import (
+    COMPONENTS,
+    MARK_ENV,
+    ControlPlane,
+    State,
+    pid_alive,
+    spawn_logged,
+    stop_process,
+)
 
 __all__ = ["AlreadyRunning", "Cluster", "State", "down", "marked_processes", "pod_log", "status", "up"]
 from kubetune_local import karpenter
@@ -243,17 +251,11 @@ def _install(api: client.ApiClient, crds: list[dict[str, Any]]) -> None:
 
 
 def _spawn_daemon(home: Path) -> int:
-    (home / "logs").mkdir(parents=True, exist_ok=True)
-    with open(home / "logs" / f"{DAEMON}.log", "ab") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "kubetune_local.daemon", "--home", str(home)],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
-            env={k: v for k, v in os.environ.items() if k != "KUBECONFIG"},
-        )
-    return process.pid
+    return spawn_logged(
+        [sys.executable, "-m", "kubetune_local.daemon", "--home", str(home)],
+        home / "logs" / f"{DAEMON}.log",
+        env={k: v for k, v in os.environ.items() if k != "KUBECONFIG"},
+    )
 
 
 def _wait_ready(api: client.ApiClient, home: Path, timeout: float) -> None:

@@ -80,6 +80,20 @@ def stop_process(pid: int, *, grace: float = 10.0) -> None:
             time.sleep(0.1)
 
 
+def spawn_logged(command: list[str], log: Path, env: dict[str, str] | None = None) -> int:
+    """Start ``command`` as a process of its own session, its output appended to ``log``; return its pid.
+
+    Every process of a local cluster starts so: detached from the caller's terminal and signals,
+    stopped by ``down`` through the pid the caller records.
+    """
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "ab") as out:
+        process = subprocess.Popen(
+            command, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True, env=env
+        )
+    return process.pid
+
+
 @dataclass
 class State:
     """What ``up`` started, persisted for ``down`` and ``status``."""
@@ -266,11 +280,7 @@ class ControlPlane:
         ]
 
     def _spawn(self, name: str, command: list[str]) -> int:
-        with open(self.logs / f"{name}.log", "ab") as log:
-            process = subprocess.Popen(
-                command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
-            )
-        return process.pid
+        return spawn_logged(command, self.logs / f"{name}.log")
 
     def _wait(self, url: str, timeout: float, name: str, state: State) -> None:
         context = ssl.create_default_context(cafile=str(self.pki / "ca.crt"))

@@ -18,7 +18,6 @@ import hashlib
 import json
 import os
 import shutil
-import subprocess
 import sys
 import time
 from collections.abc import Collection
@@ -35,6 +34,7 @@ from kubetune_local.binaries import (
     karpenter_module,
 )
 from kubetune_local.catalog import CATALOG, InstanceType, capacity_of
+from kubetune_local.controlplane import spawn_logged
 from kubetune_local.kube import Obj
 
 BINARY: Final = "karpenter-kwok"
@@ -173,18 +173,8 @@ def spawn(home: Path, binary: Path) -> int:
     """Start Karpenter against the cluster at ``home``; its log is ``logs/karpenter.log``."""
     unavailable = [n.strip() for n in os.environ.get(UNAVAILABLE_ENV, "").split(",") if n.strip()]
     catalog = write_catalog(home / "karpenter" / "instance-types.json", unavailable)
-    (home / "logs").mkdir(parents=True, exist_ok=True)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("KARPENTER_", "FEATURE_GATES"))}
     env["KUBECONFIG"] = str(home / "kubeconfig")
-    with open(home / "logs" / "karpenter.log", "ab") as log:
-        process = subprocess.Popen(
-            # Port 0: the metrics and health servers take any free port (Karpenter binds them on
-            # every interface; it has no bind-address option).
-            command(binary, catalog, metrics_port=0, health_port=0),
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
-            env=env,
-        )
-    return process.pid
+    # Port 0: the metrics and health servers take any free port (Karpenter binds them on every
+    # interface; it has no bind-address option).
+    return spawn_logged(command(binary, catalog, metrics_port=0, health_port=0), home / "logs" / "karpenter.log", env)

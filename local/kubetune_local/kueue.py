@@ -33,7 +33,6 @@ import base64
 import copy
 import os
 import shutil
-import subprocess
 import sys
 import time
 from collections.abc import Collection, Iterable
@@ -44,7 +43,7 @@ from typing import Final
 import yaml
 
 from kubetune_local.binaries import BuildError, Progress, build_wrapper, cache_root, go_env, go_module
-from kubetune_local.controlplane import free_port
+from kubetune_local.controlplane import free_port, spawn_logged
 from kubetune_local.kube import Obj
 from kubetune_local.pki import CertificateAuthority
 
@@ -339,15 +338,5 @@ def command(binary: Path, config: Path) -> list[str]:
 
 def spawn(home: Path, setup: Setup) -> int:
     """Start Kueue against the cluster at ``home`` with the admin kubeconfig; log ``logs/kueue.log``."""
-    (home / "logs").mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "KUBECONFIG": str(home / "kubeconfig"), METRICS_CERT_ENV: str(setup.cert_dir)}
-    with open(home / "logs" / "kueue.log", "ab") as log:
-        process = subprocess.Popen(
-            command(setup.binary, setup.config),
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
-            env=env,
-        )
-    return process.pid
+    return spawn_logged(command(setup.binary, setup.config), home / "logs" / "kueue.log", env)

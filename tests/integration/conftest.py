@@ -11,6 +11,7 @@ NodeClass.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -130,11 +131,11 @@ class OperatorProcess:
                 self.kill()
 
 
-@pytest.fixture(scope="session")
-def crd(local_cluster: cluster.Cluster) -> None:
-    result = local_cluster.kubectl("apply", "--server-side", "-f", str(CRD), check=False)
+def install_crd(started: cluster.Cluster) -> None:
+    """Apply the FineTuneJob CRD to ``started`` and wait until it is established."""
+    result = started.kubectl("apply", "--server-side", "-f", str(CRD), check=False)
     assert result.returncode == 0, result.stderr
-    extensions = client.ApiextensionsV1Api(api_client(local_cluster.kubeconfig))
+    extensions = client.ApiextensionsV1Api(api_client(started.kubeconfig))
 
     def established() -> bool:
         found = extensions.read_custom_resource_definition("finetunejobs.kubetune.io")
@@ -143,15 +144,26 @@ def crd(local_cluster: cluster.Cluster) -> None:
     wait_until(established, what="the FineTuneJob CRD to be established")
 
 
+@contextlib.contextmanager
+def operator_running(started: cluster.Cluster, log: Path) -> Iterator[OperatorProcess]:
+    """An operator process against ``started`` for the ``with`` block, its log at ``log``."""
+    running = OperatorProcess(started.kubeconfig, log)
+    running.start()
+    try:
+        yield running
+    finally:
+        running.stop()
+
+
+@pytest.fixture(scope="session")
+def crd(local_cluster: cluster.Cluster) -> None:
+    install_crd(local_cluster)
+
+
 @pytest.fixture(scope="module")
 def operator(
     local_cluster: cluster.Cluster, crd: None, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[OperatorProcess]:
     """One operator per test module: a module that runs its own (peered replicas) sees no other."""
-    running = OperatorProcess(
-        local_cluster.kubeconfig,
-        tmp_path_factory.mktemp("operator") / "operator.log",
-    )
-    running.start()
-    yield running
-    running.stop()
+    with operator_running(local_cluster, tmp_path_factory.mktemp("operator") / "operator.log") as running:
+        yield running

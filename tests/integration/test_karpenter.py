@@ -1,7 +1,6 @@
 """Real Karpenter (core + KWOK provider) on the local runtime: NodePools get process-backed nodes.
 
-A cluster of its own (every local cluster runs Karpenter); skipped until ``karpenter-kwok`` is
-built (``kubetune local build``, about 6 minutes on 2 cores for Karpenter).
+A cluster of its own (every local cluster runs Karpenter, built once by ``kubetune local build``).
 """
 
 from __future__ import annotations
@@ -15,7 +14,7 @@ from typing import Any
 import pytest
 from kubernetes import client
 
-from kubetune_local import cluster, karpenter
+from kubetune_local import cluster
 from kubetune_local.catalog import FAILURES_CONFIGMAP
 from kubetune_local.controlplane import pid_alive
 from kubetune_local.kube import api_client
@@ -23,7 +22,6 @@ from tests.factories import absent, wait_until
 
 pytestmark = [
     pytest.mark.integration,
-    pytest.mark.skipif(not karpenter.binary_path().exists(), reason="karpenter-kwok is not built"),
 ]
 
 GROUP, VERSION = "karpenter.sh", "v1"

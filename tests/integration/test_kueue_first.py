@@ -23,7 +23,8 @@ from kubetune_local import cluster, kueue
 from kubetune_local.kube import api_client
 from kubetune_operator import names
 from tests.factories import create_job, read_job, wait_until
-from tests.integration.conftest import CRD, OperatorProcess
+from tests.integration.conftest import OperatorProcess, install_crd, operator_running
+from tests.integration.test_kueue import job as plain_job
 from tests.integration.test_nodepools import Counter, condition, karpenter_left
 from tests.integration.test_operator import delete_and_expect_nothing_left
 from tests.integration.test_operator_training import ended, phase, toy_claim, toy_job
@@ -54,8 +55,7 @@ def kueue_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[cluster.
 @pytest.fixture(scope="module")
 def api(kueue_cluster: cluster.Cluster) -> client.ApiClient:
     """This module's cluster, with the CRD, one ResourceFlavor of g5.xlarge nodes and a ClusterQueue of 2 GPUs."""
-    applied = kueue_cluster.kubectl("apply", "--server-side", "-f", str(CRD), check=False)
-    assert applied.returncode == 0, applied.stderr
+    install_crd(kueue_cluster)
     kapi = api_client(kueue_cluster.kubeconfig)
     custom = client.CustomObjectsApi(kapi)
     custom.create_cluster_custom_object(
@@ -125,12 +125,8 @@ def api(kueue_cluster: cluster.Cluster) -> client.ApiClient:
 def operator(
     kueue_cluster: cluster.Cluster, api: client.ApiClient, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[OperatorProcess]:
-    running = OperatorProcess(kueue_cluster.kubeconfig, tmp_path_factory.mktemp("operator") / "operator.log")
-    running.start()
-    try:
+    with operator_running(kueue_cluster, tmp_path_factory.mktemp("operator") / "operator.log") as running:
         yield running
-    finally:
-        running.stop()
 
 
 @pytest.fixture
@@ -228,37 +224,11 @@ def test_of_two_jobs_applied_at_once_one_waits_queued_with_no_node_until_the_oth
         delete_and_expect_nothing_left(api, namespace, name)
 
 
-def urgent_job(namespace: str) -> dict[str, Any]:
+def urgent_job() -> dict[str, Any]:
     """A plain Job of a higher priority asking for the queue's 2 GPUs (it need never run: its admission is the point)."""
-    return {
-        "apiVersion": "batch/v1",
-        "kind": "Job",
-        "metadata": {
-            "name": "urgent",
-            "namespace": namespace,
-            "labels": {kueue.QUEUE_LABEL: "gpus", "kueue.x-k8s.io/priority-class": URGENT},
-        },
-        "spec": {
-            "suspend": True,
-            "backoffLimit": 0,
-            "template": {
-                "spec": {
-                    "restartPolicy": "Never",
-                    "containers": [
-                        {
-                            "name": "main",
-                            "image": "python:3.11",
-                            "command": ["python", "-c", "import time; time.sleep(600)"],
-                            "resources": {
-                                "requests": {"nvidia.com/gpu": "2", "cpu": "1"},
-                                "limits": {"nvidia.com/gpu": "2"},
-                            },
-                        }
-                    ],
-                }
-            },
-        },
-    }
+    body = plain_job("urgent", queue="gpus", requests={"nvidia.com/gpu": "2", "cpu": "1"})
+    body["metadata"]["labels"]["kueue.x-k8s.io/priority-class"] = URGENT
+    return body
 
 
 @pytest.mark.usefixtures("operator")
@@ -275,7 +245,7 @@ def test_an_evicted_job_releases_its_nodes_and_resumes_from_its_checkpoint(
 
     wait_until(past_a_checkpoint, timeout=600, what="training to pass its first checkpoint")
     batch = client.BatchV1Api(api)
-    batch.create_namespaced_job(namespace, urgent_job(namespace))
+    batch.create_namespaced_job(namespace, urgent_job())
 
     def evicted() -> str | None:
         message = str(training_condition(api, namespace, "low").get("message", ""))

@@ -1,11 +1,10 @@
 """The operator's per-job NodePools under real Karpenter (core v1.13 + its KWOK provider) on the local runtime.
 
-A cluster of its own, and an operator whose NodePools
+The session's cluster (every local cluster runs Karpenter) and the module's operator whose NodePools
 point at the ``KWOKNodeClass``. Karpenter launches the NodeClaims, the node daemon adopts their
 Nodes and runs the pods as processes; a 2-node ZeRO-2 LoRA job trains the toy model through a
 dynamic pool and through a static one, a type Karpenter cannot launch is quoted in NodesReady,
-and an operator SIGKILLed ten times makes one pool and two claims. Skipped until
-``karpenter-kwok`` is built (``kubetune local build``).
+and an operator SIGKILLed ten times makes one pool and two claims.
 """
 
 from __future__ import annotations
@@ -13,69 +12,24 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 from kubernetes import client, watch
 
-from kubetune_local import cluster, karpenter
 from kubetune_local.catalog import FAILURES_CONFIGMAP
-from kubetune_local.controlplane import pid_alive
-from kubetune_local.kube import api_client
 from kubetune_operator import names
 from tests.factories import create_job, read_job, wait_until
-from tests.integration.conftest import CRD, OperatorProcess
+from tests.integration.conftest import OperatorProcess
 from tests.integration.test_operator import children, delete_and_expect_nothing_left
 from tests.integration.test_operator_training import ended, toy_claim, toy_job
 
 pytestmark = [
     pytest.mark.integration,
     pytest.mark.trainer,
-    pytest.mark.skipif(not karpenter.binary_path().exists(), reason="karpenter-kwok is not built"),
 ]
 
 KARPENTER = ("karpenter.sh", "v1")
-
-
-@pytest.fixture(scope="module")
-def karpenter_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[cluster.Cluster]:
-    home = Path(tmp_path_factory.mktemp("kubetune-nodepools"))
-    started = cluster.up(home)
-    try:
-        yield started
-    finally:
-        cluster.down(home, progress=lambda _line: None)
-    assert [n for n, pid in cluster.State.load(home).pids.items() if pid_alive(pid)] == []
-
-
-@pytest.fixture(scope="module")
-def api(karpenter_cluster: cluster.Cluster) -> client.ApiClient:
-    """This module's cluster (the ``namespace`` fixture makes its namespaces here)."""
-    result = karpenter_cluster.kubectl("apply", "--server-side", "-f", str(CRD), check=False)
-    assert result.returncode == 0, result.stderr
-    kapi = api_client(karpenter_cluster.kubeconfig)
-    extensions = client.ApiextensionsV1Api(kapi)
-
-    def established() -> bool:
-        found = extensions.read_custom_resource_definition("finetunejobs.kubetune.io")
-        return any(c.type == "Established" and c.status == "True" for c in found.status.conditions or [])
-
-    wait_until(established, what="the FineTuneJob CRD to be established")
-    return kapi
-
-
-@pytest.fixture(scope="module")
-def operator(
-    karpenter_cluster: cluster.Cluster, api: client.ApiClient, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[OperatorProcess]:
-    running = OperatorProcess(karpenter_cluster.kubeconfig, tmp_path_factory.mktemp("operator") / "operator.log")
-    running.start()
-    try:
-        yield running
-    finally:
-        running.stop()
 
 
 class Counter:
