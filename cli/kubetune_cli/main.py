@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 #: Exit code for bad input (an invalid manifest or config): retrying will not help.
 EXIT_INVALID = 2
+
+
+#: Karpenter's pattern for consolidateAfter (its NodePool CRD).
+CONSOLIDATE_AFTER = r"([0-9]+(s|m|h))+|Never"
 
 
 def _crd(args: argparse.Namespace) -> int:
@@ -132,6 +137,13 @@ def _operator(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"kubetune operator: --allow-private-network: {exc}", file=sys.stderr)
         return 2
+    if not re.fullmatch(CONSOLIDATE_AFTER, args.consolidate_after):
+        print(
+            f"kubetune operator: --consolidate-after {args.consolidate_after!r}: expected a duration such as 30s, "
+            "5m or 1h30m, or Never",
+            file=sys.stderr,
+        )
+        return 2
     settings = OperatorSettings(
         trainer_image=args.trainer_image,
         vllm_image=args.vllm_image,
@@ -142,6 +154,7 @@ def _operator(args: argparse.Namespace) -> int:
         health_port=args.health_port,
         progress_interval_seconds=args.progress_interval,
         node_class=NodeClassRef(group=group, kind=kind, name=name),
+        consolidate_after=args.consolidate_after,
         private_networks=networks,
         preflight_cpu=args.preflight_cpu,
         preflight_memory=args.preflight_memory,
@@ -419,6 +432,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     operator.add_argument(
         "--node-class", help="Karpenter NodeClass as GROUP/KIND/NAME (default karpenter.azure.com/AKSNodeClass/default)"
+    )
+    operator.add_argument(
+        "--consolidate-after",
+        default="5m",
+        help="consolidateAfter of the jobs' dynamic NodePools: how long an empty node stays (a suspended job, "
+        "between attempts) before Karpenter removes it; a duration (30s, 5m, 1h30m) or Never (default 5m)",
     )
     operator.add_argument(
         "--allow-private-network",

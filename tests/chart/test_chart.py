@@ -154,6 +154,14 @@ def test_the_only_role_outside_watched_namespaces_lists_events_in_default(helm: 
         assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "kubetune", "namespace": "kubetune-system"}]
 
 
+def test_consolidate_after_is_passed_and_checked(helm: Helm) -> None:
+    assert operator_args(helm.template()).consolidate_after == "5m"
+    assert operator_args(helm.template("--set", "karpenter.consolidateAfter=Never")).consolidate_after == "Never"
+    refused = helm.run("template", "kt", str(CHART), "--set", "karpenter.consolidateAfter=5 minutes", check=False)
+    assert refused.returncode != 0
+    assert "consolidateAfter" in refused.stderr
+
+
 def test_private_networks_for_sources_are_passed_to_the_operator(helm: Helm) -> None:
     manifests = helm.template("--set", "sources.allowPrivateNetworks={10.20.0.0/16,fd00::/8}")
     assert operator_args(manifests).allow_private_network == ["10.20.0.0/16", "fd00::/8"]

@@ -63,6 +63,12 @@ def test_no_subcommand_is_an_error() -> None:
     assert "COMMAND" in result.stderr
 
 
+def test_operator_refuses_a_consolidate_after_karpenter_would_refuse() -> None:
+    result = kubetune("operator", "--consolidate-after", "5 minutes")
+    assert result.returncode == 2
+    assert "--consolidate-after '5 minutes': expected a duration such as 30s" in result.stderr
+
+
 def test_plan_takes_the_gpu_memory_of_the_instance_type(tmp_path: Path) -> None:
     """Llama 3.1 8B fully fine-tuned on one A10G (g5.xlarge, 24 GiB) does not fit; on 200 GiB it does."""
     config = tmp_path / "config.json"
