@@ -151,6 +151,9 @@ def installed(local_cluster: cluster.Cluster, api: client.ApiClient, helm: Helm)
         pod = wait_until(running, timeout=90, what="the operator pod to run")
         url = f"http://{pod.status.pod_ip}:{metrics_port}/metrics"
         wait_showing_log(lambda: answers(url), "the operator's metrics endpoint", local_cluster, api, release)
+        # kopf serves /healthz once its start-up handlers are done, after the metrics server.
+        health = f"http://{pod.status.pod_ip}:{HEALTH_PORT}/healthz"
+        wait_showing_log(lambda: answers(health), "the operator's /healthz", local_cluster, api, release)
         yield release
     finally:
         custom = client.CustomObjectsApi(api)
