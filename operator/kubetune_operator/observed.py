@@ -217,14 +217,14 @@ KUEUE_API_VERSIONS: Final = ("kueue.x-k8s.io/v1beta2", "kueue.x-k8s.io/v1beta1")
 KUEUE_JOB_UID_LABEL: Final = "kueue.x-k8s.io/job-uid"
 
 
-def reads_workload(job: FineTuneJob, current: Obj | None) -> bool:
-    """Kueue's Workload says why a queued attempt waits, or that it was evicted."""
-    return bool(job.spec.run_policy.queue_name) and current is not None and job_state(current) == "Suspended"
-
-
 def not_admitted(job: FineTuneJob, current: Obj | None) -> bool:
     """Whether a queued job's attempt is not admitted (no Job yet, or suspended): it may hold no node then."""
     return bool(job.spec.run_policy.queue_name) and (current is None or job_state(current) == "Suspended")
+
+
+def reads_workload(job: FineTuneJob, current: Obj | None) -> bool:
+    """Kueue's Workload says why a queued attempt waits, or that it was evicted."""
+    return current is not None and not_admitted(job, current)
 
 
 def waits_in_queue(job: FineTuneJob, current: Obj | None) -> bool:
@@ -233,9 +233,7 @@ def waits_in_queue(job: FineTuneJob, current: Obj | None) -> bool:
     Kueue admits a Job by unsuspending it and evicts one by suspending it again; until then nothing
     that costs money (a NodePool, a node) exists for the job. runPolicy.suspend is the user's own.
     """
-    if not job.spec.run_policy.queue_name or job.spec.run_policy.suspend:
-        return False
-    return current is None or job_state(current) == "Suspended"
+    return not job.spec.run_policy.suspend and not_admitted(job, current)
 
 
 def kueue_reason(workload: Obj | None) -> str:
