@@ -5,6 +5,7 @@ BIN    := $(VENV)/bin
 # Extras installed by `make setup`: everything, so that `make test` runs every suite (the trainer brings torch).
 EXTRAS ?= operator,local,dev,trainer
 CRD    := crds/kubetune.io_finetunejobs.yaml
+MS_CRD := crds/kubetune.io_modelservers.yaml
 comma  := ,
 SOURCES := api/kubetune_api operator/kubetune_operator trainer/kubetune_trainer local/kubetune_local cli/kubetune_cli
 
@@ -65,6 +66,9 @@ crds: setup
 	$(BIN)/kubetune crd --output $(CRD)
 	cp $(CRD) charts/kubetune/crds/
 	$(BIN)/kubetune crd --reference --output docs/reference.md
+	$(BIN)/kubetune crd --kind ModelServer --output $(MS_CRD)
+	cp $(MS_CRD) charts/kubetune/crds/
+	$(BIN)/kubetune crd --kind ModelServer --reference --output docs/modelserver-reference.md
 
 ## lock: rewrite constraints.txt from the current environment
 lock: setup

@@ -159,6 +159,16 @@ RULES: Final[tuple[Rule, ...]] = (
         cel="self.serving.runtime != 'vllm' || !has(self.serving.gpus) || self.serving.gpus >= 1",
         holds=lambda s: s.serving.runtime != "vllm" or s.serving.gpus is None or s.serving.gpus >= 1,
     ),
+    Rule(
+        field="output.destination",
+        message="a job served by a ModelServer publishes onto the server's adapter claim; set output.destination "
+        "to pvc://<the ModelServer's adapterClaim>/<path>",
+        cel="!has(self.serving.server) || (has(self.output.destination) "
+        "&& self.output.destination.startsWith('pvc://'))",
+        holds=lambda s: (
+            s.serving.server is None or (s.output.destination is not None and s.output.destination.startswith("pvc://"))
+        ),
+    ),
 )
 
 

@@ -445,6 +445,8 @@ class ServingSpec(SpecModel):
     """Instance type for the serving nodes when resources.provisioner is karpenter; the training instance type when unset."""
     port: Annotated[int, Field(ge=1024, le=65535)] = 8000
     """Port of the OpenAI-compatible HTTP endpoint."""
+    server: ResourceName | None = None
+    """A ModelServer in the job's namespace to load the adapter into at run time, instead of a server of the job's own (runtime, replicas, gpus, instanceType and port are then the ModelServer's); the job publishes onto its adapterClaim."""
 
 
 # ----------------------------------------------------------------------------------- preflight

@@ -56,7 +56,7 @@ def run_demo(home: Path) -> int:
     local = cluster.up(home, progress=lambda line: say(f"demo:   {line}"))
     say(f"demo: cluster ready in {local.seconds_to_ready:.0f}s; export KUBECONFIG={local.kubeconfig}")
     api = api_client(local.kubeconfig)
-    local.kubectl("apply", "--server-side", "-f", str(CRD))
+    local.kubectl("apply", "--server-side", "-f", str(CRD), "-f", str(CRD.with_name("kubetune.io_modelservers.yaml")))
     local.kubectl("wait", "--for=condition=Established", "crd/finetunejobs.kubetune.io", "--timeout=60s")
     operator_log = _start_operator(home, local.kubeconfig)
     say(f"demo: operator running (log: {operator_log})")

@@ -17,14 +17,14 @@ CONSOLIDATE_AFTER = r"([0-9]+(s|m|h))+|Never"
 
 
 def _crd(args: argparse.Namespace) -> int:
-    from kubetune_operator.crd import render_crd
+    from kubetune_operator.crd import build_crd, build_model_server_crd, render_crd
 
     if args.reference:
         from kubetune_operator.reference import render_reference
 
-        text = render_reference()
+        text = render_reference(build_model_server_crd() if args.kind == "ModelServer" else build_crd())
     else:
-        text = render_crd()
+        text = render_crd(args.kind)
     if args.output:
         Path(args.output).write_text(text, encoding="utf-8")
         print(f"wrote {args.output}", file=sys.stderr)
@@ -357,10 +357,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kubetune", description="Fine-tune LLMs on Kubernetes.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    crd = commands.add_parser("crd", help="print the FineTuneJob CustomResourceDefinition")
+    crd = commands.add_parser("crd", help="print the FineTuneJob (or ModelServer) CustomResourceDefinition")
     crd.add_argument("-o", "--output", metavar="FILE", help="write to FILE instead of standard output")
     crd.add_argument(
-        "--reference", action="store_true", help="print the FineTuneJob reference (Markdown) rendered from the CRD"
+        "--reference", action="store_true", help="print the resource's reference (Markdown) rendered from the CRD"
+    )
+    crd.add_argument(
+        "--kind", choices=("FineTuneJob", "ModelServer"), default="FineTuneJob", help="which resource (FineTuneJob)"
     )
     crd.set_defaults(run=_crd)
 

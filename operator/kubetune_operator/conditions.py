@@ -57,6 +57,9 @@ SERVING_STARTING: Final = "ServingStarting"
 SERVING: Final = "Serving"
 SERVING_DISABLED: Final = "ServingDisabled"
 SCALED_TO_ZERO: Final = "ScaledToZero"
+SERVER_NOT_FOUND: Final = "ModelServerNotFound"
+ADAPTER_LOADING: Final = "AdapterLoading"
+ADAPTER_REFUSED: Final = "AdapterRefused"
 
 Status = Literal["True", "False", "Unknown"]
 

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from kubetune_api import InvalidManifestError
+from kubetune_api.modelserver import MS_KIND
 from kubetune_api.objects import Obj, parse_time
 from kubetune_api.resource import API_VERSION, KIND, PHASES, FineTuneJob, FineTuneJobStatus, Progress, load_job
 from kubetune_operator import conditions, metrics, names, progress
@@ -169,6 +170,12 @@ class Controller:
         workload = self._workload(namespace, current) if reads_workload(job, current) else None
         deployment = None
         serving_pods: list[Obj] = []
+        model_server = None
+        if reads_serving(job, publish) and job.spec.serving.server:
+            found = self.kube.list(
+                API_VERSION, MS_KIND, namespace=namespace, fields=f"metadata.name={job.spec.serving.server}"
+            )
+            model_server = found[0] if found else None
         if reads_serving(job, publish):
             found = self.kube.list("apps/v1", "Deployment", namespace=namespace, labels=selector)
             deployment = found[0] if found else None
@@ -195,6 +202,7 @@ class Controller:
             serving_claims=serving_claims(claims, namespace, meta["name"]),
             deployment=deployment,
             serving_pods=serving_pods,
+            model_server=model_server,
             workload=workload,
         )
 

@@ -1,4 +1,4 @@
-"""Generate the FineTuneJob CustomResourceDefinition from the pydantic models.
+"""Generate the FineTuneJob and ModelServer CustomResourceDefinitions from the pydantic models.
 
 The models are the source of truth; the CRD is derived: pydantic's JSON schema is rewritten
 into the structural OpenAPI v3 subset that Kubernetes accepts (no ``$ref``, no ``anyOf`` for
@@ -12,8 +12,10 @@ import copy
 from typing import Any, Final
 
 import yaml
+from pydantic import BaseModel
 
 from kubetune_api import IMMUTABLE_ONCE_STARTED, RULES
+from kubetune_api.modelserver import MS_KIND, MS_PLURAL, MS_SHORT_NAMES, MS_SINGULAR, ModelServer
 from kubetune_api.resource import (
     API_VERSION,
     GROUP,
@@ -57,6 +59,21 @@ PRINTER_COLUMNS: Final[list[Schema]] = [
         "description": "Training steps done, in percent",
     },
     {"name": "Loss", "type": "number", "jsonPath": ".status.progress.loss", "description": "Latest training loss"},
+    {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+]
+
+MS_PRINTER_COLUMNS: Final[list[Schema]] = [
+    {"name": "Model", "type": "string", "jsonPath": ".spec.model.source", "description": "Base model source"},
+    {"name": "Runtime", "type": "string", "jsonPath": ".spec.runtime", "description": "Serving runtime"},
+    {"name": "Phase", "type": "string", "jsonPath": ".status.phase", "description": "Pending, Ready or NotReady"},
+    {"name": "Ready", "type": "integer", "jsonPath": ".status.readyReplicas", "description": "Replicas that answer"},
+    {
+        "name": "Adapters",
+        "type": "integer",
+        "jsonPath": ".status.adapters[*].loadedReplicas",
+        "priority": 1,
+        "description": "Replicas holding each adapter",
+    },
     {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
 ]
 
@@ -157,39 +174,74 @@ def _add_rules(schema: Schema) -> None:
     ]
 
 
-def openapi_schema() -> Schema:
-    """The structural OpenAPI v3 schema of a FineTuneJob, with its CEL rules."""
-    raw = FineTuneJob.model_json_schema(by_alias=True, mode="validation")
-    defs = raw.get("$defs", {})
-    schema: Schema = _resolve(raw, defs)
+def _model_schema(model: type[BaseModel], kind: str, description: str) -> Schema:
+    """A model's structural OpenAPI v3 schema, apiVersion, kind and metadata named only."""
+    raw = model.model_json_schema(by_alias=True, mode="validation")
+    schema: Schema = _resolve(raw, raw.get("$defs", {}))
     props = schema["properties"]
     # apiVersion, kind and metadata are the apiserver's; the schema only names them.
     props["apiVersion"] = {"type": "string", "description": f"{API_VERSION}"}
-    props["kind"] = {"type": "string", "description": KIND}
+    props["kind"] = {"type": "string", "description": kind}
     props["metadata"] = {"type": "object"}
     schema.pop("description", None)
-    schema["description"] = (
-        "A FineTuneJob fine-tunes a base model on a dataset and publishes (and optionally serves) the result."
-    )
+    schema["description"] = description
     schema["required"] = ["spec"]
+    return schema
+
+
+def openapi_schema() -> Schema:
+    """The structural OpenAPI v3 schema of a FineTuneJob, with its CEL rules."""
+    schema = _model_schema(
+        FineTuneJob,
+        KIND,
+        "A FineTuneJob fine-tunes a base model on a dataset and publishes (and optionally serves) the result.",
+    )
     _add_rules(schema)
     return schema
 
 
-def build_crd() -> Schema:
-    """The CustomResourceDefinition manifest."""
+def model_server_schema() -> Schema:
+    """The structural OpenAPI v3 schema of a ModelServer."""
+    schema = _model_schema(
+        ModelServer,
+        MS_KIND,
+        "A ModelServer serves one base model with the adapters of many FineTuneJobs, loaded and unloaded at run time.",
+    )
+    _at(schema, ("spec", "model", "source"))["x-kubernetes-validations"] = [
+        {"rule": f"self.matches(r'{pattern_for(MODEL_SCHEMES)}')", "message": f"must be one of {forms(MODEL_SCHEMES)}"}
+    ]
+    _at(schema, ("spec",))["x-kubernetes-validations"] = [
+        {
+            "rule": "self.runtime != 'vllm' || !has(self.gpus) || self.gpus >= 1",
+            "message": "gpus: vLLM needs a GPU; set gpus to 1 or more, or runtime: transformers",
+            "fieldPath": ".gpus",
+            "reason": "FieldValueInvalid",
+        }
+    ]
+    schema["x-kubernetes-validations"] = [
+        {
+            "rule": f"size(self.metadata.name) <= {MAX_NAME_LENGTH}",
+            "message": f"metadata.name: use at most {MAX_NAME_LENGTH} characters",
+        }
+    ]
+    return schema
+
+
+def _crd(
+    kind: str, plural: str, *, singular: str, short: tuple[str, ...], columns: list[Schema], schema: Schema
+) -> Schema:
     return {
         "apiVersion": "apiextensions.k8s.io/v1",
         "kind": "CustomResourceDefinition",
-        "metadata": {"name": f"{PLURAL}.{GROUP}"},
+        "metadata": {"name": f"{plural}.{GROUP}"},
         "spec": {
             "group": GROUP,
             "names": {
-                "kind": KIND,
-                "listKind": f"{KIND}List",
-                "plural": PLURAL,
-                "singular": SINGULAR,
-                "shortNames": list(SHORT_NAMES),
+                "kind": kind,
+                "listKind": f"{kind}List",
+                "plural": plural,
+                "singular": singular,
+                "shortNames": list(short),
                 "categories": ["kubetune"],
             },
             "scope": "Namespaced",
@@ -199,17 +251,35 @@ def build_crd() -> Schema:
                     "served": True,
                     "storage": True,
                     "subresources": {"status": {}},
-                    "additionalPrinterColumns": copy.deepcopy(PRINTER_COLUMNS),
-                    "schema": {"openAPIV3Schema": openapi_schema()},
+                    "additionalPrinterColumns": copy.deepcopy(columns),
+                    "schema": {"openAPIV3Schema": schema},
                 }
             ],
         },
     }
 
 
+def build_crd() -> Schema:
+    """The FineTuneJob CustomResourceDefinition manifest."""
+    return _crd(KIND, PLURAL, singular=SINGULAR, short=SHORT_NAMES, columns=PRINTER_COLUMNS, schema=openapi_schema())
+
+
+def build_model_server_crd() -> Schema:
+    """The ModelServer CustomResourceDefinition manifest."""
+    return _crd(
+        MS_KIND,
+        MS_PLURAL,
+        singular=MS_SINGULAR,
+        short=MS_SHORT_NAMES,
+        columns=MS_PRINTER_COLUMNS,
+        schema=model_server_schema(),
+    )
+
+
 HEADER: Final = "# Generated by `kubetune crd` from the pydantic models; do not edit. Regenerate with `make crds`.\n"
 
 
-def render_crd() -> str:
-    """The CRD as the YAML text committed under crds/."""
-    return HEADER + yaml.safe_dump(build_crd(), sort_keys=False, width=120, allow_unicode=True)
+def render_crd(kind: str = KIND) -> str:
+    """A CRD (FineTuneJob's, or ModelServer's) as the YAML text committed under crds/."""
+    crd = build_model_server_crd() if kind == MS_KIND else build_crd()
+    return HEADER + yaml.safe_dump(crd, sort_keys=False, width=120, allow_unicode=True)

@@ -1,7 +1,8 @@
 """kopf wiring: thin handlers that only trigger the level-triggered reconcile.
 
 Each FineTuneJob gets a daemon that reconciles it, then sleeps until a child event pokes it or
-its requeue time comes. Child watches (Jobs, Pods, Deployments, NodeClaims, Nodes) only poke. Deletion runs
+its requeue time comes; each ModelServer gets one too, poked by its jobs' passes and its pods, and
+it pokes the jobs whose adapters it holds. Child watches (Jobs, Pods, Deployments, NodeClaims, Nodes) only poke. Deletion runs
 one handler, behind the operator's finalizer, that releases the job's NodePools (cluster-scoped,
 out of reach of garbage collection); namespaced children follow their owner reference. A sweep, at
 start-up and every resync, deletes the NodePools of jobs that went without the finalizer running.
@@ -22,10 +23,12 @@ from typing import Any, cast
 import kopf
 from prometheus_client import start_http_server
 
+from kubetune_api.modelserver import MS_PLURAL
 from kubetune_api.resource import GROUP, PLURAL, VERSION
 from kubetune_operator import names
 from kubetune_operator.controller import Controller
 from kubetune_operator.kube import Kube
+from kubetune_operator.servers import ServerController
 from kubetune_operator.settings import OperatorSettings
 
 log = logging.getLogger("kubetune.handlers")
@@ -53,6 +56,7 @@ def build_registry(settings: OperatorSettings, kube: Kube | None = None) -> kopf
     # The API client is synchronous: reconciles run on their own pool, sized by settings.workers.
     executor = concurrent.futures.ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix="reconcile")
     pokes: dict[tuple[str, str], asyncio.Event] = {}
+    server_pokes: dict[tuple[str, str], asyncio.Event] = {}
 
     def controller() -> Controller:
         if state["controller"] is None:
@@ -63,6 +67,17 @@ def build_registry(settings: OperatorSettings, kube: Kube | None = None) -> kopf
     def poke(namespace: str | None, name: str | None) -> None:
         if namespace and name and (namespace, name) in pokes:
             pokes[(namespace, name)].set()
+
+    def servers() -> ServerController:
+        if state.get("servers") is None:
+            state["servers"] = ServerController(controller().kube, settings)
+        ctl: ServerController = state["servers"]
+        return ctl
+
+    def poke_server(namespace: str | None, spec: Mapping[str, Any] | None) -> None:
+        server = ((spec or {}).get("serving") or {}).get("server")
+        if namespace and server and (namespace, server) in server_pokes:
+            server_pokes[(namespace, server)].set()
 
     @kopf.on.login(registry=registry)
     def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
@@ -123,13 +138,38 @@ def build_registry(settings: OperatorSettings, kube: Kube | None = None) -> kopf
                 except Exception:
                     log.exception("reconcile of %s/%s failed; retrying", namespace, name)
                     wait = 5.0
+                # A shared server picks up (or drops) the job's adapter on its next pass.
+                poke_server(namespace, obj.get("spec"))
                 await _sleep(wait, woken, stopped)
         finally:
             pokes.pop((namespace, name), None)
 
+    @kopf.daemon(GROUP, VERSION, MS_PLURAL, registry=registry, cancellation_timeout=10)
+    async def serve(name: str, namespace: str | None, body: kopf.Body, stopped: kopf.DaemonStopped, **_: Any) -> None:
+        assert namespace is not None, "ModelServers are namespaced"
+        woken = server_pokes.setdefault((namespace, name), asyncio.Event())
+        loop = asyncio.get_running_loop()
+        try:
+            while not stopped:
+                woken.clear()
+                obj = copy.deepcopy(dict(body))
+                if obj["metadata"].get("deletionTimestamp"):
+                    return
+                try:
+                    wait, jobs = await loop.run_in_executor(executor, servers().reconcile, obj)
+                    for job in jobs:
+                        poke(namespace, job)
+                except Exception:
+                    log.exception("reconcile of ModelServer %s/%s failed; retrying", namespace, name)
+                    wait = 5.0
+                await _sleep(wait, woken, stopped)
+        finally:
+            server_pokes.pop((namespace, name), None)
+
     @kopf.on.delete(GROUP, VERSION, PLURAL, registry=registry)
-    def release(name: str, namespace: str | None, uid: str, **_: Any) -> None:
+    def release(name: str, namespace: str | None, uid: str, spec: Mapping[str, Any], **_: Any) -> None:
         assert namespace is not None, "FineTuneJobs are namespaced"
+        poke_server(namespace, spec)  # its adapter is unloaded from a shared server
         controller().forget(uid)
         remaining = controller().release(namespace, name, uid)
         if remaining:
@@ -142,6 +182,9 @@ def build_registry(settings: OperatorSettings, kube: Kube | None = None) -> kopf
     @kopf.on.event("v1", "pods", labels=managed, registry=registry)
     def child_changed(labels: Mapping[str, str], **_: Any) -> None:
         poke(labels.get(names.NAMESPACE_LABEL), labels.get(names.JOB_LABEL))
+        server = labels.get(names.SERVER_LABEL)
+        if server and (labels.get(names.NAMESPACE_LABEL), server) in server_pokes:
+            server_pokes[(labels[names.NAMESPACE_LABEL], server)].set()
 
     @kopf.on.event("karpenter.sh", "v1", "nodeclaims", labels=managed, registry=registry)
     def claim_changed(labels: Mapping[str, str], **_: Any) -> None:

@@ -119,9 +119,9 @@ class Kube:
             content_type="application/merge-patch+json",
         )
 
-    def write_status(self, namespace: str, name: str, status: Obj) -> None:
-        """Merge-patch the FineTuneJob's status through its subresource (``status`` is an RFC 7386 merge patch)."""
-        resource = self.resource(*FTJ_API)
+    def write_status(self, namespace: str, name: str, status: Obj, *, kind: str = KIND) -> None:
+        """Merge-patch a FineTuneJob's (or ModelServer's) status through its subresource (an RFC 7386 merge patch)."""
+        resource = self.resource(API_VERSION, kind)
         resource.status.patch(
             body={"status": status}, name=name, namespace=namespace, content_type="application/merge-patch+json"
         )

@@ -98,6 +98,25 @@ def serving(job: str) -> str:
     return f"{job}-serve"
 
 
+#: On a ModelServer's children: the server they belong to.
+SERVER_LABEL: Final = f"{GROUP_PREFIX}/modelserver"
+
+
+def model_server(server: str) -> str:
+    """A ModelServer's Deployment and Service (the host name of its endpoint)."""
+    return f"{server}-server"
+
+
+def server_adapters(server: str) -> str:
+    """A ModelServer's ConfigMap: the adapters a starting replica loads before it reports ready."""
+    return f"{server}-adapters"
+
+
+def server_labels(namespace: str, server: str) -> dict[str, str]:
+    """Labels on a ModelServer's children and pods."""
+    return {**MANAGED_BY, SERVER_LABEL: server, NAMESPACE_LABEL: namespace, ROLE_LABEL: ROLE_SERVER}
+
+
 def job_labels(namespace: str, job: str) -> dict[str, str]:
     """Labels on every child (cluster-scoped ones carry the namespace too)."""
     return {**MANAGED_BY, JOB_LABEL: job, NAMESPACE_LABEL: namespace}

@@ -55,6 +55,8 @@ class Observed:
     deployment: Obj | None = None
     """The serving Deployment, when it exists."""
     serving_pods: list[Obj] = field(default_factory=list)
+    model_server: Obj | None = None
+    """The ModelServer named by serving.server, when it exists (read while the job serves through it)."""
     workload: Obj | None = None
     """Kueue's Workload of the current attempt's Job (runPolicy.queueName), when Kueue made one."""
     now: datetime.datetime = field(default_factory=now)

@@ -19,9 +19,13 @@ import datetime
 from dataclasses import dataclass
 from typing import Literal
 
+from pydantic import ValidationError
+
+from kubetune_api.modelserver import ModelServer, ModelServerStatus
 from kubetune_api.objects import Obj, parse_time
 from kubetune_api.resource import Adapter, Endpoint, FineTuneJobStatus, Phase, Workload
 from kubetune_operator import conditions, names
+from kubetune_operator.children.modelserver import server_url
 from kubetune_operator.children.nodes import (
     KARPENTER_API_VERSION,
     NODE_POOL_KIND,
@@ -230,6 +234,8 @@ def _complete(facts: Facts, conds: Conditions, decision: Decision) -> Outcome:
         f"attempt {facts.attempt} completed; published to {adapter.uri}",
     )
     conds.set(conditions.FAILED, "False", conditions.TRAINING_SUCCEEDED, "")
+    if facts.spec.serving.enabled and facts.spec.serving.server:
+        return Outcome("Serving", facts.attempt, adapter, _serve_shared(facts, conds, decision))
     if facts.spec.serving.enabled:
         return Outcome("Serving", facts.attempt, adapter, _serve(facts, adapter, conds, decision))
     if observed.deployment is not None or has_pool(observed, names.ROLE_SERVER) or _was_serving(conds):
@@ -433,6 +439,58 @@ def _serve(facts: Facts, adapter: Adapter, conds: Conditions, decision: Decision
         )
         decision.requeue_after = _SOON
     return endpoint
+
+
+def _serve_shared(facts: Facts, conds: Conditions, decision: Decision) -> Endpoint | None:
+    """Served by a ModelServer: ServingReady from the server's status, which its own pass derives from its replicas."""
+    observed, target = facts.observed, facts.target
+    server_name = target.spec.serving.server
+    if observed.deployment is not None or has_pool(observed, names.ROLE_SERVER):
+        _stop_serving(facts, decision)  # switched from a server of its own
+    server = _model_server(observed.model_server)
+    if server is None:
+        conds.set(
+            conditions.SERVING_READY,
+            "False",
+            conditions.SERVER_NOT_FOUND,
+            f"ModelServer {server_name} not found in namespace {target.namespace}: create it, "
+            "or remove serving.server to get a server of the job's own",
+        )
+        decision.requeue_after = _SOON
+        return None
+    endpoint = Endpoint(url=server_url(server), model_name=serving_model_name(target))
+    status = server.status or ModelServerStatus()
+    entry = next((a for a in status.adapters if a.job == target.name), None)
+    if entry is not None and entry.loaded_replicas > 0:
+        conds.set(
+            conditions.SERVING_READY,
+            "True",
+            conditions.SERVING,
+            f"loaded on {entry.loaded_replicas}/{status.ready_replicas} replicas of ModelServer {server.name}; "
+            f"model {endpoint.model_name} at {endpoint.url}",
+        )
+    elif entry is not None and entry.message and status.ready_replicas:
+        conds.set(conditions.SERVING_READY, "False", conditions.ADAPTER_REFUSED, entry.message)
+        decision.requeue_after = _SOON
+    else:
+        conds.set(
+            conditions.SERVING_READY,
+            "False",
+            conditions.ADAPTER_LOADING,
+            f"waiting for ModelServer {server.name} to load the adapter "
+            f"({status.ready_replicas}/{server.spec.replicas} replicas ready)",
+        )
+        decision.requeue_after = _SOON
+    return endpoint
+
+
+def _model_server(obj: Obj | None) -> ModelServer | None:
+    if obj is None:
+        return None
+    try:
+        return ModelServer.model_validate(obj, by_alias=True, by_name=False)
+    except ValidationError:
+        return None
 
 
 def _karpenter_note(facts: Facts) -> str:

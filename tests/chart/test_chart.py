@@ -127,7 +127,12 @@ def test_scenario_renders_what_it_promises(scenario: tuple[str, list[Manifest]])
     }
     assert kinds == base | EXPECTED_KINDS[name]
     crds = {m["metadata"]["name"] for m in of_kind(manifests, "CustomResourceDefinition")}
-    assert crds == {"finetunejobs.kubetune.io", "clusterkopfpeerings.kopf.dev", "kopfpeerings.kopf.dev"}
+    assert crds == {
+        "finetunejobs.kubetune.io",
+        "modelservers.kubetune.io",
+        "clusterkopfpeerings.kopf.dev",
+        "kopfpeerings.kopf.dev",
+    }
 
 
 def test_defaults_watch_the_cluster_with_one_standalone_replica(helm: Helm) -> None:
@@ -353,7 +358,7 @@ def test_rbac_covers_every_resource_kopf_watches(helm: Helm) -> None:
     watched = {
         (h.selector.group or "", h.selector.plural or h.selector.any_name) for h in handlers if h.selector is not None
     }
-    assert ("kubetune.io", "finetunejobs") in watched
+    assert {("kubetune.io", "finetunejobs"), ("kubetune.io", "modelservers")} <= watched
     granted = grants(helm.template())
     for group, plural in watched:
         assert {(group, plural, "list"), (group, plural, "watch")} <= granted, f"{group}/{plural}"
@@ -406,12 +411,13 @@ def test_platform_chosen_user_keeps_the_pod_non_root(helm: Helm) -> None:
 # ------------------------------------------------------------------------------ drift guards
 
 
-def test_chart_crd_is_the_generated_one() -> None:
-    chart_copy = (CHART / "crds" / "kubetune.io_finetunejobs.yaml").read_text(encoding="utf-8")
-    committed = (REPO / "crds" / "kubetune.io_finetunejobs.yaml").read_text(encoding="utf-8")
-    fix = "cp crds/kubetune.io_finetunejobs.yaml charts/kubetune/crds/"
+@pytest.mark.parametrize(("file", "kind"), [("finetunejobs", "FineTuneJob"), ("modelservers", "ModelServer")])
+def test_chart_crd_is_the_generated_one(file: str, kind: str) -> None:
+    chart_copy = (CHART / "crds" / f"kubetune.io_{file}.yaml").read_text(encoding="utf-8")
+    committed = (REPO / "crds" / f"kubetune.io_{file}.yaml").read_text(encoding="utf-8")
+    fix = f"cp crds/kubetune.io_{file}.yaml charts/kubetune/crds/"
     assert chart_copy == committed, f"the chart's CRD differs from the repository's: {fix}"
-    assert chart_copy == render_crd(), f"run `make crds`, then {fix}"
+    assert chart_copy == render_crd(kind), f"run `make crds`, then {fix}"
 
 
 def test_peering_crds_are_the_ones_kopf_uses() -> None:

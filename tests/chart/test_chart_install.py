@@ -195,7 +195,12 @@ def test_operator_runs_as_the_charts_service_account(
     assert status == 200
     assert "kubetune_reconcile_duration_seconds" in body
     crds = {c.metadata.name for c in client.ApiextensionsV1Api(api).list_custom_resource_definition().items}
-    assert {"finetunejobs.kubetune.io", "clusterkopfpeerings.kopf.dev", "kopfpeerings.kopf.dev"} <= crds
+    assert {
+        "finetunejobs.kubetune.io",
+        "modelservers.kubetune.io",
+        "clusterkopfpeerings.kopf.dev",
+        "kopfpeerings.kopf.dev",
+    } <= crds
 
 
 def test_the_install_prints_what_to_try_next(installed: Installed) -> None:
@@ -298,6 +303,9 @@ ALLOWED = [
     ("watch", "nodeclaims.karpenter.sh", "cluster"),
     ("patch", "deployments.apps", "watched"),
     ("delete", "deployments.apps", "watched"),
+    ("list", "modelservers.kubetune.io", "watched"),
+    ("watch", "modelservers.kubetune.io", "watched"),
+    ("patch", "modelservers.kubetune.io/status", "watched"),
 ]
 REFUSED = [
     ("get", "secrets", "watched"),
@@ -327,6 +335,10 @@ REFUSED = [
     ("delete", "nodeclaims.karpenter.sh", "cluster"),
     ("update", "nodepools.karpenter.sh", "cluster"),
     ("get", "nodepools.karpenter.sh", "cluster"),
+    # ModelServers are the platform team's: the operator serves them, never makes or removes one.
+    ("create", "modelservers.kubetune.io", "watched"),
+    ("delete", "modelservers.kubetune.io", "watched"),
+    ("patch", "modelservers.kubetune.io/status", "elsewhere"),
 ]
 
 

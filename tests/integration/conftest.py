@@ -65,6 +65,7 @@ def namespace(api: client.ApiClient) -> Iterator[str]:
 
 
 CRD = Path(__file__).resolve().parents[2] / "crds" / "kubetune.io_finetunejobs.yaml"
+MS_CRD = CRD.with_name("kubetune.io_modelservers.yaml")
 
 
 class OperatorProcess:
@@ -132,16 +133,21 @@ class OperatorProcess:
 
 
 def install_crd(started: cluster.Cluster) -> None:
-    """Apply the FineTuneJob CRD to ``started`` and wait until it is established."""
-    result = started.kubectl("apply", "--server-side", "-f", str(CRD), check=False)
+    """Apply the FineTuneJob and ModelServer CRDs to ``started`` and wait until they are established."""
+    result = started.kubectl("apply", "--server-side", "-f", str(CRD), "-f", str(MS_CRD), check=False)
     assert result.returncode == 0, result.stderr
     extensions = client.ApiextensionsV1Api(api_client(started.kubeconfig))
 
     def established() -> bool:
-        found = extensions.read_custom_resource_definition("finetunejobs.kubetune.io")
-        return any(c.type == "Established" and c.status == "True" for c in found.status.conditions or [])
+        found = [
+            extensions.read_custom_resource_definition(name)
+            for name in ("finetunejobs.kubetune.io", "modelservers.kubetune.io")
+        ]
+        return all(
+            any(c.type == "Established" and c.status == "True" for c in crd.status.conditions or []) for crd in found
+        )
 
-    wait_until(established, what="the FineTuneJob CRD to be established")
+    wait_until(established, what="the FineTuneJob and ModelServer CRDs to be established")
 
 
 @contextlib.contextmanager

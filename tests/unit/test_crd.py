@@ -32,6 +32,8 @@ def walk(schema: dict[str, Any], path: str = "") -> list[tuple[str, dict[str, An
 
 def test_committed_crd_is_the_generated_one() -> None:
     assert COMMITTED.read_text(encoding="utf-8") == render_crd(), "run `make crds` and commit the result"
+    model_servers = COMMITTED.with_name("kubetune.io_modelservers.yaml").read_text(encoding="utf-8")
+    assert model_servers == render_crd("ModelServer"), "run `make crds` and commit the result"
 
 
 def test_schema_is_structural() -> None:

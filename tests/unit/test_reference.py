@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from kubetune_operator.crd import build_crd, openapi_schema
+from kubetune_operator.crd import build_crd, build_model_server_crd, openapi_schema
 from kubetune_operator.reference import HEADER, render_reference
 from tests.conftest import REPO
 
@@ -56,6 +56,10 @@ def row_of(text: str, field: str) -> list[str]:
 def test_committed_reference_is_the_generated_one() -> None:
     assert COMMITTED.read_text(encoding="utf-8") == render_reference(), (
         "docs/reference.md is stale: run `make crds` and commit the result"
+    )
+    model_servers = COMMITTED.with_name("modelserver-reference.md").read_text(encoding="utf-8")
+    assert model_servers == render_reference(build_model_server_crd()), (
+        "docs/modelserver-reference.md is stale: run `make crds` and commit the result"
     )
 
 

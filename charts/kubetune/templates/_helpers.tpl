@@ -152,14 +152,28 @@ kubetune_operator/kube.py (every API call), controller.py and handlers.py (what 
 - apiGroups: [kubetune.io]
   resources: [finetunejobs/finalizers]
   verbs: [update]
+# ModelServers: kopf lists and watches them (one daemon per server) and patches its handler state in;
+# a job served by one lists it by name for the endpoint and whether its adapter is loaded.
+- apiGroups: [kubetune.io]
+  resources: [modelservers]
+  verbs: [list, watch, patch]
+# ModelServer status: replicas and the adapters each holds, a merge patch as for FineTuneJobs.
+- apiGroups: [kubetune.io]
+  resources: [modelservers/status]
+  verbs: [patch]
+# ModelServer finalizers: the owner references of its Deployment, Service and adapters ConfigMap.
+- apiGroups: [kubetune.io]
+  resources: [modelservers/finalizers]
+  verbs: [update]
 # Training Jobs (Indexed, one per gang attempt) and the publish Job: created once, listed by label,
 # patched to toggle spec.suspend (runPolicy.suspend, Kueue) and to record the publish result
 # (annotation kubetune.io/result); kopf watches them to wake the job.
 - apiGroups: [batch]
   resources: [jobs]
   verbs: [list, watch, create, patch]
-# Pods of the Jobs and of the serving Deployment: listed (phase, rank-0 address, exit codes,
-# termination messages) and watched by kopf; never created, changed or deleted.
+# Pods of the Jobs, of the serving Deployment and of ModelServers: listed (phase, rank-0 address,
+# exit codes, termination messages, a server replica's address for loading adapters) and watched
+# by kopf; never created, changed or deleted.
 - apiGroups: [""]
   resources: [pods]
   verbs: [list, watch]

@@ -214,7 +214,8 @@ def termination_message() -> Obj:
     return {"terminationMessagePath": TERMINATION_MESSAGE_PATH, "terminationMessagePolicy": "FallbackToLogsOnError"}
 
 
-def _cpus(quantity: str) -> float:
+def cpus(quantity: str) -> float:
+    """A CPU quantity (``2``, ``500m``) in cores."""
     return float(quantity[:-1]) / 1000 if quantity.endswith("m") else float(quantity)
 
 
@@ -226,7 +227,7 @@ def thread_env(target: Target, processes: int) -> list[Obj]:
     """
     if not target.spec.resources.cpu:
         return []
-    threads = max(1, int(_cpus(target.spec.resources.cpu) // processes))
+    threads = max(1, int(cpus(target.spec.resources.cpu) // processes))
     return [{"name": "OMP_NUM_THREADS", "value": str(threads)}]
 
 

@@ -7,6 +7,7 @@ from typing import Final
 
 from kubetune_api import CONFIG_MOUNT, SECRETS_MOUNT, SOURCES_MOUNT, parse_uri
 from kubetune_api.objects import Obj
+from kubetune_api.resource import FineTuneJob
 from kubetune_api.rules import MAX_VLLM_LORA_RANK
 from kubetune_api.uris import MODEL_SCHEMES, OUTPUT_SCHEMES
 from kubetune_operator import names
@@ -30,6 +31,11 @@ def serving_gpus(target: Target) -> int:
 
 def serving_model_name(target: Target) -> str:
     return target.spec.serving.model_name or target.name
+
+
+def serving_model_name_of(job: FineTuneJob) -> str:
+    """The model name clients ask for: serving.modelName, else the job's name."""
+    return job.spec.serving.model_name or job.name
 
 
 def endpoint_url(target: Target) -> str:

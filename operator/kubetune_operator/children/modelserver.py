@@ -1,0 +1,229 @@
+"""A ModelServer's children: the adapters ConfigMap, the server's Deployment and its Service.
+
+Every replica mounts the base model and the adapter claim read-only. The built-in server reads the
+adapters ConfigMap once at start and loads each adapter in it before ``/readyz`` answers, so a
+restarted replica comes back whole; the operator loads and unloads adapters on running replicas
+through their HTTP API (:mod:`kubetune_operator.servers`). vLLM runs with runtime LoRA updating on.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Final
+
+from kubetune_api import SOURCES_MOUNT, parse_uri
+from kubetune_api.modelserver import MS_KIND, ModelServer
+from kubetune_api.objects import Obj
+from kubetune_api.resource import API_VERSION
+from kubetune_api.uris import MODEL_SCHEMES
+from kubetune_operator import names
+from kubetune_operator.children import pod
+from kubetune_operator.children.serving import max_lora_rank
+from kubetune_operator.settings import OperatorSettings
+
+#: Where every replica sees the adapter claim, and the adapters file.
+ADAPTERS_MOUNT: Final = "/var/run/kubetune/adapters"
+ADAPTERS_FILE_MOUNT: Final = "/etc/kubetune/adapters"
+ADAPTERS_FILE: Final = "adapters.json"
+
+
+def server_gpus(server: ModelServer) -> int:
+    """GPUs per replica: spec.gpus, else 1 for vLLM and 0 for the built-in server."""
+    spec = server.spec
+    if spec.gpus is not None:
+        return spec.gpus
+    return 1 if spec.runtime == "vllm" else 0
+
+
+def server_url(server: ModelServer) -> str:
+    """The in-cluster base URL of the shared server's OpenAI-compatible API."""
+    return f"http://{names.model_server(server.name)}.{server.namespace}.svc:{server.spec.port}/v1"
+
+
+def adapter_path(server: ModelServer, uri: str) -> str | None:
+    """Where the replicas read an adapter published at ``uri``; None unless it lies on the adapter claim."""
+    try:
+        parsed = parse_uri(uri, ("pvc",))
+    except ValueError:
+        return None
+    if parsed.authority != server.spec.adapter_claim or not parsed.path:
+        return None
+    return f"{ADAPTERS_MOUNT}/{parsed.path}".rstrip("/")
+
+
+def _owner(server: ModelServer, uid: str) -> Obj:
+    return {
+        "apiVersion": API_VERSION,
+        "kind": MS_KIND,
+        "name": server.name,
+        "uid": uid,
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+
+
+def _meta(server: ModelServer, uid: str, name: str) -> Obj:
+    return {
+        "name": name,
+        "namespace": server.namespace,
+        "labels": names.server_labels(server.namespace, server.name),
+        "ownerReferences": [_owner(server, uid)],
+    }
+
+
+def build_adapters_config_map(server: ModelServer, uid: str, adapters: dict[str, str]) -> Obj:
+    """The adapters a (re)starting replica loads before it reports ready: ``{model name: path}``."""
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": _meta(server, uid, names.server_adapters(server.name)),
+        "data": {ADAPTERS_FILE: json.dumps(dict(sorted(adapters.items())), indent=1)},
+    }
+
+
+def _model_path(server: ModelServer, volumes: list[Obj], mounts: list[Obj]) -> tuple[str, list[str]]:
+    """The base model's path in the server (a claim mounted read-only, or a hub name vLLM fetches) and vLLM's revision flags."""
+    model = parse_uri(server.spec.model.source, MODEL_SCHEMES)
+    if model.scheme == "hf":
+        location, _, revision = model.location.partition("@")
+        return location, (["--revision", revision, "--tokenizer-revision", revision] if revision else [])
+    if model.authority == server.spec.adapter_claim:
+        return f"{ADAPTERS_MOUNT}/{model.path}".rstrip("/"), []
+    mount = f"{SOURCES_MOUNT}/pvc/{model.authority}"
+    volumes.append({"name": "model", "persistentVolumeClaim": {"claimName": model.authority, "readOnly": True}})
+    mounts.append({"name": "model", "mountPath": mount, "readOnly": True})
+    return f"{mount}/{model.path}".rstrip("/"), []
+
+
+def server_command(server: ModelServer, model_path: str, revision: list[str]) -> list[str]:
+    """``kubetune serve`` with runtime adapters from the claim, or ``vllm serve`` with runtime LoRA updating."""
+    spec = server.spec
+    port = str(spec.port)
+    if spec.runtime == "vllm":
+        return pod.argv(
+            "vllm",
+            "serve",
+            model_path,
+            *revision,
+            "--host",
+            "0.0.0.0",  # noqa: S104
+            "--port",
+            port,
+            "--served-model-name",
+            server.name,
+            "--enable-lora",
+            "--max-loras",
+            str(spec.max_adapters),
+            "--max-lora-rank",
+            str(max_lora_rank(spec.max_lora_rank)),
+        )
+    return pod.argv(
+        "kubetune",
+        "serve",
+        "--model",
+        model_path,
+        "--base-name",
+        server.name,
+        "--port",
+        port,
+        "--runtime-adapters",
+        ADAPTERS_MOUNT,
+        "--adapters-file",
+        f"{ADAPTERS_FILE_MOUNT}/{ADAPTERS_FILE}",
+    )
+
+
+def _resources(server: ModelServer) -> Obj:
+    gpus = server_gpus(server)
+    limits: Obj = {server.spec.gpu_resource_name: str(gpus)} if gpus else {}
+    requests: Obj = dict(limits)
+    if server.spec.cpu:
+        requests["cpu"] = server.spec.cpu
+    if server.spec.memory:
+        requests["memory"] = server.spec.memory
+        limits["memory"] = server.spec.memory
+    return {k: v for k, v in (("requests", requests), ("limits", limits)) if v}
+
+
+def build_server_deployment(server: ModelServer, uid: str, settings: OperatorSettings) -> Obj:
+    """The shared server's Deployment: every replica mounts the base, the adapter claim and the adapters file."""
+    spec = server.spec
+    vllm = spec.runtime == "vllm"
+    volumes: list[Obj] = [
+        {"name": "adapters", "persistentVolumeClaim": {"claimName": spec.adapter_claim, "readOnly": True}},
+        {"name": "adapters-file", "configMap": {"name": names.server_adapters(server.name)}},
+    ]
+    mounts: list[Obj] = [
+        {"name": "adapters", "mountPath": ADAPTERS_MOUNT, "readOnly": True},
+        {"name": "adapters-file", "mountPath": ADAPTERS_FILE_MOUNT, "readOnly": True},
+    ]
+    model_path, revision = _model_path(server, volumes, mounts)
+    env: list[Obj] = [*pod.base_env(), {"name": "HOME", "value": "/tmp"}]  # noqa: S108
+    if vllm:
+        env.append({"name": "VLLM_ALLOW_RUNTIME_LORA_UPDATING", "value": "True"})
+        volumes.append({"name": "shm", "emptyDir": {"medium": "Memory", "sizeLimit": "8Gi"}})
+        mounts.append(pod.shm_mount())
+    elif spec.cpu:
+        env.append({"name": "OMP_NUM_THREADS", "value": str(max(1, int(pod.cpus(spec.cpu))))})
+    ready_path, live_path = ("/health", "/health") if vllm else ("/readyz", "/healthz")
+    labels = names.server_labels(server.namespace, server.name)
+    container: Obj = {
+        "name": names.SERVER_CONTAINER,
+        "image": settings.vllm_image if vllm else settings.trainer_image,
+        "command": server_command(server, model_path, revision),
+        "env": env,
+        "ports": [{"name": "http", "containerPort": spec.port}],
+        "resources": _resources(server),
+        "readinessProbe": {
+            "httpGet": {"path": ready_path, "port": "http"},
+            "periodSeconds": 5,
+            "timeoutSeconds": 5,
+            "failureThreshold": 3,
+        },
+        "startupProbe": {"httpGet": {"path": live_path, "port": "http"}, "periodSeconds": 10, "failureThreshold": 90},
+        "livenessProbe": {
+            "httpGet": {"path": live_path, "port": "http"},
+            "periodSeconds": 15,
+            "timeoutSeconds": 5,
+            "failureThreshold": 4,
+        },
+        "securityContext": pod.container_security(),
+        "volumeMounts": mounts,
+    }
+    tolerations = (
+        [{"key": names.GPU_TAINT_KEY, "operator": "Exists", "effect": "NoSchedule"}] if server_gpus(server) else []
+    )
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": _meta(server, uid, names.model_server(server.name)),
+        "spec": {
+            "replicas": spec.replicas,
+            "selector": {"matchLabels": labels},
+            "template": {
+                "metadata": {"labels": labels},
+                "spec": {
+                    "automountServiceAccountToken": False,
+                    "enableServiceLinks": False,
+                    "securityContext": pod.pod_security(),
+                    **({"nodeSelector": dict(spec.node_selector)} if spec.node_selector else {}),
+                    **({"tolerations": tolerations} if tolerations else {}),
+                    "containers": [container],
+                    "volumes": volumes,
+                },
+            },
+        },
+    }
+
+
+def build_server_service(server: ModelServer, uid: str) -> Obj:
+    """The ClusterIP Service in front of the replicas (status.url and the jobs' status.endpoint name it)."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _meta(server, uid, names.model_server(server.name)),
+        "spec": {
+            "selector": names.server_labels(server.namespace, server.name),
+            "ports": [{"name": "http", "port": server.spec.port, "targetPort": "http"}],
+        },
+    }

@@ -1,0 +1,264 @@
+"""ModelServers without a cluster: the API, the builders, which adapters a server holds, and a job served by one."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from kubetune_api import InvalidManifestError
+from kubetune_api.modelserver import ModelServer, load_model_server
+from kubetune_operator import conditions, names
+from kubetune_operator.children.modelserver import (
+    ADAPTERS_MOUNT,
+    adapter_path,
+    build_adapters_config_map,
+    build_server_deployment,
+    build_server_service,
+    server_url,
+)
+from kubetune_operator.observed import result_annotation
+from kubetune_operator.servers import ready_pods, wanted
+from kubetune_operator.settings import OperatorSettings
+from tests.unit.test_reconcile import condition, job, published, run
+
+pytestmark = pytest.mark.unit
+
+BASE = "pvc://models/base"
+
+
+def server(**spec: Any) -> ModelServer:
+    manifest = {
+        "apiVersion": "kubetune.io/v1alpha1",
+        "kind": "ModelServer",
+        "metadata": {"name": "shared", "namespace": "ml", "uid": "ms-uid"},
+        "spec": {"model": {"source": BASE}, "adapterClaim": "adapters", **spec},
+    }
+    return load_model_server(manifest)
+
+
+def ftj(name: str, *, created: str = "2026-01-01T00:00:00Z", **spec: Any) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "model": {"source": BASE},
+        "dataset": {"source": "pvc://models/data/train.jsonl"},
+        "output": {"destination": f"pvc://adapters/{name}"},
+        "serving": {"enabled": True, "server": "shared"},
+    }
+    for section, values in spec.items():
+        body[section] = {**body.get(section, {}), **values}
+    return {
+        "apiVersion": "kubetune.io/v1alpha1",
+        "kind": "FineTuneJob",
+        "metadata": {"name": name, "namespace": "ml", "creationTimestamp": created},
+        "spec": body,
+    }
+
+
+def publish(name: str, uri: str | None = None) -> dict[str, Any]:
+    from kubetune_api.resource import Adapter  # noqa: PLC0415
+
+    annotation = result_annotation(Adapter(uri=uri or f"pvc://adapters/{name}", digest="sha256:" + "a" * 64))
+    return {
+        "metadata": {
+            "name": f"{name}-publish",
+            "labels": {names.JOB_LABEL: name, names.ROLE_LABEL: names.ROLE_PUBLISH},
+            **annotation["metadata"],
+        }
+    }
+
+
+class TestApi:
+    def test_a_hub_base_is_for_vllm_only(self) -> None:
+        with pytest.raises(InvalidManifestError, match=r"spec\.model\.source"):
+            server(model={"source": "hf://org/base"})
+        assert server(model={"source": "hf://org/base"}, runtime="vllm").spec.model.source == "hf://org/base"
+
+    def test_sources_a_server_cannot_mount_are_refused_naming_what_works(self) -> None:
+        with pytest.raises(InvalidManifestError, match=r"pvc://claim/path"):
+            server(model={"source": "https://example.org/model.tar.gz"})
+
+    def test_a_job_served_by_a_server_publishes_on_a_claim(self) -> None:
+        from kubetune_api.resource import load_job  # noqa: PLC0415
+
+        manifest = ftj("a", output={"destination": "oci://registry.example/a:v1"})
+        with pytest.raises(InvalidManifestError, match=r"output\.destination"):
+            load_job(manifest)
+
+
+class TestBuilders:
+    def test_the_built_in_server_loads_runtime_adapters_from_the_claim_and_the_file(self) -> None:
+        deployment = build_server_deployment(server(cpu="2"), "ms-uid", OperatorSettings())
+        spec = deployment["spec"]["template"]["spec"]
+        (container,) = spec["containers"]
+        command = container["command"]
+        assert command[:2] == ["kubetune", "serve"]
+        assert command[command.index("--runtime-adapters") + 1] == ADAPTERS_MOUNT
+        assert command[command.index("--adapters-file") + 1] == "/etc/kubetune/adapters/adapters.json"
+        assert command[command.index("--base-name") + 1] == "shared"
+        assert command[command.index("--model") + 1] == "/var/run/kubetune/sources/pvc/models/base"
+        claims = {
+            v["persistentVolumeClaim"]["claimName"]: v["persistentVolumeClaim"]["readOnly"]
+            for v in spec["volumes"]
+            if "persistentVolumeClaim" in v
+        }
+        assert claims == {"adapters": True, "models": True}
+        assert spec["automountServiceAccountToken"] is False
+        assert container["securityContext"]["allowPrivilegeEscalation"] is False
+        assert {"name": "OMP_NUM_THREADS", "value": "2"} in container["env"]
+        assert deployment["metadata"]["ownerReferences"][0]["kind"] == "ModelServer"
+        assert "tolerations" not in spec, "a CPU server stays off the GPU nodes"
+
+    def test_vllm_runs_with_runtime_lora_updating(self) -> None:
+        deployment = build_server_deployment(
+            server(runtime="vllm", model={"source": "hf://org/base@v2"}, maxAdapters=8, maxLoraRank=20),
+            "ms-uid",
+            OperatorSettings(),
+        )
+        (container,) = deployment["spec"]["template"]["spec"]["containers"]
+        command = container["command"]
+        assert command[:3] == ["vllm", "serve", "org/base"]
+        assert command[command.index("--revision") + 1] == "v2"
+        assert command[command.index("--max-loras") + 1] == "8"
+        assert command[command.index("--max-lora-rank") + 1] == "32", "rounded up to a rank vLLM accepts"
+        assert "--enable-lora" in command
+        assert {"name": "VLLM_ALLOW_RUNTIME_LORA_UPDATING", "value": "True"} in container["env"]
+        assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"
+        tolerations = deployment["spec"]["template"]["spec"]["tolerations"]
+        assert tolerations[0]["key"] == names.GPU_TAINT_KEY
+
+    def test_the_adapters_file_and_the_service(self) -> None:
+        config_map = build_adapters_config_map(server(), "ms-uid", {"b": "/x/b", "a": "/x/a"})
+        assert json.loads(config_map["data"]["adapters.json"]) == {"a": "/x/a", "b": "/x/b"}
+        service = build_server_service(server(), "ms-uid")
+        assert service["metadata"]["name"] == "shared-server"
+        assert server_url(server()) == "http://shared-server.ml.svc:8000/v1"
+
+    def test_adapter_paths_lie_on_the_adapter_claim_only(self) -> None:
+        assert adapter_path(server(), "pvc://adapters/team/a") == f"{ADAPTERS_MOUNT}/team/a"
+        assert adapter_path(server(), "pvc://other/team/a") is None
+        assert adapter_path(server(), "oci://registry.example/a:v1") is None
+
+
+class TestWanted:
+    def test_published_jobs_oldest_first_and_unpublished_ones_not_yet(self) -> None:
+        jobs = [ftj("b", created="2026-01-02T00:00:00Z"), ftj("a"), ftj("c")]
+        found = wanted(server(), jobs, [publish("a"), publish("b")])
+        assert [(w.name, w.job, w.path, w.refused) for w in found] == [
+            ("a", "a", f"{ADAPTERS_MOUNT}/a", None),
+            ("b", "b", f"{ADAPTERS_MOUNT}/b", None),
+        ]
+
+    def test_deleted_disabled_and_other_servers_jobs_are_dropped(self) -> None:
+        deleted = ftj("a")
+        deleted["metadata"]["deletionTimestamp"] = "2026-01-03T00:00:00Z"
+        jobs = [deleted, ftj("b", serving={"enabled": False}), ftj("c", serving={"server": "other"})]
+        assert wanted(server(), jobs, [publish("a"), publish("b"), publish("c")]) == []
+
+    @pytest.mark.parametrize(
+        ("spec", "server_spec", "expected"),
+        [
+            ({"model": {"source": "pvc://models/other"}}, {}, "an adapter only fits its own base"),
+            ({"method": {"type": "dora"}}, {"runtime": "vllm", "model": {"source": BASE}}, "vLLM cannot load DoRA"),
+            (
+                {"method": {"type": "lora", "lora": {"r": 128}}},
+                {"runtime": "vllm"},
+                "above ModelServer shared's maxLoraRank 64",
+            ),
+            ({"method": {"type": "full"}}, {}, "not an adapter"),
+        ],
+    )
+    def test_what_a_server_cannot_hold_says_why(
+        self, spec: dict[str, Any], server_spec: dict[str, Any], expected: str
+    ) -> None:
+        (found,) = wanted(server(**server_spec), [ftj("a", **spec)], [publish("a")])
+        assert found.refused is not None
+        assert expected in found.refused
+
+    def test_an_adapter_off_the_claim_names_the_fix(self) -> None:
+        (found,) = wanted(
+            server(), [ftj("a", output={"destination": "pvc://other/a"})], [publish("a", "pvc://other/a")]
+        )
+        assert found.refused is not None
+        assert "set spec.output.destination to pvc://adapters/<path>" in found.refused
+
+    def test_a_taken_name_and_a_full_server_refuse_the_newer_job(self) -> None:
+        jobs = [
+            ftj("a", serving={"modelName": "bot"}),
+            ftj("b", created="2026-01-02T00:00:00Z", serving={"modelName": "bot"}),
+        ]
+        first, second = wanted(server(), jobs, [publish("a"), publish("b")])
+        assert first.refused is None
+        assert second.refused is not None
+        assert "taken on ModelServer shared by job a" in second.refused
+        first, second = wanted(
+            server(maxAdapters=1), [ftj("a"), ftj("b", created="2026-01-02T00:00:00Z")], [publish("a"), publish("b")]
+        )
+        assert first.refused is None
+        assert second.refused is not None
+        assert "at most 1 adapters" in second.refused
+
+    def test_ready_replicas_are_ready_with_an_address(self) -> None:
+        def replica(ready: str, ip: str | None, deleting: bool = False) -> dict[str, Any]:
+            meta: dict[str, Any] = {"name": "p"}
+            if deleting:
+                meta["deletionTimestamp"] = "2026-01-01T00:00:00Z"
+            return {"metadata": meta, "status": {"podIP": ip, "conditions": [{"type": "Ready", "status": ready}]}}
+
+        pods = [
+            replica("True", "10.0.0.1"),
+            replica("False", "10.0.0.2"),
+            replica("True", None),
+            replica("True", "10.0.0.3", deleting=True),
+        ]
+        assert [p["status"]["podIP"] for p in ready_pods(pods)] == ["10.0.0.1"]
+
+
+def shared_status(*adapters: dict[str, Any], ready: int = 1) -> dict[str, Any]:
+    return {
+        "apiVersion": "kubetune.io/v1alpha1",
+        "kind": "ModelServer",
+        "metadata": {"name": "shared", "namespace": "ml"},
+        "spec": {"model": {"source": "pvc://models/base"}, "adapterClaim": "adapters"},
+        "status": {"phase": "Ready", "readyReplicas": ready, "adapters": list(adapters)},
+    }
+
+
+class TestJobServedByAServer:
+    def serving_job(self) -> Any:
+        return job(
+            status={"phase": "Complete"},
+            serving={"enabled": True, "server": "shared", "modelName": "bot"},
+            output={"destination": "pvc://adapters/support-bot"},
+        )
+
+    def test_a_missing_server_is_named_with_the_fix(self) -> None:
+        decision = run(self.serving_job(), **published())
+        assert decision.status.phase == "Serving"
+        status, reason, message = condition(decision, conditions.SERVING_READY)
+        assert (status, reason) == ("False", conditions.SERVER_NOT_FOUND)
+        assert "ModelServer shared not found in namespace ml" in message
+        assert not [m for m in decision.apply if m["kind"] == "Deployment"], "no server of the job's own"
+
+    def test_loaded_means_ready_and_the_endpoint_is_the_servers(self) -> None:
+        loaded = {"name": "bot", "job": "support-bot", "path": "/p", "loadedReplicas": 2}
+        decision = run(self.serving_job(), **published(model_server=shared_status(loaded, ready=2)))
+        status, reason, message = condition(decision, conditions.SERVING_READY)
+        assert (status, reason) == ("True", conditions.SERVING)
+        assert "loaded on 2/2 replicas of ModelServer shared" in message
+        assert decision.status.endpoint is not None
+        assert decision.status.endpoint.url == "http://shared-server.ml.svc:8000/v1"
+        assert decision.status.endpoint.model_name == "bot"
+
+    def test_a_refusal_is_quoted_and_waiting_is_said(self) -> None:
+        refused = {"name": "bot", "job": "support-bot", "path": "", "message": "the model name bot is taken"}
+        decision = run(self.serving_job(), **published(model_server=shared_status(refused)))
+        assert condition(decision, conditions.SERVING_READY) == (
+            "False",
+            conditions.ADAPTER_REFUSED,
+            "the model name bot is taken",
+        )
+        decision = run(self.serving_job(), **published(model_server=shared_status(ready=0)))
+        status, reason, message = condition(decision, conditions.SERVING_READY)
+        assert (status, reason) == ("False", conditions.ADAPTER_LOADING)
+        assert "0/1 replicas ready" in message
