@@ -62,7 +62,7 @@ def ready_address(api: client.ApiClient, namespace: str) -> str | None:
 
 
 def models(host: str, port: int) -> set[str]:
-    with urllib.request.urlopen(f"http://{host}:{port}/v1/models", timeout=30) as reply:  # noqa: S310
+    with urllib.request.urlopen(f"http://{host}:{port}/v1/models", timeout=30) as reply:
         return {m["id"] for m in json.loads(reply.read())["data"]}
 
 
