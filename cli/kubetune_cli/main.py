@@ -37,6 +37,7 @@ def _validate(args: argparse.Namespace) -> int:
     import yaml
 
     from kubetune_api import InvalidManifestError
+    from kubetune_api.modelserver import load_model_server
     from kubetune_api.resource import load_job
 
     failed = 0
@@ -50,13 +51,19 @@ def _validate(args: argparse.Namespace) -> int:
             continue
         for index, document in enumerate(documents):
             label = f"{path}" if len(documents) == 1 else f"{path} (document {index + 1})"
+            if isinstance(document, dict) and document.get("kind") == "PersistentVolumeClaim":
+                continue  # the claims examples set up beside a job or a server are Kubernetes' to check
             try:
-                job = load_job(document, allow_local_paths=args.allow_local_paths, source=label)
+                if isinstance(document, dict) and document.get("kind") == "ModelServer":
+                    what = f"ModelServer {load_model_server(document, source=label).name}"
+                else:
+                    job = load_job(document, allow_local_paths=args.allow_local_paths, source=label)
+                    what = f"FineTuneJob {job.name}"
             except InvalidManifestError as exc:
                 print(exc, file=sys.stderr)
                 failed += 1
             else:
-                print(f"{label}: FineTuneJob {job.name} is valid")
+                print(f"{label}: {what} is valid")
     return EXIT_INVALID if failed else 0
 
 
@@ -368,7 +375,7 @@ def build_parser() -> argparse.ArgumentParser:
     crd.set_defaults(run=_crd)
 
     validate = commands.add_parser(
-        "validate", help="check FineTuneJob manifests offline and list every problem with its field"
+        "validate", help="check FineTuneJob and ModelServer manifests offline and list every problem with its field"
     )
     validate.add_argument("files", nargs="+", metavar="FILE", help="YAML files, one or more documents each")
     validate.add_argument(

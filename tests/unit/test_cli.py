@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from kubetune_operator.crd import render_crd
-from tests.conftest import BAD_INPUT, EXAMPLES
+from tests.conftest import BAD_INPUT, EXAMPLES, REPO
 from tests.factories import LLAMA_8B_CONFIG
 
 pytestmark = pytest.mark.unit
@@ -33,6 +33,22 @@ def test_crd_writes_a_file(tmp_path: Path) -> None:
     out = tmp_path / "crd.yaml"
     assert kubetune("crd", "--output", str(out)).returncode == 0
     assert out.read_text(encoding="utf-8") == render_crd()
+
+
+def test_validate_checks_model_servers_too(tmp_path: Path) -> None:
+    result = kubetune("validate", str(REPO / "examples" / "modelserver.yaml"))
+    assert result.returncode == 0, result.stderr
+    assert "ModelServer llama-shared is valid" in result.stdout
+    assert "FineTuneJob support-bot is valid" in result.stdout
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(
+        "apiVersion: kubetune.io/v1alpha1\nkind: ModelServer\nmetadata: {name: s}\n"
+        "spec: {model: {source: 'hf://org/base'}, adapterClaim: adapters}\n"
+    )
+    result = kubetune("validate", str(bad))
+    assert result.returncode == 2
+    assert "spec.model.source" in result.stderr
+    assert "runtime: vllm" in result.stderr
 
 
 def test_validate_accepts_the_examples() -> None:
