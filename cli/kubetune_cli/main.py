@@ -245,6 +245,44 @@ def _serve_arguments(parser: argparse.ArgumentParser) -> None:
         help="the most tokens one request may generate (default 1024; also chat's default max_tokens)",
     )
     parser.add_argument("--device", help="torch device (default cuda when there is a GPU, else cpu)")
+    parser.add_argument(
+        "--runtime-adapters",
+        metavar="DIR",
+        help="allow POST /v1/load_lora_adapter and /v1/unload_lora_adapter (as vLLM), for adapters inside DIR only",
+    )
+    parser.add_argument(
+        "--adapters-file",
+        metavar="FILE",
+        help="a JSON object {name: path} of adapters (inside --runtime-adapters) loaded before /readyz answers 200",
+    )
+    parser.add_argument("--max-batch", type=int, default=16, help="the most requests generated together (default 16)")
+    parser.add_argument(
+        "--max-queued", type=int, default=64, help="the most requests waiting for the batch; more get 429 (default 64)"
+    )
+    parser.add_argument(
+        "--max-connections",
+        type=int,
+        default=1024,
+        help="requests arriving while more connections are open get 503 (default 1024)",
+    )
+    parser.add_argument(
+        "--read-timeout",
+        type=float,
+        default=10.0,
+        help="seconds for a request's headers, and then its body, to arrive (default 10)",
+    )
+    parser.add_argument(
+        "--write-timeout",
+        type=float,
+        default=30.0,
+        help="seconds a streaming client may read nothing before it is dropped (default 30)",
+    )
+    parser.add_argument(
+        "--request-timeout",
+        type=float,
+        default=600.0,
+        help="seconds one request's answer may take; then 504 and its generation ends (default 600)",
+    )
 
 
 def _add_trainer_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

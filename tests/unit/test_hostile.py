@@ -10,6 +10,7 @@ tests/trainer/test_hostile.py.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import http.client
 import http.server
@@ -28,9 +29,9 @@ from kubetune_api import ALLOW_LOCAL_PATHS, TrainerConfig
 from kubetune_trainer import archive, fetch
 from kubetune_trainer.errors import EXIT_OK, EXIT_PERMANENT, PermanentError, ProblemList
 from kubetune_trainer.publishing.commands import fetch_model_main, pull_main
-from kubetune_trainer.serving.engine import Outcome
+from kubetune_trainer.serving.engine import Sequence
 from kubetune_trainer.serving.protocol import Sampling
-from kubetune_trainer.serving.server import Server
+from kubetune_trainer.serving.server import Limits, Server
 from kubetune_trainer.training.data import load
 from kubetune_trainer.training.model import weights_problem
 from tests.factories import serve_folder, serve_s3
@@ -342,21 +343,33 @@ class StandInEngine:
     def check_length(self, ids: list[int], sampling: Sampling) -> None:
         pass
 
-    def generate(self, name: str, ids: list[int], sampling: Sampling, outcome: Outcome) -> Iterator[str]:
-        if sampling.seed is not None:
-            struct.pack("<q", sampling.seed)
-        outcome.prompt_tokens, outcome.completion_tokens, outcome.finish_reason = len(ids), 1, "stop"
-        yield "ok"
+    adapters = ()
+    queued = 0
+
+    def submit(self, sequence: Sequence) -> None:
+        if sequence.sampling.seed is not None:
+            struct.pack("<q", sequence.sampling.seed)
+        outcome = sequence.outcome
+        outcome.prompt_tokens, outcome.completion_tokens, outcome.finish_reason = len(sequence.ids), 1, "stop"
+        sequence.emit("ok")
+        sequence.emit(None)
+
+    def stop(self) -> None:
+        pass
 
 
 @pytest.fixture(scope="module")
 def served() -> Iterator[int]:
-    server = Server(("127.0.0.1", 0), names=["base"], limit=64)
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    server = Server(base_name="base", limits=Limits(max_tokens=64))
     server.engine = cast(Any, StandInEngine())
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield int(server.server_address[1])
-    server.shutdown()
-    server.server_close()
+    server.ready = True
+    yield asyncio.run_coroutine_threadsafe(server.start("127.0.0.1", 0), loop).result(timeout=30)
+    asyncio.run_coroutine_threadsafe(server.stop(), loop).result(timeout=30)
+    loop.call_soon_threadsafe(loop.stop)
+    thread.join(timeout=30)
 
 
 def post(port: int, path: str, body: bytes) -> tuple[int, dict[str, Any]]:

@@ -5,14 +5,19 @@ carries the HTTP status to answer with; nothing here touches the model or the ne
 :func:`parse_body` turns the raw body into a JSON object, refusing what JSON allows but the
 server cannot use: nesting deeper than :data:`MAX_DEPTH`, integers of thousands of digits, and
 strings with a lone surrogate (``"\\ud800"``, which no tokenizer can encode). Integer fields
-must fit in 64 bits.
+must fit in 64 bits. Fields of OpenAI's API that the server does not implement (``logprobs``,
+``tools``, ``best_of``...: :data:`UNSUPPORTED`) are refused rather than ignored, and so are chat
+roles outside OpenAI's (:data:`ROLES`). :func:`confined` and :func:`check_adapter_name` check the
+runtime adapter requests (``/v1/load_lora_adapter``).
 """
 
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from http import HTTPStatus
+from pathlib import Path
 from typing import Any, Final
 
 #: ``max_tokens`` of a completion that names none (OpenAI's default).
@@ -21,6 +26,29 @@ DEFAULT_COMPLETION_TOKENS: Final = 16
 MAX_STOP_SEQUENCES: Final = 4
 #: Deepest nesting of arrays and objects accepted in a request body (a chat request needs 5).
 MAX_DEPTH: Final = 64
+#: The roles of OpenAI's chat messages; any other is refused.
+ROLES: Final = ("system", "user", "assistant", "tool", "developer")
+#: OpenAI request fields this server does not implement: refused (400 naming the field) unless
+#: absent or set to the value that means "not used" (listed).
+UNSUPPORTED: Final[dict[str, tuple[Any, ...]]] = {
+    "logprobs": (None, False, 0),
+    "top_logprobs": (None, 0),
+    "best_of": (None, 1),
+    "logit_bias": (None, {}),
+    "tools": (None, []),
+    "tool_choice": (None, "none"),
+    "parallel_tool_calls": (None,),
+    "functions": (None, []),
+    "function_call": (None, "none"),
+    "response_format": (None, {"type": "text"}),
+    "presence_penalty": (None, 0),
+    "frequency_penalty": (None, 0),
+    "suffix": (None, ""),
+    "audio": (None,),
+    "modalities": (None, ["text"]),
+    "prediction": (None,),
+    "web_search_options": (None,),
+}
 #: Integer fields hold a signed 64-bit integer (what torch takes as a seed).
 INT64_MIN: Final = -(2**63)
 INT64_MAX: Final = 2**63 - 1
@@ -136,6 +164,44 @@ def parse_body(raw: bytes) -> dict[str, Any]:
     return body
 
 
+def _same(value: Any, other: Any) -> bool:
+    """``value == other``, where a boolean equals only a boolean (``False`` is not ``0``)."""
+    if isinstance(value, bool) or isinstance(other, bool):
+        return isinstance(value, bool) and isinstance(other, bool) and value == other
+    return bool(value == other)
+
+
+def refuse_unsupported(body: dict[str, Any]) -> None:
+    """Refuse a field of :data:`UNSUPPORTED` set to a value that asks for what this server does not do."""
+    for name, unused in UNSUPPORTED.items():
+        value = body.get(name)
+        if not any(_same(value, ok) for ok in unused):
+            raise RequestError(f"'{name}' is not supported by this server", param=name, code="unsupported_parameter")
+
+
+def check_adapter_name(name: object, taken: list[str]) -> str:
+    """An adapter's name, stripped: a non-empty string that is not the base's nor another adapter's."""
+    if not isinstance(name, str) or not name.strip():
+        raise RequestError("'lora_name' must be a non-empty string", param="lora_name")
+    name = name.strip()
+    if name in taken:
+        raise RequestError(f"The lora adapter '{name}' has already been loaded.", param="lora_name")
+    return name
+
+
+def confined(root: Path, path: object) -> Path:
+    """``path`` (relative to ``root``, or absolute) with symlinks resolved, refused unless it lies in ``root``."""
+    if not isinstance(path, str) or not path:
+        raise RequestError("'lora_path' must be a non-empty string", param="lora_path")
+    real = Path(os.path.realpath(root / path))
+    top = Path(os.path.realpath(root))
+    if real != top and top not in real.parents:
+        raise RequestError(f"'lora_path' {path} is outside the runtime adapters folder {root}", param="lora_path")
+    if not (real / "adapter_config.json").is_file():
+        raise RequestError(f"'lora_path' {path} holds no adapter_config.json", param="lora_path")
+    return real
+
+
 def parse_sampling(body: dict[str, Any], *, default_max_tokens: int, limit: int) -> Sampling:
     """The sampling fields of a completion or chat request, checked."""
     max_tokens = _integer(body, "max_completion_tokens")
@@ -201,8 +267,8 @@ def parse_messages(body: dict[str, Any]) -> list[dict[str, str]]:
         if not isinstance(message, dict):
             raise RequestError(f"'{where}' must be an object", param=where)
         role = message.get("role")
-        if not isinstance(role, str) or not role:
-            raise RequestError(f"'{where}.role' must be a non-empty string", param=f"{where}.role")
+        if role not in ROLES:
+            raise RequestError(f"'{where}.role' must be one of {', '.join(ROLES)}", param=f"{where}.role")
         content = message.get("content")
         if content is None:
             content = ""
