@@ -93,7 +93,7 @@ class ServedAdapter(StatusModel):
     job: Annotated[str, Field(max_length=253)]
     """The FineTuneJob that published it."""
     path: Annotated[str, Field(max_length=2048)]
-    """Where the replicas read it (under the adapter claim's mount)."""
+    """Where the replicas read it, relative to the adapter claim (empty when the server cannot take it)."""
     loaded_replicas: Annotated[int, Field(ge=0)] = 0
     """Ready replicas that hold it."""
     message: Annotated[str, Field(max_length=1024)] | None = None

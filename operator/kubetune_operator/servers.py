@@ -128,6 +128,21 @@ def _refusal(  # noqa: PLR0911 - one answer per reason
     return None
 
 
+def changed_jobs(obj: Obj, status: ModelServerStatus) -> list[str]:
+    """The jobs whose entry the pass changed (added, dropped, loaded elsewhere, refused otherwise): only they
+    are woken, so that a job's pass, which wakes the server, does not wake the server's pass again and again."""
+
+    def entries(adapters: list[Obj]) -> set[tuple[str, str, int, str]]:
+        return {
+            (str(a.get("job")), str(a.get("name")), int(a.get("loadedReplicas") or 0), str(a.get("message") or ""))
+            for a in adapters
+        }
+
+    before = entries((obj.get("status") or {}).get("adapters") or [])
+    after = entries([a.model_dump(by_alias=True) for a in status.adapters])
+    return sorted({entry[0] for entry in before ^ after})
+
+
 def ready_pods(pods: list[Obj]) -> list[Obj]:
     """Replicas that are Ready, with an address, and not being deleted."""
     return [
@@ -246,7 +261,7 @@ class ServerController:
             namespace, server.name, status.model_dump(mode="json", by_alias=True, exclude_none=True), kind=MS_KIND
         )
         settled = status.phase == READY or server.spec.replicas == 0
-        return (self.settings.resync_seconds if settled else SOON), [w.job for w in wants]
+        return (self.settings.resync_seconds if settled else SOON), changed_jobs(obj, status)
 
     def _status(
         self,

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import http.server
 import json
-from typing import Any
+import threading
+from typing import Any, ClassVar
 
 import pytest
 
 from kubetune_api import InvalidManifestError
 from kubetune_api.modelserver import ModelServer, load_model_server
+from kubetune_local.controlplane import free_port
 from kubetune_operator import conditions, names
 from kubetune_operator.children.modelserver import (
     ADAPTERS_MOUNT,
@@ -19,7 +22,7 @@ from kubetune_operator.children.modelserver import (
     server_url,
 )
 from kubetune_operator.observed import result_annotation
-from kubetune_operator.servers import ready_pods, wanted
+from kubetune_operator.servers import ReplicaError, changed_jobs, ready_pods, sync_replica, wanted
 from kubetune_operator.settings import OperatorSettings
 from tests.unit.test_reconcile import condition, job, published, run
 
@@ -123,6 +126,7 @@ class TestBuilders:
         assert command[command.index("--max-lora-rank") + 1] == "32", "rounded up to a rank vLLM accepts"
         assert "--enable-lora" in command
         assert {"name": "VLLM_ALLOW_RUNTIME_LORA_UPDATING", "value": "True"} in container["env"]
+        assert container["workingDir"] == ADAPTERS_MOUNT, "where vLLM resolves the relative adapter paths"
         assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"
         tolerations = deployment["spec"]["template"]["spec"]["tolerations"]
         assert tolerations[0]["key"] == names.GPU_TAINT_KEY
@@ -135,7 +139,8 @@ class TestBuilders:
         assert server_url(server()) == "http://shared-server.ml.svc:8000/v1"
 
     def test_adapter_paths_lie_on_the_adapter_claim_only(self) -> None:
-        assert adapter_path(server(), "pvc://adapters/team/a") == f"{ADAPTERS_MOUNT}/team/a"
+        assert adapter_path(server(), "pvc://adapters/team/a/") == "./team/a"
+        assert adapter_path(server(), "pvc://adapters/") is None
         assert adapter_path(server(), "pvc://other/team/a") is None
         assert adapter_path(server(), "oci://registry.example/a:v1") is None
 
@@ -145,8 +150,8 @@ class TestWanted:
         jobs = [ftj("b", created="2026-01-02T00:00:00Z"), ftj("a"), ftj("c")]
         found = wanted(server(), jobs, [publish("a"), publish("b")])
         assert [(w.name, w.job, w.path, w.refused) for w in found] == [
-            ("a", "a", f"{ADAPTERS_MOUNT}/a", None),
-            ("b", "b", f"{ADAPTERS_MOUNT}/b", None),
+            ("a", "a", "./a", None),
+            ("b", "b", "./b", None),
         ]
 
     def test_deleted_disabled_and_other_servers_jobs_are_dropped(self) -> None:
@@ -262,3 +267,80 @@ class TestJobServedByAServer:
         status, reason, message = condition(decision, conditions.SERVING_READY)
         assert (status, reason) == ("False", conditions.ADAPTER_LOADING)
         assert "0/1 replicas ready" in message
+
+
+class FakeReplica(http.server.BaseHTTPRequestHandler):
+    """A replica answering like vLLM's runtime LoRA endpoints: lists, loads, refuses one adapter."""
+
+    holds: ClassVar[set[str]] = set()
+    calls: ClassVar[list[tuple[str, dict[str, Any]]]] = []
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+    def _answer(self, code: int, body: dict[str, Any]) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_GET(self) -> None:
+        models = [{"id": "shared", "root": "/model"}, *({"id": n, "parent": "shared"} for n in sorted(self.holds))]
+        self._answer(200, {"object": "list", "data": models})
+
+    def do_POST(self) -> None:
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        self.calls.append((self.path, body))
+        if self.path == "/v1/load_lora_adapter" and body["lora_name"] == "broken":
+            self._answer(400, {"error": {"message": "Loading lora broken failed: no adapter_config.json"}})
+            return
+        if self.path == "/v1/load_lora_adapter":
+            self.holds.add(body["lora_name"])
+        else:
+            self.holds.discard(body["lora_name"])
+        self._answer(200, {})
+
+
+def test_a_replica_is_made_to_hold_what_the_server_wants() -> None:
+    FakeReplica.holds = {"gone", "kept"}
+    FakeReplica.calls = []
+    replica = http.server.ThreadingHTTPServer(("127.0.0.1", 0), FakeReplica)
+    thread = threading.Thread(target=replica.serve_forever, daemon=True)
+    thread.start()
+    try:
+        port = replica.server_address[1]
+        wants = {"kept": "/a/kept", "new": "/a/new", "broken": "/a/broken"}
+        holds, errors = sync_replica("shared", "127.0.0.1", port, wants)
+    finally:
+        replica.shutdown()
+        replica.server_close()
+    assert holds == {"kept", "new"}
+    assert errors == {"broken": "HTTP 400: Loading lora broken failed: no adapter_config.json"}
+    assert FakeReplica.calls == [
+        ("/v1/unload_lora_adapter", {"lora_name": "gone"}),
+        ("/v1/load_lora_adapter", {"lora_name": "broken", "lora_path": "/a/broken"}),
+        ("/v1/load_lora_adapter", {"lora_name": "new", "lora_path": "/a/new"}),
+    ], "the base is never unloaded, and what is held already is not loaded again"
+
+
+def test_a_replica_that_does_not_answer_is_an_error() -> None:
+    with pytest.raises(ReplicaError, match="no answer"):
+        sync_replica("shared", "127.0.0.1", free_port(), {"a": "/a"})
+
+
+def test_only_jobs_whose_entry_changed_are_woken() -> None:
+    from kubetune_api.modelserver import ModelServerStatus, ServedAdapter  # noqa: PLC0415
+
+    before = {"status": {"adapters": [{"name": "a", "job": "a", "path": "./a", "loadedReplicas": 1}]}}
+    same = ModelServerStatus(adapters=[ServedAdapter(name="a", job="a", path="./a", loaded_replicas=1)])
+    assert changed_jobs(before, same) == [], "a pass that changed nothing wakes nobody (no ping-pong)"
+    grown = ModelServerStatus(
+        adapters=[
+            ServedAdapter(name="a", job="a", path="./a", loaded_replicas=2),
+            ServedAdapter(name="b", job="b", path="./b", loaded_replicas=0),
+        ]
+    )
+    assert changed_jobs(before, grown) == ["a", "b"]
+    assert changed_jobs(before, ModelServerStatus()) == ["a"], "a dropped job is woken too"

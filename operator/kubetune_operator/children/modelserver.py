@@ -41,14 +41,21 @@ def server_url(server: ModelServer) -> str:
 
 
 def adapter_path(server: ModelServer, uri: str) -> str | None:
-    """Where the replicas read an adapter published at ``uri``; None unless it lies on the adapter claim."""
+    """Where the replicas read an adapter published at ``uri``, relative to the adapter claim's mount
+    (``./team/bot``); None unless it lies on the adapter claim.
+
+    Relative, because both servers resolve it against that mount: the built-in server against
+    ``--runtime-adapters`` (and refuses what leads out of it), vLLM against its working directory,
+    which is the mount. The leading ``./`` keeps vLLM from reading a missing folder as a hub name.
+    """
     try:
         parsed = parse_uri(uri, ("pvc",))
     except ValueError:
         return None
-    if parsed.authority != server.spec.adapter_claim or not parsed.path:
+    path = parsed.path.strip("/")
+    if parsed.authority != server.spec.adapter_claim or not path:
         return None
-    return f"{ADAPTERS_MOUNT}/{parsed.path}".rstrip("/")
+    return f"./{path}"
 
 
 def _owner(server: ModelServer, uid: str) -> Obj:
@@ -72,7 +79,7 @@ def _meta(server: ModelServer, uid: str, name: str) -> Obj:
 
 
 def build_adapters_config_map(server: ModelServer, uid: str, adapters: dict[str, str]) -> Obj:
-    """The adapters a (re)starting replica loads before it reports ready: ``{model name: path}``."""
+    """The adapters a (re)starting replica loads before it reports ready: ``{model name: path in the claim}``."""
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",
@@ -171,6 +178,8 @@ def build_server_deployment(server: ModelServer, uid: str, settings: OperatorSet
         "name": names.SERVER_CONTAINER,
         "image": settings.vllm_image if vllm else settings.trainer_image,
         "command": server_command(server, model_path, revision),
+        # vLLM resolves a relative lora_path against its working directory (see adapter_path).
+        **({"workingDir": ADAPTERS_MOUNT} if vllm else {}),
         "env": env,
         "ports": [{"name": "http", "containerPort": spec.port}],
         "resources": _resources(server),
