@@ -203,3 +203,50 @@ def test_the_readme_names_the_key_and_the_files() -> None:
     assert "finetunejob-health.lua" in readme
     assert "argocd-cm.yaml" in readme
     assert KEY in readme
+
+
+MODEL_SERVER_SCRIPT = (ARGOCD / "modelserver-health.lua").read_text(encoding="utf-8")
+
+
+@pytest.mark.parametrize("module", LUAS)
+@pytest.mark.parametrize(
+    ("status", "spec", "expected"),
+    [
+        (None, {}, ("Progressing", "waiting for the kubetune operator")),
+        (
+            {"phase": "Ready", "observedGeneration": 2, "conditions": [cond("Ready", message="2/2 ready")]},
+            {},
+            ("Healthy", "2/2 ready"),
+        ),
+        (
+            {"phase": "Ready", "observedGeneration": 1},
+            {},
+            ("Progressing", "the operator has not seen the latest spec yet"),
+        ),
+        (
+            {
+                "phase": "NotReady",
+                "observedGeneration": 2,
+                "conditions": [cond("Ready", "False", message="adapters still loading: a")],
+            },
+            {},
+            ("Progressing", "adapters still loading: a"),
+        ),
+        ({"phase": "Pending", "observedGeneration": 2}, {"replicas": 0}, ("Suspended", "spec.replicas is 0")),
+    ],
+)
+def test_model_server_health(
+    module: str, status: dict[str, Any] | None, spec: dict[str, Any], expected: tuple[str, str]
+) -> None:
+    obj: dict[str, Any] = {"metadata": {"name": "shared", "generation": 2}, "spec": spec}
+    if status is not None:
+        obj["status"] = status
+    runtime = importlib.import_module(module).LuaRuntime()
+    runtime.globals().obj = runtime.table_from(as_floats(obj), recursive=True)
+    result = runtime.execute(MODEL_SERVER_SCRIPT)
+    assert (str(result["status"]), str(result["message"])) == expected
+
+
+def test_the_config_map_holds_the_model_server_script() -> None:
+    manifest = yaml.safe_load((ARGOCD / "argocd-cm.yaml").read_text(encoding="utf-8"))
+    assert manifest["data"]["resource.customizations.health.kubetune.io_ModelServer"] == MODEL_SERVER_SCRIPT
