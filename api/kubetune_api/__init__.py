@@ -21,6 +21,7 @@ from kubetune_api.problems import InvalidManifestError, Problem, problems_of
 from kubetune_api.rules import IMMUTABLE_ONCE_STARTED, RULES, Rule, changed_immutable_fields
 from kubetune_api.spec import (
     ALLOW_LOCAL_PATHS,
+    MLFLOW_CREDENTIAL_KEYS,
     DatasetSpec,
     DeepSpeedSpec,
     DistributedSpec,
@@ -36,6 +37,7 @@ from kubetune_api.spec import (
     ServingSpec,
     StorageSpec,
     Toleration,
+    TrackingSpec,
     TrainingSpec,
     ValidationSplit,
 )
@@ -57,6 +59,7 @@ __all__ = [
     "DEFAULT_METRICS_PORT",
     "IMMUTABLE_ONCE_STARTED",
     "METRICS_ADDRESS_ENV",
+    "MLFLOW_CREDENTIAL_KEYS",
     "OUTPUT_MOUNT",
     "RULES",
     "SECRETS_MOUNT",
@@ -81,6 +84,7 @@ __all__ = [
     "SourceURI",
     "StorageSpec",
     "Toleration",
+    "TrackingSpec",
     "TrainerConfig",
     "TrainingSpec",
     "ValidationSplit",

@@ -169,6 +169,28 @@ RULES: Final[tuple[Rule, ...]] = (
             s.serving.server is None or (s.output.destination is not None and s.output.destination.startswith("pvc://"))
         ),
     ),
+    Rule(
+        field="training.tracking.mlflowTrackingUri",
+        message="reportTo mlflow needs a tracking server; set training.tracking.mlflowTrackingUri "
+        "or remove mlflow from training.reportTo",
+        cel="!('mlflow' in self.training.reportTo) || has(self.training.tracking.mlflowTrackingUri)",
+        holds=lambda s: "mlflow" not in s.training.report_to or s.training.tracking.mlflow_tracking_uri is not None,
+    ),
+    Rule(
+        field="training.reportTo",
+        message="training.tracking is only used by MLflow; add mlflow to training.reportTo or remove "
+        "training.tracking",
+        cel="'mlflow' in self.training.reportTo || (!has(self.training.tracking.mlflowTrackingUri) "
+        "&& !has(self.training.tracking.experimentName) && !has(self.training.tracking.secretRef))",
+        holds=lambda s: (
+            "mlflow" in s.training.report_to
+            or (
+                s.training.tracking.mlflow_tracking_uri is None
+                and s.training.tracking.experiment_name is None
+                and s.training.tracking.secret_ref is None
+            )
+        ),
+    ),
 )
 
 

@@ -34,6 +34,7 @@ from kubetune_api.uris import (
     DATASET_SCHEMES,
     MODEL_SCHEMES,
     OUTPUT_SCHEMES,
+    TRACKING_SCHEMES,
     Scheme,
     parse_uri,
 )
@@ -96,6 +97,7 @@ ServingRuntime = Literal["transformers", "vllm"]
 ReleaseNodes = Literal["OnCompletion", "OnDelete"]
 CapacityType = Literal["on-demand", "spot"]
 NodePoolMode = Literal["dynamic", "static"]
+ReportTo = Literal["tensorboard", "mlflow"]
 
 
 #: How every model of the API reads and writes: camelCase on the wire, unknown fields refused,
@@ -250,6 +252,37 @@ class MethodSpec(SpecModel):
 # ------------------------------------------------------------------------------------ training
 
 
+#: The keys of training.tracking.secretRef's Secret, each given to the trainer as the environment variable of
+#: the same name (by reference, optional), which MLflow's client reads.
+MLFLOW_CREDENTIAL_KEYS: Final = ("MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
+
+
+class TrackingSpec(SpecModel):
+    """The MLflow tracking server the trainer reports to when training.reportTo names mlflow."""
+
+    mlflow_tracking_uri: Uri | None = None
+    """The MLflow tracking server, http://host[:port][/path] or https://…; required with `reportTo: [mlflow]`. An in-cluster service (`http://mlflow.mlflow.svc:5000`) is fine: the private-address policy of sources does not apply to the tracking server, from which nothing is downloaded."""
+    experiment_name: Annotated[str, StringConstraints(min_length=1, max_length=256, pattern=r"^[^\x00-\x1f]+$")] | None = None
+    """The MLflow experiment the runs go to (created when missing); `<namespace>/<job name>` when unset. Each attempt is one run, named `<job name>-attempt-<n>`."""
+    secret_ref: ResourceName | None = None
+    """Name of a Secret in the job's namespace with the tracking server's credentials, given to the trainer as environment variables by reference (each key optional): MLFLOW_TRACKING_TOKEN (a bearer token), or MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (basic auth)."""
+
+    @field_validator("mlflow_tracking_uri")
+    @classmethod
+    def _uri(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        try:
+            parse_uri(value, TRACKING_SCHEMES)
+        except ValueError as exc:
+            raise PydanticCustomError("uri", "{reason}", {"reason": str(exc)}) from None
+        return value
+
+    def experiment(self, namespace: str, job: str) -> str:
+        """The experiment's name: experimentName, or ``<namespace>/<job>``."""
+        return self.experiment_name or f"{namespace}/{job}"
+
+
 class TrainingSpec(SpecModel):
     """Optimization settings. Tokens per optimizer step = batchSizePerDevice × gradientAccumulationSteps × world size × maxSeqLength."""
 
@@ -287,6 +320,19 @@ class TrainingSpec(SpecModel):
     """Evaluate on dataset.validation every this many steps; at the end of each epoch when unset."""
     logging_every_steps: Annotated[int, Field(ge=1, le=100000)] = 10
     """Log and publish metrics every this many steps."""
+    report_to: Annotated[
+        list[ReportTo], Field(max_length=2, json_schema_extra={"x-kubernetes-list-type": "set"})
+    ] = []
+    """Experiment trackers that rank 0 reports the logged metrics to, with transformers' own integrations: `tensorboard` (event files on the job's volume, under `runs/attempt-<n>/`) and `mlflow` (a run per attempt on training.tracking.mlflowTrackingUri). None by default."""
+    tracking: TrackingSpec = Field(default_factory=TrackingSpec, json_schema_extra={"default": {}})
+    """The MLflow tracking server of `reportTo: [mlflow]`; only used with mlflow."""
+
+    @field_validator("report_to")
+    @classmethod
+    def _report_to(cls, value: list[str]) -> list[str]:
+        if len(set(value)) != len(value):
+            raise PydanticCustomError("duplicate", "name each tracker once", {})
+        return value
 
 
 # --------------------------------------------------------------------------------- distributed

@@ -61,6 +61,8 @@ _NOT_YET: Final = frozenset({"s3"})
 MODEL_SCHEMES: Final[tuple[Scheme, ...]] = ("hf", "https", "http", "pvc", "s3", "oci")
 DATASET_SCHEMES: Final[tuple[Scheme, ...]] = ("hf", "https", "http", "pvc", "s3", "oci", "configmap")
 OUTPUT_SCHEMES: Final[tuple[Scheme, ...]] = ("pvc", "oci")
+#: An MLflow tracking server (training.tracking.mlflowTrackingUri).
+TRACKING_SCHEMES: Final[tuple[Scheme, ...]] = ("https", "http")
 
 
 @dataclass(frozen=True, slots=True)

@@ -28,7 +28,15 @@ from kubetune_api.resource import (
     FineTuneJob,
 )
 from kubetune_api.spec import MAX_STORAGE
-from kubetune_api.uris import DATASET_SCHEMES, MODEL_SCHEMES, OUTPUT_SCHEMES, Scheme, forms, pattern_for
+from kubetune_api.uris import (
+    DATASET_SCHEMES,
+    MODEL_SCHEMES,
+    OUTPUT_SCHEMES,
+    TRACKING_SCHEMES,
+    Scheme,
+    forms,
+    pattern_for,
+)
 
 Schema = dict[str, Any]
 
@@ -40,6 +48,7 @@ _URI_FIELDS: Final[dict[tuple[str, ...], tuple[Scheme, ...]]] = {
     ("spec", "model", "source"): MODEL_SCHEMES,
     ("spec", "dataset", "source"): DATASET_SCHEMES,
     ("spec", "output", "destination"): OUTPUT_SCHEMES,
+    ("spec", "training", "tracking", "mlflowTrackingUri"): TRACKING_SCHEMES,
 }
 
 #: Quantity fields with an upper bound, checked by a CEL rule with Kubernetes' quantity library (the
