@@ -245,6 +245,43 @@ class TestTrainingJob:
         config = TrainerConfig.model_validate(json.loads(build_config_map(allowed)["data"]["config.json"]))
         assert config.private_networks == ["10.20.0.0/16"], "the admins' allow-list reaches the trainer"
 
+    def test_mlflow_credentials_come_from_the_secret_by_reference_never_inline(self) -> None:
+        spec = load_yaml(REPO / "examples" / "byo-gpu-nodes.yaml")["spec"]
+        spec["training"] = {
+            **spec.get("training", {}),
+            "reportTo": ["tensorboard", "mlflow"],
+            "tracking": {"mlflowTrackingUri": "https://mlflow.example.org", "secretRef": "mlflow-credentials"},
+        }
+        t = target(spec, gpus=4, example="byo-gpu-nodes")
+        job = build_training_job(t)
+        env = {e["name"]: e for e in container(job)["env"]}
+        for key in ("MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+            assert env[key] == {
+                "name": key,
+                "valueFrom": {"secretKeyRef": {"name": "mlflow-credentials", "key": key, "optional": True}},
+            }
+        # The Secret is neither mounted nor copied anywhere: no volume names it, no env value holds it.
+        volumes = job["spec"]["template"]["spec"]["volumes"]
+        assert not any(v.get("secret", {}).get("secretName") == "mlflow-credentials" for v in volumes)
+        assert not any("value" in e for name, e in env.items() if name.startswith("MLFLOW_"))
+        # The rendered config carries the URI and the Secret's name, which the trainer reads; not a credential.
+        config = TrainerConfig.model_validate(json.loads(build_config_map(t)["data"]["config.json"]))
+        assert config.spec.training.tracking.mlflow_tracking_uri == "https://mlflow.example.org"
+        assert config.mounts.secrets == {}, "the tracking Secret is not one of the mounted source Secrets"
+
+    def test_no_mlflow_environment_without_mlflow_or_without_a_secret(self) -> None:
+        spec = load_yaml(REPO / "examples" / "byo-gpu-nodes.yaml")["spec"]
+        spec["training"] = {**spec.get("training", {}), "reportTo": ["tensorboard"]}
+        names_ = {e["name"] for e in container(build_training_job(target(spec, gpus=4, example="byo-gpu-nodes")))["env"]}
+        assert not any(n.startswith("MLFLOW_") for n in names_)
+        spec["training"] = {
+            **spec["training"],
+            "reportTo": ["mlflow"],
+            "tracking": {"mlflowTrackingUri": "http://mlflow.mlflow.svc:5000"},
+        }
+        names_ = {e["name"] for e in container(build_training_job(target(spec, gpus=4, example="byo-gpu-nodes")))["env"]}
+        assert not any(n.startswith("MLFLOW_") for n in names_), "no secretRef: an anonymous tracking server"
+
 
 class TestStaging:
     def test_pvc_access_mode_follows_nodes_and_owner_is_the_job(self) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from typing import Final
 
-from kubetune_api import CONFIG_MOUNT, METRICS_ADDRESS_ENV, TrainerConfig
+from kubetune_api import CONFIG_MOUNT, METRICS_ADDRESS_ENV, MLFLOW_CREDENTIAL_KEYS, TrainerConfig
 from kubetune_api.objects import Obj
 from kubetune_operator import names
 from kubetune_operator.children import pod
@@ -96,6 +96,24 @@ def trainer_command(target: Target) -> list[str]:
     )
 
 
+def tracking_env(target: Target) -> list[Obj]:
+    """The MLflow credentials of training.tracking.secretRef, by reference: one optional secretKeyRef per key.
+
+    Only with ``reportTo: [mlflow]`` and a secretRef. The values stay in the Secret (never in the
+    ConfigMap or the pod spec); a key the Secret lacks, or a missing Secret, leaves its variable
+    unset, and the tracking server's refusal then shows in the trainer's log. The tracking URI and
+    the experiment come from the rendered config, not from the environment.
+    """
+    training = target.spec.training
+    secret = training.tracking.secret_ref
+    if "mlflow" not in training.report_to or secret is None:
+        return []
+    return [
+        {"name": key, "valueFrom": {"secretKeyRef": {"name": secret, "key": key, "optional": True}}}
+        for key in MLFLOW_CREDENTIAL_KEYS
+    ]
+
+
 def build_training_job(target: Target, *, suspend: bool = False) -> Obj:
     """The Indexed Job of one gang attempt: one pod per node, torchrun inside, fail-fast as a gang."""
     spec = target.spec
@@ -109,6 +127,7 @@ def build_training_job(target: Target, *, suspend: bool = False) -> Obj:
             *pod.thread_env(target, target.processes_per_node),
             # Rank 0 serves its metrics on the pod's own address, the one the operator scrapes.
             {"name": METRICS_ADDRESS_ENV, "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
+            *tracking_env(target),
         ],
         "ports": [
             {"name": "metrics", "containerPort": target.settings.trainer_metrics_port},
