@@ -37,6 +37,7 @@ from kubetune_trainer.training.deepspeed_config import deepspeed_config
 from kubetune_trainer.training.metrics import Throughput, TrainingMetrics, is_tty, peak_memory_bytes, progress_line
 from kubetune_trainer.training.model import load_model, load_tokenizer, parameter_counts, resolve_precision
 from kubetune_trainer.training.prepare import PreparedRun
+from kubetune_trainer.training.tracking import run_name, trackers
 
 log = logging.getLogger("kubetune.train")
 
@@ -124,7 +125,10 @@ def run(config: TrainerConfig, prepared: PreparedRun) -> dict[str, Any]:  # noqa
         logging_strategy="steps",
         logging_steps=training.logging_every_steps,
         logging_first_step=True,
-        report_to=[],
+        # The trackers of training.reportTo: the Trainer adds transformers' stock callbacks, which
+        # Trackers.install replaces by those of .tracking (rank 0 only, the spec's directory and server).
+        report_to=list(training.report_to),
+        run_name=run_name(config),
         disable_tqdm=not (is_tty() and rank == 0),
         dataloader_num_workers=0,
         remove_unused_columns=False,
@@ -188,6 +192,8 @@ def run(config: TrainerConfig, prepared: PreparedRun) -> dict[str, Any]:  # noqa
         callbacks=[progress, CheckpointMarker(rank=rank)],
         throughput=throughput,
     )
+    reporting = trackers(config, rank=rank, params=tracking_params(config, world_size, precision.name))
+    reporting.install(trainer)
     trainer.remove_callback(PrinterCallback)
     if args.disable_tqdm:
         trainer.remove_callback(ProgressCallback)
@@ -197,13 +203,17 @@ def run(config: TrainerConfig, prepared: PreparedRun) -> dict[str, Any]:  # noqa
     if resume is not None and rank == 0:
         log.info("train: resuming from %s", resume)
     train_started = time.time()
-    result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
-    train_seconds = time.time() - train_started
-    eval_loss: float | None = None
-    if eval_rows is not None:
-        eval_loss = float(trainer.evaluate()["eval_loss"])
-        if metrics is not None:
-            metrics.set("kubetune_train_eval_loss", eval_loss)
+    try:
+        result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+        train_seconds = time.time() - train_started
+        eval_loss: float | None = None
+        if eval_rows is not None:
+            eval_loss = float(trainer.evaluate()["eval_loss"])
+            if metrics is not None:
+                metrics.set("kubetune_train_eval_loss", eval_loss)
+    except BaseException:
+        reporting.finish({}, trainer.state.global_step, failed=True)
+        raise
 
     # ------------------------------------------------------------------------------------- save
     target = output / spec.method.result_folder
@@ -238,6 +248,17 @@ def run(config: TrainerConfig, prepared: PreparedRun) -> dict[str, Any]:  # noqa
         "data": prepared.stats.as_dict(),
         "output": str(target),
     }
+    reporting.finish(
+        {
+            "tokens": float(summary["tokens"]),
+            "tokens_per_second": summary["tokens_per_second"],
+            "train_seconds": train_seconds,
+            "peak_memory_bytes": float(summary["peak_memory_bytes"] or 0),
+        },
+        state.global_step,
+    )
+    if reporting.callbacks:
+        summary["tracking"] = reporting.describe()
 
     # ---------------------------------------------------------------------------------- cleanup
     del trainer, model
@@ -263,6 +284,37 @@ def run(config: TrainerConfig, prepared: PreparedRun) -> dict[str, Any]:  # noqa
         metrics.close()
     _destroy_process_group()
     return summary
+
+
+def tracking_params(config: TrainerConfig, world_size: int, precision: str) -> dict[str, str]:
+    """The ``kubetune.*`` params of an MLflow run: what the spec says beyond transformers' TrainingArguments.
+
+    Source URIs are logged without their query string (a presigned URL's signature stays out).
+    """
+    spec = config.spec
+    params = {
+        "kubetune.method": spec.method.type,
+        "kubetune.model": spec.model.source.split("?", 1)[0],
+        "kubetune.dataset": spec.dataset.source.split("?", 1)[0],
+        "kubetune.dataset_format": spec.dataset.format,
+        "kubetune.max_seq_length": str(spec.dataset.max_seq_length),
+        "kubetune.packing": str(spec.dataset.packing),
+        "kubetune.precision": precision,
+        "kubetune.world_size": str(world_size),
+        "kubetune.nodes": str(spec.distributed.nodes),
+        "kubetune.deepspeed_zero_stage": str(spec.distributed.deepspeed.zero_stage),
+    }
+    lora = spec.method.effective_lora
+    if lora is not None:
+        params |= {
+            "kubetune.lora_r": str(lora.r),
+            "kubetune.lora_alpha": str(lora.alpha),
+            "kubetune.lora_dropout": str(lora.dropout),
+        }
+    quantization = spec.method.effective_quantization
+    if quantization is not None:
+        params["kubetune.quantization_bits"] = str(quantization.bits)
+    return params
 
 
 def merge_adapter(model_dir: Path, adapter: Path, target: Path, trust_remote_code: bool) -> Path:

@@ -1,0 +1,171 @@
+"""training.reportTo: TensorBoard event files on the job's volume and runs on a real MLflow tracking server.
+
+The MLflow server is MLflow's own (``mlflow server``, a SQLite store) started on loopback by the
+test; the runs are read back with ``MlflowClient``, the event files with TensorBoard's reader.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.factories import wait_until
+from tests.trainer.conftest import TOY_TRAINING, Run, finetunejob, free_port, kubetune_train, train_env, write_manifest
+
+pytestmark = pytest.mark.trainer
+
+#: A short toy run: 30 steps, the loss logged every 5 (and at step 1), one checkpoint.
+SHORT: dict[str, Any] = {**TOY_TRAINING, "maxSteps": 30, "loggingEverySteps": 5, "checkpointEverySteps": 30}
+
+
+def logged_steps(run: Run) -> list[int]:
+    return [entry["step"] for entry in run.summary["losses"]]
+
+
+def test_tensorboard_event_files_beside_the_checkpoints(toy_model: Path, toy_data: Path, tmp_path: Path) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: PLC0415
+
+    manifest = finetunejob(toy_model, toy_data, training={**SHORT, "reportTo": ["tensorboard"]})
+    run = kubetune_train(write_manifest(tmp_path, manifest), tmp_path / "out")
+    assert run.code == 0, run.log[-4000:]
+
+    events = tmp_path / "out" / "runs" / "attempt-0"
+    assert (tmp_path / "out" / "checkpoints" / "checkpoint-30").is_dir()
+    files = list(events.glob("events.out.tfevents.*"))
+    assert len(files) == 1, f"one event file for the attempt, found {files}"
+    assert run.summary["tracking"] == {"tensorboard": {"dir": str(events)}}
+    assert f"tensorboard: event files in {events}" in run.log
+
+    reader = EventAccumulator(str(events))
+    reader.Reload()
+    losses = reader.Scalars("train/loss")
+    assert [e.step for e in losses] == logged_steps(run) == [1, 5, 10, 15, 20, 25, 30]
+    assert [e.value for e in losses] == pytest.approx([e["loss"] for e in run.summary["losses"]], rel=1e-5)
+    assert losses[-1].value < losses[0].value, "the toy loss falls"
+    scalars = set(reader.Tags()["scalars"])
+    assert {"train/learning_rate", "train/grad_norm", "train/train_runtime", "kubetune/tokens_per_second"} <= scalars
+    assert reader.Scalars("kubetune/tokens")[-1].value == run.summary["tokens"]
+
+
+# ------------------------------------------------------------------------------------------------ MLflow
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real MLflow tracking server on loopback (SQLite store, local artifacts); its URI."""
+    folder = tmp_path_factory.mktemp("mlflow")
+    port = free_port()
+    uri = f"http://127.0.0.1:{port}"
+    log = folder / "server.log"
+    with open(log, "wb") as out:
+        server = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "mlflow",
+                "server",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--workers",
+                "1",
+                "--backend-store-uri",
+                f"sqlite:///{folder / 'mlflow.db'}",
+                "--default-artifact-root",
+                (folder / "artifacts").as_uri(),
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+    def healthy() -> bool:
+        assert server.poll() is None, f"the MLflow server exited:\n{log.read_text()[-3000:]}"
+        try:
+            with urllib.request.urlopen(f"{uri}/health", timeout=2) as response:
+                return bool(response.status == 200)
+        except OSError:
+            return False
+
+    try:
+        wait_until(healthy, timeout=120, what="the MLflow server's /health", interval=0.5)
+        yield uri
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+
+
+def test_mlflow_run_with_params_step_losses_and_final_metrics(
+    mlflow_server: str, toy_model: Path, toy_data: Path, tmp_path: Path
+) -> None:
+    from mlflow.tracking import MlflowClient  # noqa: PLC0415
+
+    training = {**SHORT, "reportTo": ["mlflow"], "tracking": {"mlflowTrackingUri": mlflow_server}}
+    run = kubetune_train(write_manifest(tmp_path, finetunejob(toy_model, toy_data, training=training)), tmp_path / "out")
+    assert run.code == 0, run.log[-4000:]
+    reported = run.summary["tracking"]["mlflow"]
+    assert reported["error"] is None, reported
+    assert "mlflow: run " in run.log
+    assert "training goes on without MLflow" not in run.log
+
+    client = MlflowClient(tracking_uri=mlflow_server)
+    experiment = client.get_experiment_by_name("default/toy")
+    assert experiment is not None, "the default experiment is <namespace>/<job>"
+    runs = client.search_runs([experiment.experiment_id])
+    assert [r.info.run_id for r in runs] == [reported["run_id"]]
+    found = runs[0]
+    assert found.info.run_name == "toy-attempt-0"
+    assert found.info.status == "FINISHED"
+    assert {k: found.data.tags[k] for k in ("kubetune.io/namespace", "kubetune.io/job", "kubetune.io/attempt")} == {
+        "kubetune.io/namespace": "default",
+        "kubetune.io/job": "toy",
+        "kubetune.io/attempt": "0",
+    }
+    params = found.data.params
+    assert float(params["learning_rate"]) == SHORT["learningRate"]
+    assert params["max_steps"] == "30"
+    assert params["per_device_train_batch_size"] == str(SHORT["batchSizePerDevice"])
+    assert params["kubetune.method"] == "lora"
+    assert params["kubetune.lora_r"] == "16"
+    assert params["kubetune.model"] == toy_model.as_uri()
+
+    history = client.get_metric_history(found.info.run_id, "loss")
+    assert [m.step for m in history] == logged_steps(run) == [1, 5, 10, 15, 20, 25, 30]
+    assert [m.value for m in history] == pytest.approx([e["loss"] for e in run.summary["losses"]], rel=1e-5)
+    assert history[-1].value < history[0].value, "the toy loss falls"
+    metrics = found.data.metrics
+    assert {"train_runtime", "train_loss", "grad_norm", "learning_rate"} <= set(metrics)
+    assert metrics["tokens"] == run.summary["tokens"]
+    assert metrics["tokens_per_second"] == pytest.approx(run.summary["tokens_per_second"])
+
+
+def test_an_unreachable_tracking_server_costs_a_warning_not_the_training(
+    toy_model: Path, toy_data: Path, tmp_path: Path
+) -> None:
+    uri = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    training = {**SHORT, "maxSteps": 10, "reportTo": ["mlflow", "tensorboard"], "tracking": {"mlflowTrackingUri": uri}}
+    run = kubetune_train(
+        write_manifest(tmp_path, finetunejob(toy_model, toy_data, training=training)),
+        tmp_path / "out",
+        env=train_env(MLFLOW_HTTP_REQUEST_MAX_RETRIES="1"),
+    )
+    assert run.code == 0, run.log[-4000:]
+    assert (tmp_path / "out" / "adapter" / "adapter_model.safetensors").is_file()
+    error = run.summary["tracking"]["mlflow"]["error"]
+    assert error is not None
+    assert error.startswith(f"starting the run failed on {uri}: ")
+    assert f"mlflow: {error}; training goes on without MLflow for this attempt" in run.log
+    assert run.log.count("training goes on without MLflow") == 1, "one warning, no retry at every step"
+    assert run.summary["steps"] == 10
+    assert list((tmp_path / "out" / "runs" / "attempt-0").glob("events.out.tfevents.*")), "TensorBoard still reports"
