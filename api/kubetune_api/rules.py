@@ -178,8 +178,7 @@ RULES: Final[tuple[Rule, ...]] = (
     ),
     Rule(
         field="training.reportTo",
-        message="training.tracking is only used by MLflow; add mlflow to training.reportTo or remove "
-        "training.tracking",
+        message="training.tracking is only used by MLflow; add mlflow to training.reportTo or remove training.tracking",
         cel="'mlflow' in self.training.reportTo || (!has(self.training.tracking.mlflowTrackingUri) "
         "&& !has(self.training.tracking.experimentName) && !has(self.training.tracking.secretRef))",
         holds=lambda s: (

@@ -262,7 +262,9 @@ class TrackingSpec(SpecModel):
 
     mlflow_tracking_uri: Uri | None = None
     """The MLflow tracking server, http://host[:port][/path] or https://…; required with `reportTo: [mlflow]`. An in-cluster service (`http://mlflow.mlflow.svc:5000`) is fine: the private-address policy of sources does not apply to the tracking server, from which nothing is downloaded."""
-    experiment_name: Annotated[str, StringConstraints(min_length=1, max_length=256, pattern=r"^[^\x00-\x1f]+$")] | None = None
+    experiment_name: (
+        Annotated[str, StringConstraints(min_length=1, max_length=256, pattern=r"^[^\x00-\x1f]+$")] | None
+    ) = None
     """The MLflow experiment the runs go to (created when missing); `<namespace>/<job name>` when unset. Each attempt is one run, named `<job name>-attempt-<n>`."""
     secret_ref: ResourceName | None = None
     """Name of a Secret in the job's namespace with the tracking server's credentials, given to the trainer as environment variables by reference (each key optional): MLFLOW_TRACKING_TOKEN (a bearer token), or MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (basic auth)."""
@@ -320,9 +322,7 @@ class TrainingSpec(SpecModel):
     """Evaluate on dataset.validation every this many steps; at the end of each epoch when unset."""
     logging_every_steps: Annotated[int, Field(ge=1, le=100000)] = 10
     """Log and publish metrics every this many steps."""
-    report_to: Annotated[
-        list[ReportTo], Field(max_length=2, json_schema_extra={"x-kubernetes-list-type": "set"})
-    ] = []
+    report_to: Annotated[list[ReportTo], Field(max_length=2, json_schema_extra={"x-kubernetes-list-type": "set"})] = []
     """Experiment trackers that rank 0 reports the logged metrics to, with transformers' own integrations: `tensorboard` (event files on the job's volume, under `runs/attempt-<n>/`) and `mlflow` (a run per attempt on training.tracking.mlflowTrackingUri). None by default."""
     tracking: TrackingSpec = Field(default_factory=TrackingSpec, json_schema_extra={"default": {}})
     """The MLflow tracking server of `reportTo: [mlflow]`; only used with mlflow."""

@@ -112,7 +112,9 @@ def test_mlflow_run_with_params_step_losses_and_final_metrics(
     from mlflow.tracking import MlflowClient  # noqa: PLC0415
 
     training = {**SHORT, "reportTo": ["mlflow"], "tracking": {"mlflowTrackingUri": mlflow_server}}
-    run = kubetune_train(write_manifest(tmp_path, finetunejob(toy_model, toy_data, training=training)), tmp_path / "out")
+    run = kubetune_train(
+        write_manifest(tmp_path, finetunejob(toy_model, toy_data, training=training)), tmp_path / "out"
+    )
     assert run.code == 0, run.log[-4000:]
     reported = run.summary["tracking"]["mlflow"]
     assert reported["error"] is None, reported

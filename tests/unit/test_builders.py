@@ -272,14 +272,18 @@ class TestTrainingJob:
     def test_no_mlflow_environment_without_mlflow_or_without_a_secret(self) -> None:
         spec = load_yaml(REPO / "examples" / "byo-gpu-nodes.yaml")["spec"]
         spec["training"] = {**spec.get("training", {}), "reportTo": ["tensorboard"]}
-        names_ = {e["name"] for e in container(build_training_job(target(spec, gpus=4, example="byo-gpu-nodes")))["env"]}
+        names_ = {
+            e["name"] for e in container(build_training_job(target(spec, gpus=4, example="byo-gpu-nodes")))["env"]
+        }
         assert not any(n.startswith("MLFLOW_") for n in names_)
         spec["training"] = {
             **spec["training"],
             "reportTo": ["mlflow"],
             "tracking": {"mlflowTrackingUri": "http://mlflow.mlflow.svc:5000"},
         }
-        names_ = {e["name"] for e in container(build_training_job(target(spec, gpus=4, example="byo-gpu-nodes")))["env"]}
+        names_ = {
+            e["name"] for e in container(build_training_job(target(spec, gpus=4, example="byo-gpu-nodes")))["env"]
+        }
         assert not any(n.startswith("MLFLOW_") for n in names_), "no secretRef: an anonymous tracking server"
 
 

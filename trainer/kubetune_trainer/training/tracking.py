@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from transformers import TrainerCallback
-from transformers.integrations import MLflowCallback, TensorBoardCallback
+from transformers.integrations.integration_utils import MLflowCallback, TensorBoardCallback
 
 from kubetune_api import MLFLOW_CREDENTIAL_KEYS, TrainerConfig
 
@@ -64,7 +64,7 @@ def tensorboard_dir(config: TrainerConfig) -> Path:
     return Path(config.mounts.output) / TENSORBOARD_FOLDER / f"attempt-{config.attempt}"
 
 
-class TensorBoard(TensorBoardCallback):  # type: ignore[misc] - transformers' callbacks are unannotated
+class TensorBoard(TensorBoardCallback):
     """transformers' TensorBoardCallback writing to :func:`tensorboard_dir`, open until :meth:`close`.
 
     The stock callback closes its writer when training ends; the evaluation after training would then
@@ -72,7 +72,7 @@ class TensorBoard(TensorBoardCallback):  # type: ignore[misc] - transformers' ca
     """
 
     def __init__(self, logging_dir: Path) -> None:
-        super().__init__()
+        super().__init__()  # type: ignore[no-untyped-call]
         self.logging_dir = str(logging_dir)
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
@@ -82,7 +82,7 @@ class TensorBoard(TensorBoardCallback):  # type: ignore[misc] - transformers' ca
     def add_scalars(self, values: Mapping[str, float], step: int) -> None:
         """Write ``values`` under ``kubetune/`` at ``step``."""
         if self.tb_writer is None:
-            self._init_summary_writer(None)
+            self._init_summary_writer(None)  # type: ignore[no-untyped-call]
         for name, value in values.items():
             self.tb_writer.add_scalar(f"kubetune/{name}", value, step)
         self.tb_writer.flush()
@@ -93,7 +93,7 @@ class TensorBoard(TensorBoardCallback):  # type: ignore[misc] - transformers' ca
             self.tb_writer = None
 
 
-class MLflow(MLflowCallback):  # type: ignore[misc] - transformers' callbacks are unannotated
+class MLflow(MLflowCallback):
     """transformers' MLflowCallback on the spec's server, with kubetune's tags and params; never fatal.
 
     The run stays open after training (the evaluation after it logs into the same run) until
@@ -101,7 +101,7 @@ class MLflow(MLflowCallback):  # type: ignore[misc] - transformers' callbacks ar
     """
 
     def __init__(self, *, uri: str, experiment: str, tags: Mapping[str, str], params: Mapping[str, str]) -> None:
-        super().__init__()
+        super().__init__()  # type: ignore[no-untyped-call]
         self.uri = uri
         self.experiment = experiment
         self.tags = dict(tags)
@@ -120,7 +120,7 @@ class MLflow(MLflowCallback):  # type: ignore[misc] - transformers' callbacks ar
             self._ml_flow.set_tracking_uri(self.uri)
             # The stock setup reads the experiment from the environment and creates it when missing.
             os.environ["MLFLOW_EXPERIMENT_NAME"] = self.experiment
-            super(MLflow, self).setup(args, state, model)
+            super(MLflow, self).setup(args, state, model)  # type: ignore[no-untyped-call]
             self._async_log = False  # synchronous: a failure shows at the step it happened
             self._ml_flow.set_tags(self.tags)
             self._ml_flow.log_params(self.params)
@@ -138,18 +138,18 @@ class MLflow(MLflowCallback):  # type: ignore[misc] - transformers' callbacks ar
                 ", ".join(credentials) or "none",
             )
 
-    def on_log(self, args: Any, state: Any, control: Any, logs: Any, model: Any = None, **kwargs: Any) -> None:
+    def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, model: Any = None, **kwargs: Any) -> None:
         if not self._initialized:
             self.setup(args, state, model)
         if self.error is None:
             self._guard(
                 f"logging step {state.global_step}",
-                lambda: super(MLflow, self).on_log(args, state, control, logs, model=model, **kwargs),
+                lambda: super(MLflow, self).on_log(args, state, control, logs, model=model, **kwargs),  # type: ignore[no-untyped-call]
             )
 
     def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if self.error is None:
-            self._guard("logging the checkpoint", lambda: super(MLflow, self).on_save(args, state, control, **kwargs))
+            self._guard("logging the checkpoint", lambda: super(MLflow, self).on_save(args, state, control, **kwargs))  # type: ignore[no-untyped-call]
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         """The run stays open for the evaluation after training; :meth:`finish` ends it."""
@@ -170,7 +170,7 @@ class MLflow(MLflowCallback):  # type: ignore[misc] - transformers' callbacks ar
     def _guard(self, what: str, action: Callable[[], None]) -> None:
         try:
             action()
-        except Exception as exc:  # noqa: BLE001 - any tracker failure is reported and training goes on
+        except Exception as exc:  # any tracker failure is reported and training goes on
             self.error = f"{what} failed on {self.uri}: {type(exc).__name__}: {exc}"
             self._auto_end_run = False  # no more requests to this server, not even at exit
             log.warning("mlflow: %s; training goes on without MLflow for this attempt", self.error)
