@@ -6,6 +6,8 @@ test; the runs are read back with ``MlflowClient``, the event files with TensorB
 
 from __future__ import annotations
 
+import contextlib
+import os
 import subprocess
 import sys
 import urllib.request
@@ -56,34 +58,19 @@ def test_tensorboard_event_files_beside_the_checkpoints(toy_model: Path, toy_dat
 # ------------------------------------------------------------------------------------------------ MLflow
 
 
-@pytest.fixture(scope="module")
-def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A real MLflow tracking server on loopback (SQLite store, local artifacts); its URI."""
-    folder = tmp_path_factory.mktemp("mlflow")
+@contextlib.contextmanager
+def serve_mlflow(folder: Path, *args: str, env: dict[str, str] | None = None) -> Iterator[str]:
+    """A real MLflow tracking server on loopback (SQLite store, local artifacts) while in the block; its URI."""
+    folder.mkdir(parents=True, exist_ok=True)
     port = free_port()
     uri = f"http://127.0.0.1:{port}"
     log = folder / "server.log"
+    command = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+    command += ["--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}"]
+    command += ["--default-artifact-root", (folder / "artifacts").as_uri(), *args]
     with open(log, "wb") as out:
         server = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "mlflow",
-                "server",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-                "--workers",
-                "1",
-                "--backend-store-uri",
-                f"sqlite:///{folder / 'mlflow.db'}",
-                "--default-artifact-root",
-                (folder / "artifacts").as_uri(),
-            ],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
+            command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, env={**os.environ, **(env or {})}
         )
 
     def healthy() -> bool:
@@ -104,6 +91,13 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         except subprocess.TimeoutExpired:
             server.kill()
             server.wait()
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """An MLflow tracking server without authentication."""
+    with serve_mlflow(tmp_path_factory.mktemp("mlflow")) as uri:
+        yield uri
 
 
 def test_mlflow_run_with_params_step_losses_and_final_metrics(
@@ -171,3 +165,61 @@ def test_an_unreachable_tracking_server_costs_a_warning_not_the_training(
     assert run.log.count("training goes on without MLflow") == 1, "one warning, no retry at every step"
     assert run.summary["steps"] == 10
     assert list((tmp_path / "out" / "runs" / "attempt-0").glob("events.out.tfevents.*")), "TensorBoard still reports"
+
+
+def test_mlflow_credentials_from_the_environment_reach_a_basic_auth_server(
+    toy_model: Path, toy_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """MLflow's basic-auth app: the right password makes the run; a wrong one is a warning, and training goes on.
+
+    The operator puts the Secret's MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD into these
+    variables (tests/unit/test_builders.py checks the secretKeyRefs); here the test sets them.
+    """
+    from mlflow.tracking import MlflowClient  # noqa: PLC0415
+
+    password = "kubetune-test-password-1"  # a throwaway server's admin
+    ini = tmp_path / "basic_auth.ini"
+    ini.write_text(
+        "[mlflow]\ndefault_permission = NO_PERMISSIONS\n"
+        f"database_uri = sqlite:///{tmp_path / 'auth.db'}\nadmin_username = admin\nadmin_password = {password}\n"
+        "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n",
+        encoding="utf-8",
+    )
+    with serve_mlflow(
+        tmp_path / "server",
+        "--app-name",
+        "basic-auth",
+        env={"MLFLOW_AUTH_CONFIG_PATH": str(ini), "MLFLOW_FLASK_SERVER_SECRET_KEY": "kubetune-test-csrf"},
+    ) as uri:
+        training = {**SHORT, "maxSteps": 10, "reportTo": ["mlflow"], "tracking": {"mlflowTrackingUri": uri}}
+        manifest = write_manifest(tmp_path / "job", finetunejob(toy_model, toy_data, training=training))
+
+        refused = kubetune_train(
+            manifest,
+            tmp_path / "refused",
+            env=train_env(MLFLOW_TRACKING_USERNAME="admin", MLFLOW_TRACKING_PASSWORD="wrong"),
+        )
+        assert refused.code == 0, refused.log[-4000:]
+        error = refused.summary["tracking"]["mlflow"]["error"]
+        assert error.startswith(f"starting the run failed on {uri}: "), error
+        assert "401" in error, error
+        assert "training goes on without MLflow" in refused.log
+
+        accepted = kubetune_train(
+            manifest,
+            tmp_path / "accepted",
+            env=train_env(MLFLOW_TRACKING_USERNAME="admin", MLFLOW_TRACKING_PASSWORD=password),
+        )
+        assert accepted.code == 0, accepted.log[-4000:]
+        assert accepted.summary["tracking"]["mlflow"]["error"] is None
+        assert "credentials: MLFLOW_TRACKING_USERNAME, MLFLOW_TRACKING_PASSWORD" in accepted.log
+
+        monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "admin")
+        monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", password)
+        found = MlflowClient(tracking_uri=uri).get_run(accepted.summary["tracking"]["mlflow"]["run_id"])
+        assert found.info.status == "FINISHED"
+        assert [m.step for m in MlflowClient(tracking_uri=uri).get_metric_history(found.info.run_id, "loss")] == [
+            1,
+            5,
+            10,
+        ]
