@@ -323,7 +323,7 @@ class TrainingSpec(SpecModel):
     logging_every_steps: Annotated[int, Field(ge=1, le=100000)] = 10
     """Log and publish metrics every this many steps."""
     report_to: Annotated[list[ReportTo], Field(max_length=2, json_schema_extra={"x-kubernetes-list-type": "set"})] = []
-    """Experiment trackers that rank 0 reports the logged metrics to, with transformers' own integrations: `tensorboard` (event files on the job's volume, under `runs/attempt-<n>/`) and `mlflow` (a run per attempt on training.tracking.mlflowTrackingUri). None by default."""
+    """Experiment trackers that rank 0 reports the logged metrics to, with transformers' own integrations: `tensorboard` (event files on the job's volume, under `runs/attempt-<n>/`) and `mlflow` (a run per attempt on training.tracking.mlflowTrackingUri; a server that cannot be reached or refuses the run is a warning in the trainer's log and summary.json, and training goes on). None by default."""
     tracking: TrackingSpec = Field(default_factory=TrackingSpec, json_schema_extra={"default": {}})
     """The MLflow tracking server of `reportTo: [mlflow]`; only used with mlflow."""
 

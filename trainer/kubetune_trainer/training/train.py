@@ -5,8 +5,9 @@ and hands the work to transformers' Trainer, which brings DeepSpeed ZeRO, DDP, m
 gradient accumulation, checkpoints with optimizer and RNG state, and resumption with the same
 data order. What this file adds is what a cluster job needs around it: the DeepSpeed config from
 the spec, resuming from the newest *complete* checkpoint on the shared volume, a metrics endpoint
-on rank 0, throughput in real (not padding) tokens, and the outputs in the places the operator
-publishes from: ``adapter/`` or ``model/``, ``merged/``, and ``summary.json``.
+on rank 0, throughput in real (not padding) tokens, the experiment trackers of training.reportTo
+(TensorBoard, MLflow; see :mod:`.tracking`), and the outputs in the places the operator publishes
+from: ``adapter/`` or ``model/``, ``merged/``, and ``summary.json``.
 
 Tokens per optimizer step = batchSizePerDevice × gradientAccumulationSteps × world size × the
 mean tokens per row (at most maxSeqLength); the log's first line shows these numbers.
@@ -302,7 +303,9 @@ def tracking_params(config: TrainerConfig, world_size: int, precision: str) -> d
         "kubetune.precision": precision,
         "kubetune.world_size": str(world_size),
         "kubetune.nodes": str(spec.distributed.nodes),
-        "kubetune.deepspeed_zero_stage": str(spec.distributed.deepspeed.zero_stage),
+        "kubetune.deepspeed_zero_stage": (
+            str(spec.distributed.deepspeed.zero_stage) if spec.distributed.deepspeed.used_with(world_size) else "off"
+        ),
     }
     lora = spec.method.effective_lora
     if lora is not None:
