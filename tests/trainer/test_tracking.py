@@ -26,6 +26,53 @@ pytestmark = pytest.mark.trainer
 SHORT: dict[str, Any] = {**TOY_TRAINING, "maxSteps": 30, "loggingEverySteps": 5, "checkpointEverySteps": 30}
 
 
+def config_of(training: dict[str, Any], *, dataset: str = "https://example.org/data.jsonl?X-Amz-Signature=abc") -> Any:
+    from kubetune_api import TrainerConfig  # noqa: PLC0415
+
+    spec = {"model": {"source": "hf://org/base"}, "dataset": {"source": dataset}, "training": training}
+    return TrainerConfig.model_validate(
+        {"jobName": "bot", "namespace": "ml", "attempt": 2, "spec": spec, "mounts": {"output": "/workspace"}}
+    )
+
+
+def test_only_rank_0_reports_and_every_rank_drops_the_stock_callbacks() -> None:
+    from transformers.integrations.integration_utils import MLflowCallback, TensorBoardCallback  # noqa: PLC0415
+
+    from kubetune_trainer.training.tracking import MLflow, TensorBoard, trackers  # noqa: PLC0415
+
+    config = config_of({"reportTo": ["tensorboard", "mlflow"], "tracking": {"mlflowTrackingUri": "http://mlflow:5000"}})
+    other = trackers(config, rank=1, params={})
+    assert other.callbacks == []
+    assert other.replaced == [TensorBoardCallback, MLflowCallback]
+    zero = trackers(config, rank=0, params={"kubetune.method": "lora"})
+    assert isinstance(zero.tensorboard, TensorBoard)
+    assert zero.tensorboard.logging_dir == "/workspace/runs/attempt-2"
+    assert isinstance(zero.mlflow, MLflow)
+    assert (zero.mlflow.uri, zero.mlflow.experiment) == ("http://mlflow:5000", "ml/bot")
+    assert zero.mlflow.tags == {"kubetune.io/namespace": "ml", "kubetune.io/job": "bot", "kubetune.io/attempt": "2"}
+    named = config_of(
+        {"reportTo": ["mlflow"], "tracking": {"mlflowTrackingUri": "http://mlflow:5000", "experimentName": "sweep"}}
+    )
+    assert trackers(named, rank=0, params={}).mlflow is not None
+    assert trackers(named, rank=0, params={}).mlflow.experiment == "sweep"  # type: ignore[union-attr]
+    assert trackers(config_of({}), rank=0, params={}).callbacks == []
+
+
+def test_params_name_the_spec_without_a_presigned_urls_query() -> None:
+    from kubetune_trainer.training.train import tracking_params  # noqa: PLC0415
+
+    params = tracking_params(config_of({}), world_size=1, precision="fp32")
+    assert params["kubetune.dataset"] == "https://example.org/data.jsonl"
+    assert params["kubetune.model"] == "hf://org/base"
+    assert params["kubetune.deepspeed_zero_stage"] == "off", "one process trains without DeepSpeed"
+    assert (params["kubetune.method"], params["kubetune.lora_r"], params["kubetune.lora_alpha"]) == (
+        "lora",
+        "16",
+        "32",
+    )
+    assert tracking_params(config_of({}), world_size=4, precision="bf16")["kubetune.deepspeed_zero_stage"] != "off"
+
+
 def logged_steps(run: Run) -> list[int]:
     return [entry["step"] for entry in run.summary["losses"]]
 

@@ -311,8 +311,8 @@ def tracking_params(config: TrainerConfig, world_size: int, precision: str) -> d
     if lora is not None:
         params |= {
             "kubetune.lora_r": str(lora.r),
-            "kubetune.lora_alpha": str(lora.alpha),
-            "kubetune.lora_dropout": str(lora.dropout),
+            "kubetune.lora_alpha": f"{lora.alpha:g}",
+            "kubetune.lora_dropout": f"{lora.dropout:g}",
         }
     quantization = spec.method.effective_quantization
     if quantization is not None:
