@@ -101,7 +101,7 @@ EXPECTED_KINDS = {
     "default": {"Service"},
     "namespaced": {"Service"},
     "ha": {"Service", "ClusterKopfPeering"},
-    "monitoring": {"Service", "ServiceMonitor", "PodMonitor", "ConfigMap"},
+    "monitoring": {"Service", "ServiceMonitor", "PodMonitor", "PrometheusRule", "ConfigMap"},
 }
 #: The Role (and its binding) every install has: list events in namespace default, where Karpenter's
 #: events about cluster-scoped NodePools and NodeClaims are kept.
