@@ -45,7 +45,7 @@ def promtool(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run([PROMTOOL, *args], cwd=cwd, capture_output=True, text=True, check=False, timeout=120)
 
 
-def annotations(spec: dict[str, Any], alert: str, labels: dict[str, str], value: str = "") -> dict[str, str]:
+def annotations_of(spec: dict[str, Any], alert: str, labels: dict[str, str], value: str = "") -> dict[str, str]:
     """What the alert's annotations say for ``labels`` (Prometheus' template, done by hand for the test)."""
     rule = next(r for g in spec["groups"] for r in g["rules"] if r.get("alert") == alert)
 
@@ -84,7 +84,7 @@ def test_each_alert_fires_on_its_series_and_only_there(helm: Helm, tmp_path: Pat
     def alert(name: str, severity: str, value: str = "", **labels: str) -> dict[str, Any]:
         return {
             "exp_labels": {"severity": severity, **labels},
-            "exp_annotations": annotations(spec, name, labels, value),
+            "exp_annotations": annotations_of(spec, name, labels, value),
         }
 
     job = {"namespace": "ml", "finetunejob": "a"}
