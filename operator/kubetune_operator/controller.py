@@ -368,7 +368,7 @@ class Controller:
                 for p in in_phase(observed.pods, "Running")
                 for c in p["spec"]["containers"]
             )
-            metrics.GPU_HOURS.labels(namespace=meta["namespace"]).inc(gpus * (now - last) / 3600)
+            metrics.GPU_SECONDS.labels(namespace=meta["namespace"]).inc(gpus * (now - last))
 
     def _per_job(self, memory: JobMemory, meta: Obj, status: FineTuneJobStatus) -> None:
         """The job's own series: its phase, its conditions and its restarts (the alert rules' inputs)."""

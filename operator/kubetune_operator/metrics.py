@@ -26,7 +26,8 @@ FIRST_STEP_SECONDS: Final = Histogram(
     "From a job's creation to its first training step",
     buckets=(5, 15, 30, 60, 120, 300, 600, 1200, 3600),
 )
-GPU_HOURS: Final = Counter("kubetune_gpu_hours", "GPU-hours used by training pods", ["namespace"])
+#: In seconds, Prometheus' base unit (promtool refuses hours); the dashboard shows hours.
+GPU_SECONDS: Final = Counter("kubetune_gpu_seconds", "GPU-seconds used by training pods", ["namespace"])
 
 # Per job (one series per FineTuneJob, dropped when it is deleted): what the alert rules ask about.
 JOB_PHASE: Final = Gauge(

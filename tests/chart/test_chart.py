@@ -272,7 +272,7 @@ def test_dashboard_queries_only_metrics_that_exist(helm: Helm) -> None:
         "kubetune_jobs",
         "kubetune_train_loss",
         "kubetune_train_tokens_per_second",
-        "kubetune_gpu_hours_total",
+        "kubetune_gpu_seconds_total",
         "kubetune_reconcile_duration_seconds_bucket",
     }
     assert wanted <= used, f"the dashboard lacks {sorted(wanted - used)}"
