@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import contextlib
 import inspect
 import json
 import logging
@@ -155,6 +156,8 @@ class Engine:
         self.context = int(getattr(self.model.config, "max_position_embeddings", 0) or 0)
         self.max_batch = max_batch
         self.max_queued = max_queued
+        #: The most sequences one decode forward has held so far.
+        self.largest_batch = 0
         self._waiting: collections.deque[Sequence] = collections.deque()
         self._commands: collections.deque[tuple[Callable[[], Any], concurrent.futures.Future[Any]]] = (
             collections.deque()
@@ -282,6 +285,9 @@ class Engine:
             else:
                 self.model = PeftModel.from_pretrained(self.model, path, adapter_name=peft_name).to(self.device).eval()
         except Exception as exc:
+            if peft_name in getattr(self.model, "peft_config", {}):  # half loaded: take it out again
+                with contextlib.suppress(Exception):
+                    self.model.delete_adapter(peft_name)
             raise RequestError(f"cannot load the adapter at {path} onto this base: {exc}", param="lora_path") from exc
         self._peft_names[name] = peft_name
         self.active = ""  # the weights' set-up is unknown: set it again before the next forward
@@ -445,6 +451,7 @@ class Engine:
                 mask[row, longest - sequence.length :] = 1
             group = _Group(list(members), DynamicCache(ddp_cache_data=layers, config=self.model.config), mask)
             self._groups[name] = group
+        self.largest_batch = max(self.largest_batch, len(members))
         mask = torch.cat([group.mask, torch.ones(len(members), 1, dtype=torch.long, device=self.device)], dim=1)
         output = self.model(
             input_ids=torch.tensor([[s.pending] for s in members], device=self.device),

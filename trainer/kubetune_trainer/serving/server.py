@@ -104,6 +104,7 @@ class ServeMetrics:
     prompt: Counter = field(init=False)
     adapters: Gauge = field(init=False)
     queued: Gauge = field(init=False)
+    largest_batch: Gauge = field(init=False)
 
     def __post_init__(self) -> None:
         self.requests = Counter(
@@ -130,6 +131,11 @@ class ServeMetrics:
         )
         self.queued = Gauge(
             "kubetune_serve_queued_requests", "Requests waiting for the scheduler.", registry=self.registry
+        )
+        self.largest_batch = Gauge(
+            "kubetune_serve_largest_batch",
+            "The most sequences one decode forward has held since the start.",
+            registry=self.registry,
         )
 
 
@@ -188,6 +194,7 @@ class Server:
         self.metrics = ServeMetrics()
         self.metrics.adapters.set_function(lambda: len(self.engine.adapters) if self.engine else 0)
         self.metrics.queued.set_function(lambda: self.engine.queued if self.engine else 0)
+        self.metrics.largest_batch.set_function(lambda: getattr(self.engine, "largest_batch", 0))
         self._web: _WebServer | None = None
         self._runner: web.ServerRunner | None = None
         self.port = 0
@@ -200,6 +207,7 @@ class Server:
             keepalive_timeout=self.limits.read_timeout,
             max_line_size=16384,
             max_field_size=16384,
+            lingering_time=0,  # an error answered before the body is read closes the connection at once
             access_log=None,
         )
         self._runner = web.ServerRunner(self._web, handle_signals=False, shutdown_timeout=5)
