@@ -7,6 +7,7 @@ knows none of them. Both are trained at once, then served by one server for the 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import shutil
@@ -20,13 +21,15 @@ import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from kubetune_trainer.serving.engine import Sequence
 from kubetune_trainer.serving.protocol import Sampling, parse_sampling
 from kubetune_trainer.serving.serve import parse_adapters
+from kubetune_trainer.serving.server import Limits, Server
 from kubetune_trainer.toy import greedy_answers, toy_facts, toy_prompt, toy_records, write_jsonl
 from tests.factories import toy_chat, wait_until
 from tests.trainer.conftest import finetunejob, free_port, start_train, train_env, write_manifest
@@ -656,3 +659,80 @@ def test_requests_beyond_the_queue_bound_get_429(runtime_server: Client) -> None
     assert 429 in statuses
     assert set(statuses) == {200, 429}
     assert {e["type"] for e in errors} == {"rate_limit_exceeded"}
+
+
+# --- the HTTP layer alone, with an engine that never ends ------------------------------------------------
+
+
+class EndlessEngine:
+    """An engine whose sequences emit 64 KiB pieces until they are cancelled (which it records)."""
+
+    base_name = "base"
+    names = ("base",)
+    adapters = ()
+    created = 0
+    queued = 0
+
+    def __init__(self) -> None:
+        self.cancelled = threading.Event()
+
+    def encode_prompt(self, prompt: str) -> list[int]:
+        return [1, 2]
+
+    def check_length(self, ids: list[int], sampling: Sampling) -> None:
+        pass
+
+    def submit(self, sequence: Sequence) -> None:
+        def run() -> None:
+            while not sequence.cancelled:
+                sequence.emit("x" * 65536)
+                time.sleep(0.01)
+            self.cancelled.set()
+
+        threading.Thread(target=run, daemon=True).start()
+
+    def stop(self) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def endless_server(limits: Limits) -> Iterator[tuple[Client, EndlessEngine]]:
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    server = Server(base_name="base", limits=limits)
+    engine = EndlessEngine()
+    server.engine = cast(Any, engine)
+    server.ready = True
+    port = asyncio.run_coroutine_threadsafe(server.start("127.0.0.1", 0), loop).result(timeout=30)
+    try:
+        yield Client(port), engine
+    finally:
+        asyncio.run_coroutine_threadsafe(server.stop(), loop).result(timeout=30)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(timeout=30)
+        loop.close()
+
+
+def test_a_client_that_reads_nothing_is_dropped_and_its_generation_cancelled() -> None:
+    with endless_server(Limits(write_timeout=1, request_timeout=60)) as (client, engine):
+        body = json.dumps({"model": "base", "prompt": "hi", "stream": True}).encode()
+        port = int(client.base.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port)) as connection:
+            connection.sendall(
+                b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+            )
+            started = time.monotonic()
+            assert engine.cancelled.wait(timeout=30)  # never read: the write blocks, then the client is dropped
+            assert time.monotonic() - started < 10
+            assert client.get("/healthz").status == 200
+
+
+def test_an_answer_past_the_request_timeout_gets_504_and_its_generation_cancelled() -> None:
+    with endless_server(Limits(request_timeout=1)) as (client, engine):
+        started = time.monotonic()
+        reply = client.post("/v1/completions", {"model": "base", "prompt": "hi"})
+        assert reply.status == 504
+        assert reply.json["error"]["code"] == "request_timeout"
+        assert 1 <= time.monotonic() - started < 5
+        assert engine.cancelled.wait(timeout=5)
