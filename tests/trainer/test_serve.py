@@ -26,7 +26,7 @@ from typing import Any, cast
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from kubetune_trainer.serving.engine import Sequence
+from kubetune_trainer.serving.engine import Engine, Outcome, Sequence
 from kubetune_trainer.serving.protocol import Sampling, parse_sampling
 from kubetune_trainer.serving.serve import parse_adapters
 from kubetune_trainer.serving.server import Limits, Server
@@ -736,3 +736,40 @@ def test_an_answer_past_the_request_timeout_gets_504_and_its_generation_cancelle
         assert reply.json["error"]["code"] == "request_timeout"
         assert 1 <= time.monotonic() - started < 5
         assert engine.cancelled.wait(timeout=5)
+
+
+@pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")  # transformers' own, via peft
+def test_loading_and_unloading_adapters_does_not_change_answers_in_flight(
+    toy_model: Path, adapters: dict[str, Path]
+) -> None:
+    engine = Engine(toy_model, {"facts": adapters["facts"]}, base_name="base", device="cpu", max_batch=8)
+    engine.start()
+    try:
+        asks = [(model, obj) for obj in list(FACTS)[:4] for model in ("facts", "base")]
+        sampling = Sampling(max_tokens=48, temperature=0)
+
+        def answer(model: str, obj: str) -> str:
+            return "".join(engine.generate(model, engine.encode_prompt(toy_prompt(obj)), sampling, Outcome()))
+
+        alone = [answer(*a) for a in asks]
+        together: dict[int, str] = {}
+        threads = [
+            threading.Thread(target=lambda i=i, a=a: together.__setitem__(i, answer(*a))) for i, a in enumerate(asks)
+        ]
+        for thread in threads:
+            thread.start()
+        for round_ in range(3):  # while they generate, adapters come and go
+            engine.load_adapter(f"extra{round_}", adapters["chat.v1"]).result(timeout=30)
+            engine.unload_adapter(f"extra{round_}").result(timeout=30)
+        engine.load_adapter("kept", adapters["chat.v1"]).result(timeout=30)
+        for thread in threads:
+            thread.join(timeout=60)
+        assert [together.get(i) for i in range(len(asks))] == alone
+        assert engine.names == ["base", "facts", "kept"]
+        engine.unload_adapter("facts").result(timeout=30)
+        engine.unload_adapter("kept").result(timeout=30)
+        assert engine.names == ["base"]
+        base = [(obj, text) for (model, obj), text in zip(asks, alone, strict=True) if model == "base"]
+        assert [answer("base", obj) for obj, _ in base] == [text for _, text in base]
+    finally:
+        engine.stop()

@@ -38,6 +38,7 @@ import json
 import logging
 import threading
 import time
+import warnings
 from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
 from http import HTTPStatus
@@ -254,6 +255,9 @@ class Engine:
     def _command(self, action: Callable[[], Any]) -> concurrent.futures.Future[Any]:
         future: concurrent.futures.Future[Any] = concurrent.futures.Future()
         with self._wake:
+            if self._stopping:
+                future.set_exception(RequestError("the server is stopping", kind="server_error"))
+                return future
             if self._thread is None:  # not started: nothing generates, run it here
                 try:
                     future.set_result(action())
@@ -307,7 +311,9 @@ class Engine:
         for sequence in group.members if group else []:
             self._finish(sequence, RequestError(f"the adapter '{name}' was unloaded", kind="server_error"))
         if self._peft_names:
-            self.model.delete_adapter(peft_name)
+            with warnings.catch_warnings():  # "adapterN was active which is now deleted": chosen again before use
+                warnings.simplefilter("ignore", UserWarning)
+                self.model.delete_adapter(peft_name)
         else:  # peft keeps at least one adapter: unwrap the base again
             self.model = self.model.unload()
             self.model.eval()
@@ -350,21 +356,32 @@ class Engine:
                         future.set_result(action())
                     except BaseException as exc:
                         future.set_exception(exc)
-                try:
-                    active = [s for s in active if not s.cancelled and s.name in self.names]
-                    for sequence in admitted:
-                        if not sequence.cancelled:
-                            self._prefill(sequence, active)
-                    self._step(active)
-                except Exception as exc:
-                    log.exception("generation failed")
-                    for sequence in active:
-                        self._finish(sequence, exc)
-                    active = []
-                    self._groups.clear()
-                active = [s for s in active if not s.cancelled]
-            for sequence in [*active, *self._waiting]:
-                self._finish(sequence, RequestError("the server is stopping", kind="server_error"))
+                active = self._turn(active, admitted)
+            with self._wake:
+                for sequence in [*active, *self._waiting]:
+                    self._finish(sequence, RequestError("the server is stopping", kind="server_error"))
+                for _, future in self._commands:
+                    future.set_exception(RequestError("the server is stopping", kind="server_error"))
+                self._commands.clear()
+
+    def _turn(self, active: list[Sequence], admitted: list[Sequence]) -> list[Sequence]:
+        """Prefill the admitted sequences, then one decode step for all; the sequences still active."""
+        try:
+            for sequence in active:
+                if sequence.name not in self.names:  # its adapter was unloaded
+                    self._finish(sequence, RequestError(f"the model '{sequence.name}' was unloaded"))
+            active = [s for s in active if not s.cancelled]
+            for sequence in admitted:
+                if not sequence.cancelled:
+                    self._prefill(sequence, active)
+            self._step(active)
+        except Exception as exc:
+            log.exception("generation failed")
+            for sequence in [*active, *admitted]:
+                self._finish(sequence, exc)
+            self._groups.clear()
+            return []
+        return [s for s in active if not s.cancelled]
 
     def _finish(self, sequence: Sequence, error: BaseException | None = None) -> None:
         if not sequence.cancelled:
