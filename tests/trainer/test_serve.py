@@ -28,7 +28,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from kubetune_trainer.serving.engine import Engine, Outcome, Sequence
 from kubetune_trainer.serving.protocol import Sampling, parse_sampling
-from kubetune_trainer.serving.serve import parse_adapters
+from kubetune_trainer.serving.serve import parse_adapters, read_adapters_file
 from kubetune_trainer.serving.server import Limits, Server
 from kubetune_trainer.toy import greedy_answers, toy_facts, toy_prompt, toy_records, write_jsonl
 from tests.factories import toy_chat, wait_until
@@ -677,12 +677,17 @@ class EndlessEngine:
         self.cancelled = threading.Event()
 
     def encode_prompt(self, prompt: str) -> list[int]:
-        return [1, 2]
+        return [9] if prompt == "short" else [1, 2]
 
     def check_length(self, ids: list[int], sampling: Sampling) -> None:
         pass
 
     def submit(self, sequence: Sequence) -> None:
+        if sequence.ids == [9]:  # a short answer, at once
+            sequence.emit("ok")
+            sequence.emit(None)
+            return
+
         def run() -> None:
             while not sequence.cancelled:
                 sequence.emit("x" * 65536)
@@ -715,7 +720,7 @@ def endless_server(limits: Limits) -> Iterator[tuple[Client, EndlessEngine]]:
 
 
 def test_a_client_that_reads_nothing_is_dropped_and_its_generation_cancelled() -> None:
-    with endless_server(Limits(write_timeout=1, request_timeout=60)) as (client, engine):
+    with endless_server(Limits(write_timeout=3, request_timeout=60)) as (client, engine):
         body = json.dumps({"model": "base", "prompt": "hi", "stream": True}).encode()
         port = int(client.base.rsplit(":", 1)[1])
         with socket.create_connection(("127.0.0.1", port)) as connection:
@@ -723,9 +728,21 @@ def test_a_client_that_reads_nothing_is_dropped_and_its_generation_cancelled() -
                 b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
             )
             started = time.monotonic()
-            assert engine.cancelled.wait(timeout=30)  # never read: the write blocks, then the client is dropped
-            assert time.monotonic() - started < 10
-            assert client.get("/healthz").status == 200
+            time.sleep(1)  # the socket's buffers fill up: the server's writes to it wait
+            assert not engine.cancelled.is_set()
+            # Meanwhile another client is answered at once.
+            asked = time.monotonic()
+            reply = client.post("/v1/completions", {"model": "base", "prompt": "short"})
+            assert reply.status == 200
+            assert reply.json["choices"][0]["text"] == "ok"
+            assert time.monotonic() - asked < 0.5
+            # The one that reads nothing is dropped, and its generation cancelled.
+            assert engine.cancelled.wait(timeout=30)
+            assert 3 <= time.monotonic() - started < 10
+            connection.settimeout(10)
+            with contextlib.suppress(ConnectionResetError):
+                while connection.recv(1 << 20):
+                    pass  # what was buffered, then the end: the server closed the connection
 
 
 def test_an_answer_past_the_request_timeout_gets_504_and_its_generation_cancelled() -> None:
@@ -773,3 +790,38 @@ def test_loading_and_unloading_adapters_does_not_change_answers_in_flight(
         assert [answer("base", obj) for obj, _ in base] == [text for _, text in base]
     finally:
         engine.stop()
+
+
+def test_the_adapters_file_may_be_missing_but_not_malformed(tmp_path: Path) -> None:
+    assert read_adapters_file(tmp_path / "missing.json") == {}
+    (tmp_path / "empty.json").write_text("")
+    assert read_adapters_file(tmp_path / "empty.json") == {}
+    (tmp_path / "good.json").write_text('{"a": "x"}')
+    assert read_adapters_file(tmp_path / "good.json") == {"a": "x"}
+    for bad in ("{not json", '["a"]'):
+        (tmp_path / "bad.json").write_text(bad)
+        with pytest.raises(ValueError, match="--adapters-file"):
+            read_adapters_file(tmp_path / "bad.json")
+
+
+def test_a_start_up_adapter_that_cannot_load_exits_2(toy_model: Path, runtime_dir: Path, tmp_path: Path) -> None:
+    command = [
+        sys.executable,
+        "-m",
+        "kubetune_cli.main",
+        "serve",
+        "--model",
+        str(toy_model),
+        "--port",
+        str(free_port()),
+    ]
+    result = subprocess.run(
+        [*command, "--adapter", f"x={runtime_dir / 'other-base'}"],
+        env=train_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "cannot load" in result.stderr

@@ -212,6 +212,13 @@ class Engine:
     def submit(self, sequence: Sequence) -> None:
         """Queue a sequence for the scheduler; 429 when ``max_queued`` sequences already wait."""
         with self._wake:
+            if self._stopping:
+                raise RequestError(
+                    "the server is stopping",
+                    status=HTTPStatus.SERVICE_UNAVAILABLE,
+                    kind="server_error",
+                    code="stopping",
+                )
             if len(self._waiting) >= self.max_queued:
                 raise RequestError(
                     f"the server is busy: {len(self._waiting)} requests already wait; retry later",
