@@ -825,3 +825,18 @@ def test_a_start_up_adapter_that_cannot_load_exits_2(toy_model: Path, runtime_di
     )
     assert result.returncode == 2, result.stdout + result.stderr
     assert "cannot load" in result.stderr
+
+
+def test_requests_past_the_connection_cap_get_503_and_the_rest_are_served_again() -> None:
+    with endless_server(Limits(max_connections=5)) as (client, _):
+        port = int(client.base.rsplit(":", 1)[1])
+        idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(6)]
+        try:
+            time.sleep(0.2)  # accepted
+            reply = client.post("/v1/completions", {"model": "base", "prompt": "short"})
+            assert assert_openai_error(reply, 503)["code"] == "too_many_connections"
+        finally:
+            for connection in idle:
+                connection.close()
+        time.sleep(0.2)
+        assert client.post("/v1/completions", {"model": "base", "prompt": "short"}).status == 200
