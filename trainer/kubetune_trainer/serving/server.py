@@ -434,7 +434,7 @@ class Server:
             choice = self._choice(chat, text, outcome.finish_reason)
             return _json_response(HTTPStatus.OK, answer.head | {"choices": [choice], "usage": outcome.usage()})
         except TimeoutError:
-            raise self._late(HTTPStatus.GATEWAY_TIMEOUT) from None
+            raise self._late() from None
         except _SlowReaderError:
             log.info("dropped a client that read nothing for %gs", self.limits.write_timeout)
             if request.transport is not None:
@@ -445,7 +445,7 @@ class Server:
             self.metrics.generated.labels(name).inc(outcome.completion_tokens)
             self.metrics.prompt.labels(name).inc(outcome.prompt_tokens)
 
-    def _late(self, status: HTTPStatus = HTTPStatus.BAD_REQUEST) -> RequestError:
+    def _late(self, status: HTTPStatus = HTTPStatus.GATEWAY_TIMEOUT) -> RequestError:
         return RequestError(
             f"the answer took more than {self.limits.request_timeout:g} seconds",
             status=status,
