@@ -4,6 +4,7 @@ Built on aiohttp's low-level server (one asyncio event loop; aiohttp is already 
 and the Kubernetes client's dependency): connections cost a coroutine, not a thread, and no client
 can hold another's up:
 
+- prompts are tokenized in a worker thread, off the event loop;
 - generation is the :class:`~kubetune_trainer.serving.engine.Engine`'s scheduler thread's; a
   request hands it a sequence whose pieces come back through an asyncio queue of the request's
   own, so the scheduler never waits for a socket. A client that does not read only fills its own
@@ -359,7 +360,8 @@ class Server:
         echo = body.get("echo", False)
         if not isinstance(echo, bool):
             raise RequestError("'echo' must be a boolean", param="echo")
-        ids = engine.encode_prompt(prompt)
+        # Off the event loop: a long prompt's tokenization must not hold up other connections.
+        ids = await asyncio.get_running_loop().run_in_executor(None, engine.encode_prompt, prompt)
         if not ids:
             raise RequestError("'prompt' is empty", param="prompt")
         engine.check_length(ids, sampling)
@@ -383,7 +385,7 @@ class Server:
         messages = parse_messages(body)
         sampling = parse_sampling(body, default_max_tokens=self.limits.max_tokens, limit=self.limits.max_tokens)
         stream, include_usage = parse_stream(body)
-        ids = engine.encode_chat(messages)
+        ids = await asyncio.get_running_loop().run_in_executor(None, engine.encode_chat, messages)
         engine.check_length(ids, sampling)
         return await self._answer(
             request, engine, name, ids, sampling, chat=True, stream=stream, include_usage=include_usage
