@@ -274,10 +274,12 @@ def metric(server: Client, name: str, **labels: str) -> float:
 def test_concurrent_requests_are_batched_and_answer_as_one_at_a_time(server: Client) -> None:
     """Requests of several adapters, streamed or not, generated together: each answer as when asked alone."""
     objects = list(FACTS)[:12]
-    asks = [(model, obj, stream) for obj in objects for model, stream in (("facts", False), ("base", True))]
+    # Prompts of different lengths, so that the batched caches are padded.
+    prompts = [toy_prompt(obj) + " ." * (index % 5) for index, obj in enumerate(objects)]
+    asks = [(model, prompt, stream) for prompt in prompts for model, stream in (("facts", False), ("base", True))]
 
-    def ask(model: str, obj: str, stream: bool) -> str:
-        body = {"model": model, "prompt": toy_prompt(obj), "max_tokens": 24, "temperature": 0}
+    def ask(model: str, prompt: str, stream: bool) -> str:
+        body = {"model": model, "prompt": prompt, "max_tokens": 24, "temperature": 0}
         if not stream:
             reply = server.post("/v1/completions", body)
             assert reply.status == 200, reply.raw
