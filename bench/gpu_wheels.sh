@@ -13,7 +13,9 @@
 #   PY_VERSION=3.11 DEST=/tmp/whl311 bench/gpu_wheels.sh
 #
 # On the GPU machine (no console script, no editable install: PYTHONPATH only):
-#   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+#   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/gpu/site-packages .whl/*.whl
+# The target's path must hold "site-packages": dill (datasets' fingerprints) pickles modules from
+# anywhere else by value, and pyarrow's types cannot be (PicklingError: MonthDayNano).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
@@ -26,6 +28,8 @@ PACKAGES=(
   datasets pyarrow pandas python-dateutil six tzdata dill multiprocess xxhash  # the data pipeline
   bitsandbytes                                                      # QLoRA
   einops hjson msgpack ninja py-cpuinfo                             # DeepSpeed's imports
+  oras requests urllib3 certifi charset-normalizer                  # the OCI client (kubetune_trainer.oci)
+  jsonschema jsonschema-specifications referencing rpds-py attrs    # oras' manifest schemas
 )
 
 pinned() {  # NAME==VERSION from constraints.txt (names compared with - and _ alike)

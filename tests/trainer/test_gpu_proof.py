@@ -52,3 +52,4 @@ def test_gpu_proof_smoke_runs_every_stage(tmp_path: Path) -> None:
     assert rows["serve c=1"]["tokens_per_second"] > 0
     assert rows["serve c=8"]["tokens_per_second"] > 0
     assert "MFU = (4·N + 6·N_lora)" in result.stdout
+    assert (tmp_path / "gpu_proof-logs" / "lora-kubetune.log").exists()
