@@ -748,6 +748,7 @@ def main(argv: list[str] | None = None) -> int:
             "settings": {k: v for k, v in vars(args).items() if k != "internal"},
             "rows": [{**asdict(r), "planner_error": r.planner_error} for r in rows],
         }
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
         # Each stage's output beside the JSON: a borrowed machine's folder is gone once it is given back.
         logs = Path(args.json).with_name(Path(args.json).stem + "-logs")
