@@ -9,7 +9,7 @@ MS_CRD := crds/kubetune.io_modelservers.yaml
 comma  := ,
 SOURCES := api/kubetune_api operator/kubetune_operator trainer/kubetune_trainer local/kubetune_local cli/kubetune_cli
 
-.PHONY: setup lint test unit binaries kueue registry integration crds lock clean demo demo-down
+.PHONY: setup lint test unit binaries kueue registry prometheus integration crds lock clean demo demo-down
 
 ## setup: create .venv and install kubetune with its pinned dependencies (quick when done already)
 setup: $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
@@ -28,7 +28,7 @@ lint: setup
 	$(BIN)/hadolint Dockerfile
 
 ## unit: the unit tests (no cluster; the chart's use the helm binary built with the others)
-unit: binaries
+unit: binaries prometheus
 	$(BIN)/pytest -m unit
 
 ## binaries: build the control-plane binaries and Karpenter (KWOK) once (cached in ~/.cache/kubetune; ~11 + ~7 min the first time)
@@ -45,12 +45,18 @@ registry:
 		SUDO=$$(test "$$(id -u)" = 0 || echo sudo); \
 		$$SUDO apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends docker-registry; }
 
+## prometheus: Debian's Prometheus and promtool, the real Prometheus of the alert and dashboard tests (apt-get; sudo unless root)
+prometheus:
+	@test -x /usr/bin/prometheus -a -x /usr/bin/promtool || { \
+		SUDO=$$(test "$$(id -u)" = 0 || echo sudo); \
+		$$SUDO apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus; }
+
 ## integration: the tests against the local runtime's real control plane
-integration: binaries kueue registry
+integration: binaries kueue registry prometheus
 	$(BIN)/pytest -m integration
 
 ## test: everything CI runs: lint, unit and integration tests
-test: lint binaries kueue registry
+test: lint binaries kueue registry prometheus
 	$(BIN)/pytest
 
 ## demo: start the local runtime and the operator, train and serve examples/local.yaml, ask the adapter

@@ -1,7 +1,7 @@
 """Trainer throughput: ``kubetune train`` against a plain transformers Trainer + peft script, and packing.
 
 1. Overhead. The same toy Llama, data and settings are trained by ``kubetune train`` and by
-   :data:`PLAIN_SCRIPT`, a plain script a person would write with transformers' Trainer and peft;
+   :data:`bench.runs.PLAIN_SCRIPT`, a plain script a person would write with transformers' Trainer and peft;
    each in its own process, alternately, ``--rounds`` times. Tokens/s is real (non-padding)
    tokens over the time of ``trainer.train()``; the best of each side is compared. Target ≥ 1.0×.
 2. Packing. ``kubetune train`` on short examples of varied length (8 to 64 tokens, rows of 128) with
@@ -15,62 +15,16 @@ Both print a ratio against the peer measured in the same run (DESIGN §7).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
-import subprocess
-import sys
 import tempfile
-import textwrap
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from kubetune_local.controlplane import free_port
+from bench.runs import RunError, run_plain, run_train
 from kubetune_trainer.toy import NUMBERS, ToySize, build_model, build_tokenizer, write_jsonl
-from tests.trainer.conftest import train_command
 
 BENCH_SIZE = ToySize(hidden=256, layers=4, intermediate=704, heads=8)
-
-PLAIN_SCRIPT = textwrap.dedent(
-    '''
-    """A plain LoRA fine-tuning script: transformers' Trainer and peft, prompt-completion data."""
-    import json, sys, time
-    import torch
-    from datasets import Dataset
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq, Trainer, TrainingArguments, set_seed
-
-    model_dir, data_path, out, steps, batch = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    records = [json.loads(line) for line in open(data_path)]
-
-    def encode(r):
-        prompt = tokenizer(r["prompt"], add_special_tokens=False)["input_ids"]
-        completion = tokenizer(r["completion"], add_special_tokens=False)["input_ids"]
-        ids = [tokenizer.bos_token_id] + prompt + completion + [tokenizer.eos_token_id]
-        labels = [-100] * (1 + len(prompt)) + completion + [tokenizer.eos_token_id]
-        return {"input_ids": ids[:128], "attention_mask": [1] * len(ids[:128]), "labels": labels[:128]}
-
-    dataset = Dataset.from_list([encode(r) for r in records])
-    set_seed(42)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM"))
-    args = TrainingArguments(
-        output_dir=out, per_device_train_batch_size=batch, learning_rate=1e-3, lr_scheduler_type="constant",
-        max_steps=steps, logging_steps=10, save_strategy="no", report_to=[], use_cpu=True, seed=42, data_seed=42,
-        disable_tqdm=True, include_num_input_tokens_seen="non_padding", dataloader_num_workers=0,
-    )
-    trainer = Trainer(model=model, args=args, train_dataset=dataset,
-                      data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100))
-    start = time.time()
-    trainer.train()
-    seconds = time.time() - start
-    print(json.dumps({"tokens": trainer.state.num_input_tokens_seen, "seconds": seconds,
-                      "tokens_per_second": trainer.state.num_input_tokens_seen / seconds}))
-    '''
-)
 
 
 def _env() -> dict[str, str]:
@@ -106,57 +60,43 @@ def short_text_data(folder: Path, count: int = 4000) -> Path:
 def kubetune_run(
     folder: Path, name: str, model: Path, data: Path, *, steps: int, batch: int, packing: bool, seq: int
 ) -> dict[str, Any]:
-    manifest = {
-        "apiVersion": "kubetune.io/v1alpha1",
-        "kind": "FineTuneJob",
-        "metadata": {"name": "bench"},
-        "spec": {
-            "model": {"source": str(model)},
-            "dataset": {"source": str(data), "maxSeqLength": seq, "packing": packing},
-            "method": {"type": "lora", "lora": {"r": 16, "alpha": 32, "dropout": 0.0}},
-            "training": {
-                "maxSteps": steps,
-                "learningRate": 1e-3,
-                "lrScheduler": "constant",
-                "warmupRatio": 0,
-                "batchSizePerDevice": batch,
-                "precision": "fp32",
-                "gradientCheckpointing": False,
-                "checkpointEverySteps": 100000,
-                "loggingEverySteps": 10,
-            },
+    spec = {
+        "model": {"source": str(model)},
+        "dataset": {"source": str(data), "maxSeqLength": seq, "packing": packing},
+        "method": {"type": "lora", "lora": {"r": 16, "alpha": 32, "dropout": 0.0}},
+        "training": {
+            "maxSteps": steps,
+            "learningRate": 1e-3,
+            "lrScheduler": "constant",
+            "warmupRatio": 0,
+            "batchSizePerDevice": batch,
+            "precision": "fp32",
+            "gradientCheckpointing": False,
+            "checkpointEverySteps": 100000,
+            "loggingEverySteps": 10,
         },
     }
-    config = folder / f"{name}.yaml"
-    config.write_text(yaml.safe_dump(manifest))
-    output = folder / name
-    result = subprocess.run(
-        train_command(config, output, "--metrics-port", str(free_port())),
-        env=_env(),
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if result.returncode != 0:
-        raise SystemExit(f"kubetune train failed:\n{result.stderr[-3000:]}")
-    summary: dict[str, Any] = json.loads((output / "summary.json").read_text())
-    return summary
+    try:
+        return run_train(folder, name, spec, env=_env())
+    except RunError as exc:
+        raise SystemExit(str(exc)) from None
 
 
 def plain_run(folder: Path, name: str, model: Path, data: Path, *, steps: int, batch: int) -> dict[str, Any]:
-    script = folder / "plain_script.py"
-    script.write_text(PLAIN_SCRIPT)
-    result = subprocess.run(
-        [sys.executable, str(script), str(model), str(data), str(folder / name), str(steps), str(batch)],
-        env=_env(),
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if result.returncode != 0:
-        raise SystemExit(f"the plain script failed:\n{result.stderr[-3000:]}")
-    found: dict[str, Any] = json.loads(result.stdout.strip().splitlines()[-1])
-    return found
+    settings = {
+        "steps": steps,
+        "batch": batch,
+        "seq": 128,
+        "precision": "fp32",
+        "lr": 1e-3,
+        "r": 16,
+        "alpha": 32,
+        "logging_steps": 10,
+    }
+    try:
+        return run_plain(folder, name, model, data, settings, env=_env())
+    except RunError as exc:
+        raise SystemExit(str(exc)) from None
 
 
 def main() -> None:

@@ -9,6 +9,7 @@ ruled in :mod:`kubetune_operator.observed`; this module fetches through
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import functools
 import logging
 import threading
@@ -91,9 +92,27 @@ class JobMemory:
     """When GPU-hours were last counted (monotonic clock)."""
     written: tuple[str, Obj] | None = None
     """The resourceVersion the last status write was based on, and the status written."""
+    series: tuple[str, str, str, frozenset[str]] | None = None
+    """The per-job gauges' labels last set: namespace, name, phase and the condition types."""
 
     def forget(self) -> None:
         self.scraped = self.phase = self.restarts = self.gpu_clock = self.written = None
+        _drop_series(self.series)
+        self.series = None
+
+
+def _drop_series(series: tuple[str, str, str, frozenset[str]] | None) -> None:
+    """Remove a job's per-job gauges (its phase, conditions and restarts)."""
+    if series is None:
+        return
+    namespace, name, phase, kinds = series
+    with contextlib.suppress(KeyError):
+        metrics.JOB_PHASE.remove(namespace, name, phase)
+    for kind in kinds:
+        with contextlib.suppress(KeyError):
+            metrics.JOB_CONDITION.remove(namespace, name, kind)
+    with contextlib.suppress(KeyError):
+        metrics.JOB_RESTARTS.remove(namespace, name)
 
 
 class Controller:
@@ -336,6 +355,7 @@ class Controller:
             memory.gpu_clock = now
         for phase, count in counts.items():
             metrics.JOBS_BY_PHASE.labels(phase=phase).set(count)
+        self._per_job(memory, meta, status)
         if phase_before is None:
             metrics.JOBS_CREATED.inc()
         if status.phase != phase_before and status.phase in ("Complete", "Failed"):
@@ -348,7 +368,22 @@ class Controller:
                 for p in in_phase(observed.pods, "Running")
                 for c in p["spec"]["containers"]
             )
-            metrics.GPU_HOURS.labels(namespace=meta["namespace"]).inc(gpus * (now - last) / 3600)
+            metrics.GPU_SECONDS.labels(namespace=meta["namespace"]).inc(gpus * (now - last))
+
+    def _per_job(self, memory: JobMemory, meta: Obj, status: FineTuneJobStatus) -> None:
+        """The job's own series: its phase, its conditions and its restarts (the alert rules' inputs)."""
+        namespace, name = meta["namespace"], meta["name"]
+        series = (namespace, name, status.phase, frozenset(c.type for c in status.conditions))
+        with self._lock:
+            before, memory.series = memory.series, series
+        if before is not None and before[2] != status.phase:
+            with contextlib.suppress(KeyError):
+                metrics.JOB_PHASE.remove(namespace, name, before[2])
+        metrics.JOB_PHASE.labels(namespace=namespace, finetunejob=name, phase=status.phase).set(1)
+        for condition in status.conditions:
+            value = 1 if condition.status == "True" else 0
+            metrics.JOB_CONDITION.labels(namespace=namespace, finetunejob=name, condition=condition.type).set(value)
+        metrics.JOB_RESTARTS.labels(namespace=namespace, finetunejob=name).set(status.restarts)
 
     def forget(self, uid: str) -> None:
         """Drop a deleted job from the in-memory gauges."""
@@ -382,7 +417,9 @@ class Controller:
         with self._memory(uid).lock:
             pass
         with self._lock:
-            self._jobs.pop(uid, None)
+            gone = self._jobs.pop(uid, None)
+        if gone is not None:
+            _drop_series(gone.series)
         if not self._karpenter_installed():
             return 0
         selector = names.selector(namespace, name)

@@ -25,7 +25,7 @@ from prometheus_client import start_http_server
 
 from kubetune_api.modelserver import MS_PLURAL
 from kubetune_api.resource import GROUP, PLURAL, VERSION
-from kubetune_operator import names
+from kubetune_operator import metrics, names
 from kubetune_operator.controller import Controller
 from kubetune_operator.kube import Kube
 from kubetune_operator.servers import ServerController
@@ -137,6 +137,7 @@ def build_registry(settings: OperatorSettings, kube: Kube | None = None) -> kopf
                     wait = decision.requeue_after if decision and decision.requeue_after else _settings.resync_seconds
                 except Exception:
                     log.exception("reconcile of %s/%s failed; retrying", namespace, name)
+                    metrics.RECONCILE_ERRORS.labels(kind="FineTuneJob").inc()
                     wait = 5.0
                 # A shared server picks up (or drops) the job's adapter on its next pass.
                 poke_server(namespace, obj.get("spec"))
@@ -161,6 +162,7 @@ def build_registry(settings: OperatorSettings, kube: Kube | None = None) -> kopf
                         poke(namespace, job)
                 except Exception:
                     log.exception("reconcile of ModelServer %s/%s failed; retrying", namespace, name)
+                    metrics.RECONCILE_ERRORS.labels(kind="ModelServer").inc()
                     wait = 5.0
                 await _sleep(wait, woken, stopped)
         finally:

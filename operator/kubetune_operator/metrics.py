@@ -26,4 +26,24 @@ FIRST_STEP_SECONDS: Final = Histogram(
     "From a job's creation to its first training step",
     buckets=(5, 15, 30, 60, 120, 300, 600, 1200, 3600),
 )
-GPU_HOURS: Final = Counter("kubetune_gpu_hours", "GPU-hours used by training pods", ["namespace"])
+#: In seconds, Prometheus' base unit (promtool refuses hours); the dashboard shows hours.
+GPU_SECONDS: Final = Counter("kubetune_gpu_seconds", "GPU-seconds used by training pods", ["namespace"])
+
+# Per job (one series per FineTuneJob, dropped when it is deleted): what the alert rules ask about.
+JOB_PHASE: Final = Gauge(
+    "kubetune_job_phase", "1 for the FineTuneJob's current phase", ["namespace", "finetunejob", "phase"]
+)
+JOB_CONDITION: Final = Gauge(
+    "kubetune_job_condition",
+    "1 when the FineTuneJob's condition is True, else 0",
+    ["namespace", "finetunejob", "condition"],
+)
+JOB_RESTARTS: Final = Gauge(
+    "kubetune_job_gang_restarts", "Gang restarts of the FineTuneJob so far", ["namespace", "finetunejob"]
+)
+RECONCILE_ERRORS: Final = Counter(
+    "kubetune_reconcile_errors", "Reconcile passes that raised (retried after a delay)", ["kind"]
+)
+
+for _kind in ("FineTuneJob", "ModelServer"):
+    RECONCILE_ERRORS.labels(kind=_kind)  # the series exist from the start, at 0, for rate() and increase()

@@ -101,7 +101,7 @@ EXPECTED_KINDS = {
     "default": {"Service"},
     "namespaced": {"Service"},
     "ha": {"Service", "ClusterKopfPeering"},
-    "monitoring": {"Service", "ServiceMonitor", "PodMonitor", "ConfigMap"},
+    "monitoring": {"Service", "ServiceMonitor", "PodMonitor", "PrometheusRule", "ConfigMap"},
 }
 #: The Role (and its binding) every install has: list events in namespace default, where Karpenter's
 #: events about cluster-scoped NodePools and NodeClaims are kept.
@@ -272,7 +272,7 @@ def test_dashboard_queries_only_metrics_that_exist(helm: Helm) -> None:
         "kubetune_jobs",
         "kubetune_train_loss",
         "kubetune_train_tokens_per_second",
-        "kubetune_gpu_hours_total",
+        "kubetune_gpu_seconds_total",
         "kubetune_reconcile_duration_seconds_bucket",
     }
     assert wanted <= used, f"the dashboard lacks {sorted(wanted - used)}"

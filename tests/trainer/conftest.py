@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ from typing import Any
 import pytest
 import yaml
 
+from bench.runs import train_command
 from kubetune_local.controlplane import free_port
 from kubetune_trainer.toy import ToySize, build_toy
 from tests import factories
@@ -73,11 +73,6 @@ class Run:
     def summary(self) -> dict[str, Any]:
         loaded: dict[str, Any] = json.loads((self.output / "summary.json").read_text())
         return loaded
-
-
-def train_command(config: Path, output: Path, *args: str) -> list[str]:
-    """``kubetune train --config CONFIG --output OUTPUT ARGS`` as this interpreter runs it."""
-    return [sys.executable, "-m", "kubetune_cli.main", "train", "--config", str(config), "--output", str(output), *args]
 
 
 def kubetune_train(

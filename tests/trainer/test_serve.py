@@ -7,22 +7,29 @@ knows none of them. Both are trained at once, then served by one server for the 
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
+import shutil
+import socket
 import subprocess
 import sys
 import threading
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from kubetune_trainer.serving.engine import Engine, Outcome, Sequence
 from kubetune_trainer.serving.protocol import Sampling, parse_sampling
-from kubetune_trainer.serving.serve import parse_adapters
+from kubetune_trainer.serving.serve import parse_adapters, read_adapters_file
+from kubetune_trainer.serving.server import Limits, Server
 from kubetune_trainer.toy import greedy_answers, toy_facts, toy_prompt, toy_records, write_jsonl
 from tests.factories import toy_chat, wait_until
 from tests.trainer.conftest import finetunejob, free_port, start_train, train_env, write_manifest
@@ -32,6 +39,8 @@ pytestmark = pytest.mark.trainer
 #: Share of the toy facts an adapter must answer exactly.
 MIN_MATCH = 0.9
 FACTS = toy_facts()
+#: The main server's --read-timeout: seconds for a request's headers, then its body.
+READ_TIMEOUT = 2
 
 
 @dataclass
@@ -85,14 +94,14 @@ def adapters(toy_model: Path, toy_data: Path, tmp_path_factory: pytest.TempPathF
     return {{"chat": "chat.v1"}.get(name, name): folder / name / "out" / "adapter" for name in runs}
 
 
-@pytest.fixture(scope="module")
-def server(toy_model: Path, adapters: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Client]:
+@contextlib.contextmanager
+def serving(toy_model: Path, log: Path, *args: str, adapters: dict[str, Path] | None = None) -> Iterator[Client]:
+    """``kubetune serve`` on the toy model with ``adapters`` and ``args``, ready; stopped by SIGTERM (exit 0)."""
     port = free_port()
-    log = tmp_path_factory.mktemp("serve-log") / "serve.log"
     command = [sys.executable, "-m", "kubetune_cli.main", "serve", "--model", str(toy_model)]
-    for name, path in adapters.items():
+    for name, path in (adapters or {}).items():
         command += ["--adapter", f"{name}={path}"]
-    command += ["--host", "127.0.0.1", "--port", str(port), "--max-new-tokens-limit", "64"]
+    command += ["--host", "127.0.0.1", "--port", str(port), *args]
     with open(log, "wb") as out:
         process = subprocess.Popen(command, env=train_env(), stdout=out, stderr=subprocess.STDOUT)
     client = Client(port)
@@ -116,6 +125,14 @@ def server(toy_model: Path, adapters: dict[str, Path], tmp_path_factory: pytest.
             if process.poll() is None:
                 process.kill()
                 process.wait()
+
+
+@pytest.fixture(scope="module")
+def server(toy_model: Path, adapters: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Client]:
+    log = tmp_path_factory.mktemp("serve-log") / "serve.log"
+    limits = ["--max-new-tokens-limit", "64", "--read-timeout", str(READ_TIMEOUT), "--max-queued", "256"]
+    with serving(toy_model, log, *limits, adapters=adapters) as client:
+        yield client
 
 
 def complete(server: Client, model: str, obj: str, **extra: Any) -> dict[str, Any]:
@@ -242,19 +259,145 @@ def test_sampling_with_a_seed_repeats(server: Client) -> None:
     assert first["usage"]["completion_tokens"] == 8
 
 
-def test_concurrent_requests_are_answered_one_at_a_time_and_right(server: Client) -> None:
+def metric(server: Client, name: str, **labels: str) -> float:
+    """A sample's value from ``/metrics`` (0 when absent)."""
+    reply = server.get("/metrics")
+    assert reply.status == 200
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(reply.raw.decode())
+        for s in family.samples
+    }
+    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+def test_concurrent_requests_are_batched_and_answer_as_one_at_a_time(server: Client) -> None:
+    """Requests of several adapters, streamed or not, generated together: each answer as when asked alone."""
     objects = list(FACTS)[:12]
-    answers: dict[str, str] = {}
+    # Prompts of different lengths, so that the batched caches are padded.
+    prompts = [toy_prompt(obj) + " ." * (index % 5) for index, obj in enumerate(objects)]
+    asks = [(model, prompt, stream) for prompt in prompts for model, stream in (("facts", False), ("base", True))]
 
-    def ask(obj: str) -> None:
-        answers[obj] = complete(server, "facts", obj)["choices"][0]["text"].strip()
+    def ask(model: str, prompt: str, stream: bool) -> str:
+        body = {"model": model, "prompt": prompt, "max_tokens": 24, "temperature": 0}
+        if not stream:
+            reply = server.post("/v1/completions", body)
+            assert reply.status == 200, reply.raw
+            return str(reply.json["choices"][0]["text"])
+        return "".join(c["choices"][0]["text"] for c in events(server.post("/v1/completions", body | {"stream": True})))
 
-    threads = [threading.Thread(target=ask, args=(obj,)) for obj in objects]
+    alone = [ask(*a) for a in asks]
+    together: dict[int, str] = {}
+    threads = [threading.Thread(target=lambda i=i, a=a: together.__setitem__(i, ask(*a))) for i, a in enumerate(asks)]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join(timeout=60)
-    assert answers == {obj: complete(server, "facts", obj)["choices"][0]["text"].strip() for obj in objects}
+    assert [together.get(i) for i in range(len(asks))] == alone
+    assert metric(server, "kubetune_serve_largest_batch") > 1  # they were generated together
+
+
+def test_a_client_that_stops_reading_does_not_delay_another(server: Client) -> None:
+    body = {"model": "base", "prompt": "a b c", "max_tokens": 64, "temperature": 0, "stream": True}
+    stalled = []
+    for _ in range(4):
+        connection = socket.socket()
+        connection.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 2048)
+        connection.connect(("127.0.0.1", int(server.base.rsplit(":", 1)[1])))
+        data = json.dumps(body).encode()
+        connection.sendall(
+            b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n\r\n%s" % (len(data), data)
+        )
+        stalled.append(connection)  # never read
+    try:
+        started = time.monotonic()
+        whole = complete(server, "facts", next(iter(FACTS)), max_tokens=64)
+        assert time.monotonic() - started < 2.0
+        assert whole["usage"]["completion_tokens"] > 0
+    finally:
+        for connection in stalled:
+            connection.close()
+
+
+def raw_exchange(server: Client, data: bytes, *, wait: float = 10.0) -> tuple[bytes, float]:
+    """Send ``data`` on a fresh connection, read until the server closes it: what came back, and when."""
+    with socket.create_connection(("127.0.0.1", int(server.base.rsplit(":", 1)[1])), timeout=wait) as connection:
+        started = time.monotonic()
+        connection.sendall(data)
+        received = b""
+        with contextlib.suppress(ConnectionResetError):
+            while chunk := connection.recv(65536):
+                received += chunk
+        return received, time.monotonic() - started
+
+
+def test_a_body_shorter_than_its_content_length_gets_408_and_the_connection_closed(server: Client) -> None:
+    received, took = raw_exchange(
+        server, b'POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{"model": '
+    )
+    assert received.startswith(b"HTTP/1.1 408 "), received
+    assert json.loads(received.split(b"\r\n\r\n", 1)[1])["error"]["code"] == "request_timeout"
+    assert READ_TIMEOUT - 0.5 < took < READ_TIMEOUT + 2
+
+
+def test_headers_that_never_end_get_the_connection_closed(server: Client) -> None:
+    received, took = raw_exchange(server, b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n")
+    assert received == b""
+    assert took < READ_TIMEOUT + 2
+
+
+def test_idle_connections_do_not_keep_a_request_out(server: Client) -> None:
+    port = int(server.base.rsplit(":", 1)[1])
+    idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(200)]
+    try:
+        started = time.monotonic()
+        assert complete(server, "facts", next(iter(FACTS)))["usage"]["completion_tokens"] > 0
+        assert time.monotonic() - started < 2.0
+    finally:
+        for connection in idle:
+            connection.close()
+
+
+def test_100_concurrent_requests_are_all_answered(server: Client) -> None:
+    statuses: list[int | str] = []
+
+    def ask(index: int) -> None:
+        body = {"model": "base", "prompt": f"q {index}", "max_tokens": 2, "temperature": 0}
+        try:
+            statuses.append(server.post("/v1/completions", body).status)
+        except OSError as exc:  # a reset, a refused connection
+            statuses.append(repr(exc))
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(100)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert statuses == [200] * 100
+
+
+@pytest.mark.parametrize("method", ["HEAD", "PUT", "DELETE", "PATCH"])
+def test_other_methods_get_json_and_no_python_version(server: Client, method: str) -> None:
+    reply = server.request(method, "/v1/models")
+    assert reply.status == 405
+    assert reply.headers["Server"] == "kubetune-serve"
+    assert "python" not in json.dumps(reply.headers).lower()
+    if method != "HEAD":
+        assert_openai_error(reply, 405)
+
+
+@pytest.mark.parametrize(
+    "line", [b"GARBAGE\r\n\r\n", b"GET /v1/models HTTP/9.9\r\n\r\n", b"\x16\x03\x01\x02\x00\r\n\r\n"]
+)
+def test_garbage_gets_a_json_400_without_python_version(server: Client, line: bytes) -> None:
+    received, _ = raw_exchange(server, line)
+    head, _, body = received.partition(b"\r\n\r\n")
+    assert head.split(b" ", 2)[1] == b"400", received
+    assert b"Server: kubetune-serve" in head
+    assert b"python" not in head.lower()
+    error = json.loads(body)["error"]
+    assert set(error) == {"message", "type", "param", "code"}
 
 
 def assert_openai_error(reply: Reply, status: int) -> dict[str, Any]:
@@ -304,6 +447,27 @@ MESSAGES = [{"role": "user", "content": "hi"}]
         ("/v1/chat/completions", {"model": 1, "messages": MESSAGES}, "model"),
         ("/v1/completions", {"model": "facts"}, "prompt"),
         ("/v1/completions", {"model": "facts", "prompt": ["a", "b"]}, "prompt"),
+        # what the server does not do is refused, not ignored
+        ("/v1/completions", {"model": "facts", "prompt": "hi", "logprobs": 2}, "logprobs"),
+        ("/v1/completions", {"model": "facts", "prompt": "hi", "best_of": 3}, "best_of"),
+        ("/v1/completions", {"model": "facts", "prompt": "hi", "suffix": "!"}, "suffix"),
+        ("/v1/chat/completions", {"model": "chat.v1", "messages": MESSAGES, "logprobs": True}, "logprobs"),
+        ("/v1/chat/completions", {"model": "chat.v1", "messages": MESSAGES, "tools": [{"type": "function"}]}, "tools"),
+        (
+            "/v1/chat/completions",
+            {"model": "chat.v1", "messages": MESSAGES, "response_format": {"type": "json_object"}},
+            "response_format",
+        ),
+        (
+            "/v1/chat/completions",
+            {"model": "chat.v1", "messages": MESSAGES, "presence_penalty": 0.5},
+            "presence_penalty",
+        ),
+        (
+            "/v1/chat/completions",
+            {"model": "chat.v1", "messages": [*MESSAGES, {"role": "wizard", "content": "x"}]},
+            "messages[1].role",
+        ),
         # hostile bodies that were answered 500 (tests/hostile/serve-*.yaml has them against a stand-in engine)
         pytest.param(
             "/v1/completions",
@@ -382,3 +546,299 @@ def test_chat_takes_the_limit_as_its_default_max_tokens() -> None:
     assert (
         parse_sampling({"max_completion_tokens": 3, "max_tokens": 9}, default_max_tokens=16, limit=64).max_tokens == 3
     )
+
+
+# --- runtime adapters (vLLM's endpoints), the adapters file, and the queue bound ------------------------
+
+
+@pytest.fixture(scope="module")
+def runtime_dir(adapters: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The --runtime-adapters folder: a copy of ``facts``, one whose base does not match, and a link out."""
+    root = tmp_path_factory.mktemp("runtime")
+    folder = root / "adapters"
+    shutil.copytree(adapters["facts"], folder / "facts-copy")
+    shutil.copytree(adapters["facts"], folder / "other-base")
+    config = json.loads((folder / "other-base" / "adapter_config.json").read_text())
+    config["target_modules"] = ["no_such_module"]
+    (folder / "other-base" / "adapter_config.json").write_text(json.dumps(config))
+    (folder / "empty").mkdir()
+    shutil.copytree(adapters["facts"], root / "outside")
+    (folder / "link-out").symlink_to(root / "outside")
+    (root / "adapters.json").write_text(
+        json.dumps({"filed": "facts-copy", "broken": "empty", "escaping": "../outside"})
+    )
+    return folder
+
+
+@pytest.fixture(scope="module")
+def runtime_server(toy_model: Path, runtime_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Client]:
+    """A server with runtime adapters from ``runtime_dir`` and its adapters file; one sequence at a time, one waiting."""
+    log = tmp_path_factory.mktemp("runtime-log") / "serve.log"
+    args = ["--runtime-adapters", str(runtime_dir), "--adapters-file", str(runtime_dir.parent / "adapters.json")]
+    args += ["--max-batch", "1", "--max-queued", "1", "--max-new-tokens-limit", "64"]
+    with serving(toy_model, log, *args) as client:
+        yield client
+
+
+def model_ids(server: Client) -> dict[str, Any]:
+    reply = server.get("/v1/models")
+    assert reply.status == 200
+    return {m["id"]: m.get("parent") for m in reply.json["data"]}
+
+
+def test_the_adapters_file_is_loaded_before_ready_and_what_fails_is_named(runtime_server: Client) -> None:
+    assert model_ids(runtime_server) == {"base": None, "filed": "base"}
+    ready = runtime_server.get("/readyz")
+    assert ready.status == 200
+    assert b"broken" in ready.raw
+    assert b"escaping" in ready.raw
+    assert metric(runtime_server, "kubetune_serve_adapters_loaded") == 1
+
+
+def test_runtime_adapters_load_answer_and_unload(runtime_server: Client, server: Client) -> None:
+    reply = runtime_server.post("/v1/load_lora_adapter", {"lora_name": "rt.1", "lora_path": "facts-copy"})
+    assert reply.status == 200, reply.raw
+    assert reply.raw.decode() == "Success: LoRA adapter 'rt.1' added successfully."
+    assert model_ids(runtime_server) == {"base": None, "filed": "base", "rt.1": "base"}
+    assert metric(runtime_server, "kubetune_serve_adapters_loaded") == 2
+    # The adapter loaded at run time answers as the same adapter loaded at start-up by the other server.
+    for obj in list(FACTS)[:4]:
+        assert complete(runtime_server, "rt.1", obj)["choices"] == complete(server, "facts", obj)["choices"]
+    again = runtime_server.post("/v1/load_lora_adapter", {"lora_name": "rt.1", "lora_path": "facts-copy"})
+    assert "has already been loaded" in assert_openai_error(again, 400)["message"]
+    reply = runtime_server.post("/v1/unload_lora_adapter", {"lora_name": "rt.1"})
+    assert reply.status == 200, reply.raw
+    assert model_ids(runtime_server) == {"base": None, "filed": "base"}
+    assert_openai_error(runtime_server.post("/v1/completions", {"model": "rt.1", "prompt": "hi"}), 404)
+    assert_openai_error(runtime_server.post("/v1/unload_lora_adapter", {"lora_name": "rt.1"}), 404)
+    assert_openai_error(runtime_server.post("/v1/unload_lora_adapter", {"lora_name": "base"}), 400)
+    assert metric(runtime_server, "kubetune_serve_adapters_loaded") == 1
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"lora_name": "x", "lora_path": "../outside"}, "lora_path"),
+        ({"lora_name": "x", "lora_path": "link-out"}, "lora_path"),
+        ({"lora_name": "x", "lora_path": "/etc"}, "lora_path"),
+        ({"lora_name": "x", "lora_path": "empty"}, "lora_path"),
+        ({"lora_name": "x", "lora_path": "other-base"}, "lora_path"),
+        ({"lora_name": "base", "lora_path": "facts-copy"}, "lora_name"),
+        ({"lora_name": "filed", "lora_path": "facts-copy"}, "lora_name"),
+        ({"lora_name": " ", "lora_path": "facts-copy"}, "lora_name"),
+        ({"lora_path": "facts-copy"}, "lora_name"),
+    ],
+)
+def test_runtime_adapters_outside_the_folder_or_unloadable_are_refused(
+    runtime_server: Client, body: dict[str, str], param: str
+) -> None:
+    error = assert_openai_error(runtime_server.post("/v1/load_lora_adapter", body), 400)
+    assert error["param"] == param
+    assert set(model_ids(runtime_server)) == {"base", "filed"}
+
+
+def test_runtime_adapters_are_off_without_the_flag(server: Client) -> None:
+    assert_openai_error(server.post("/v1/load_lora_adapter", {"lora_name": "x", "lora_path": "y"}), 404)
+    assert_openai_error(server.post("/v1/unload_lora_adapter", {"lora_name": "facts"}), 404)
+
+
+def test_requests_beyond_the_queue_bound_get_429(runtime_server: Client) -> None:
+    statuses: list[int] = []
+    errors: list[dict[str, Any]] = []
+
+    def ask() -> None:
+        reply = runtime_server.post("/v1/completions", {"model": "base", "prompt": "a", "max_tokens": 64})
+        statuses.append(reply.status)
+        if reply.status != 200:
+            errors.append(reply.json["error"])
+
+    threads = [threading.Thread(target=ask) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert 200 in statuses
+    assert 429 in statuses
+    assert set(statuses) == {200, 429}
+    assert {e["type"] for e in errors} == {"rate_limit_exceeded"}
+
+
+# --- the HTTP layer alone, with an engine that never ends ------------------------------------------------
+
+
+class EndlessEngine:
+    """An engine whose sequences emit 64 KiB pieces until they are cancelled (which it records)."""
+
+    base_name = "base"
+    names = ("base",)
+    adapters = ()
+    created = 0
+    queued = 0
+
+    def __init__(self) -> None:
+        self.cancelled = threading.Event()
+
+    def encode_prompt(self, prompt: str) -> list[int]:
+        return [9] if prompt == "short" else [1, 2]
+
+    def check_length(self, ids: list[int], sampling: Sampling) -> None:
+        pass
+
+    def submit(self, sequence: Sequence) -> None:
+        if sequence.ids == [9]:  # a short answer, at once
+            sequence.emit("ok")
+            sequence.emit(None)
+            return
+
+        def run() -> None:
+            while not sequence.cancelled:
+                sequence.emit("x" * 65536)
+                time.sleep(0.01)
+            self.cancelled.set()
+
+        threading.Thread(target=run, daemon=True).start()
+
+    def stop(self) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def endless_server(limits: Limits) -> Iterator[tuple[Client, EndlessEngine]]:
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    server = Server(base_name="base", limits=limits)
+    engine = EndlessEngine()
+    server.engine = cast(Any, engine)
+    server.ready = True
+    port = asyncio.run_coroutine_threadsafe(server.start("127.0.0.1", 0), loop).result(timeout=30)
+    try:
+        yield Client(port), engine
+    finally:
+        asyncio.run_coroutine_threadsafe(server.stop(), loop).result(timeout=30)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(timeout=30)
+        loop.close()
+
+
+def test_a_client_that_reads_nothing_is_dropped_and_its_generation_cancelled() -> None:
+    with endless_server(Limits(write_timeout=3, request_timeout=60)) as (client, engine):
+        body = json.dumps({"model": "base", "prompt": "hi", "stream": True}).encode()
+        port = int(client.base.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port)) as connection:
+            connection.sendall(
+                b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+            )
+            started = time.monotonic()
+            time.sleep(1)  # the socket's buffers fill up: the server's writes to it wait
+            assert not engine.cancelled.is_set()
+            # Meanwhile another client is answered at once.
+            asked = time.monotonic()
+            reply = client.post("/v1/completions", {"model": "base", "prompt": "short"})
+            assert reply.status == 200
+            assert reply.json["choices"][0]["text"] == "ok"
+            assert time.monotonic() - asked < 0.5
+            # The one that reads nothing is dropped, and its generation cancelled.
+            assert engine.cancelled.wait(timeout=30)
+            assert 3 <= time.monotonic() - started < 10
+            connection.settimeout(10)
+            with contextlib.suppress(ConnectionResetError):
+                while connection.recv(1 << 20):
+                    pass  # what was buffered, then the end: the server closed the connection
+
+
+def test_an_answer_past_the_request_timeout_gets_504_and_its_generation_cancelled() -> None:
+    with endless_server(Limits(request_timeout=1)) as (client, engine):
+        started = time.monotonic()
+        reply = client.post("/v1/completions", {"model": "base", "prompt": "hi"})
+        assert reply.status == 504
+        assert reply.json["error"]["code"] == "request_timeout"
+        assert 1 <= time.monotonic() - started < 5
+        assert engine.cancelled.wait(timeout=5)
+
+
+@pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")  # transformers' own, via peft
+def test_loading_and_unloading_adapters_does_not_change_answers_in_flight(
+    toy_model: Path, adapters: dict[str, Path]
+) -> None:
+    engine = Engine(toy_model, {"facts": adapters["facts"]}, base_name="base", device="cpu", max_batch=8)
+    engine.start()
+    try:
+        asks = [(model, obj) for obj in list(FACTS)[:4] for model in ("facts", "base")]
+        sampling = Sampling(max_tokens=48, temperature=0)
+
+        def answer(model: str, obj: str) -> str:
+            return "".join(engine.generate(model, engine.encode_prompt(toy_prompt(obj)), sampling, Outcome()))
+
+        alone = [answer(*a) for a in asks]
+        together: dict[int, str] = {}
+        threads = [
+            threading.Thread(target=lambda i=i, a=a: together.__setitem__(i, answer(*a))) for i, a in enumerate(asks)
+        ]
+        for thread in threads:
+            thread.start()
+        for round_ in range(3):  # while they generate, adapters come and go
+            engine.load_adapter(f"extra{round_}", adapters["chat.v1"]).result(timeout=30)
+            engine.unload_adapter(f"extra{round_}").result(timeout=30)
+        engine.load_adapter("kept", adapters["chat.v1"]).result(timeout=30)
+        for thread in threads:
+            thread.join(timeout=60)
+        assert [together.get(i) for i in range(len(asks))] == alone
+        assert engine.names == ["base", "facts", "kept"]
+        engine.unload_adapter("facts").result(timeout=30)
+        engine.unload_adapter("kept").result(timeout=30)
+        assert engine.names == ["base"]
+        base = [(obj, text) for (model, obj), text in zip(asks, alone, strict=True) if model == "base"]
+        assert [answer("base", obj) for obj, _ in base] == [text for _, text in base]
+    finally:
+        engine.stop()
+
+
+def test_the_adapters_file_may_be_missing_but_not_malformed(tmp_path: Path) -> None:
+    assert read_adapters_file(tmp_path / "missing.json") == {}
+    (tmp_path / "empty.json").write_text("")
+    assert read_adapters_file(tmp_path / "empty.json") == {}
+    (tmp_path / "good.json").write_text('{"a": "x"}')
+    assert read_adapters_file(tmp_path / "good.json") == {"a": "x"}
+    for bad in ("{not json", '["a"]'):
+        (tmp_path / "bad.json").write_text(bad)
+        with pytest.raises(ValueError, match="--adapters-file"):
+            read_adapters_file(tmp_path / "bad.json")
+
+
+def test_a_start_up_adapter_that_cannot_load_exits_2(toy_model: Path, runtime_dir: Path, tmp_path: Path) -> None:
+    command = [
+        sys.executable,
+        "-m",
+        "kubetune_cli.main",
+        "serve",
+        "--model",
+        str(toy_model),
+        "--port",
+        str(free_port()),
+    ]
+    result = subprocess.run(
+        [*command, "--adapter", f"x={runtime_dir / 'other-base'}"],
+        env=train_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "cannot load" in result.stderr
+
+
+def test_requests_past_the_connection_cap_get_503_and_the_rest_are_served_again() -> None:
+    with endless_server(Limits(max_connections=5)) as (client, _):
+        port = int(client.base.rsplit(":", 1)[1])
+        idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(6)]
+        try:
+            time.sleep(0.2)  # accepted
+            reply = client.post("/v1/completions", {"model": "base", "prompt": "short"})
+            assert assert_openai_error(reply, 503)["code"] == "too_many_connections"
+        finally:
+            for connection in idle:
+                connection.close()
+        time.sleep(0.2)
+        assert client.post("/v1/completions", {"model": "base", "prompt": "short"}).status == 200

@@ -370,6 +370,7 @@ def served() -> Iterator[int]:
     asyncio.run_coroutine_threadsafe(server.stop(), loop).result(timeout=30)
     loop.call_soon_threadsafe(loop.stop)
     thread.join(timeout=30)
+    loop.close()
 
 
 def post(port: int, path: str, body: bytes) -> tuple[int, dict[str, Any]]:

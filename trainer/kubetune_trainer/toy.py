@@ -159,7 +159,9 @@ class ToySize:
     intermediate: int = 128
     """MLP width."""
     heads: int = 4
-    """Attention heads (as many key/value heads)."""
+    """Attention heads."""
+    kv_heads: int | None = None
+    """Key/value heads (grouped-query attention when fewer than ``heads``); None: as many as ``heads``."""
     vocab_padding: int = 0
     """Extra embedding rows beyond the tokenizer's vocabulary (to make the embeddings weigh more)."""
 
@@ -201,7 +203,7 @@ def build_model(tokenizer: PreTrainedTokenizerBase, size: ToySize = ToySize(), *
         intermediate_size=size.intermediate,
         num_hidden_layers=size.layers,
         num_attention_heads=size.heads,
-        num_key_value_heads=size.heads,
+        num_key_value_heads=size.kv_heads or size.heads,
         max_position_embeddings=4096,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,

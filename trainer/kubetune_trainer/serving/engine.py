@@ -32,11 +32,13 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import contextlib
 import inspect
 import json
 import logging
 import threading
 import time
+import warnings
 from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
 from http import HTTPStatus
@@ -155,6 +157,8 @@ class Engine:
         self.context = int(getattr(self.model.config, "max_position_embeddings", 0) or 0)
         self.max_batch = max_batch
         self.max_queued = max_queued
+        #: The most sequences one decode forward has held so far.
+        self.largest_batch = 0
         self._waiting: collections.deque[Sequence] = collections.deque()
         self._commands: collections.deque[tuple[Callable[[], Any], concurrent.futures.Future[Any]]] = (
             collections.deque()
@@ -208,6 +212,13 @@ class Engine:
     def submit(self, sequence: Sequence) -> None:
         """Queue a sequence for the scheduler; 429 when ``max_queued`` sequences already wait."""
         with self._wake:
+            if self._stopping:
+                raise RequestError(
+                    "the server is stopping",
+                    status=HTTPStatus.SERVICE_UNAVAILABLE,
+                    kind="server_error",
+                    code="stopping",
+                )
             if len(self._waiting) >= self.max_queued:
                 raise RequestError(
                     f"the server is busy: {len(self._waiting)} requests already wait; retry later",
@@ -251,6 +262,9 @@ class Engine:
     def _command(self, action: Callable[[], Any]) -> concurrent.futures.Future[Any]:
         future: concurrent.futures.Future[Any] = concurrent.futures.Future()
         with self._wake:
+            if self._stopping:
+                future.set_exception(RequestError("the server is stopping", kind="server_error"))
+                return future
             if self._thread is None:  # not started: nothing generates, run it here
                 try:
                     future.set_result(action())
@@ -282,6 +296,9 @@ class Engine:
             else:
                 self.model = PeftModel.from_pretrained(self.model, path, adapter_name=peft_name).to(self.device).eval()
         except Exception as exc:
+            if peft_name in getattr(self.model, "peft_config", {}):  # half loaded: take it out again
+                with contextlib.suppress(Exception):
+                    self.model.delete_adapter(peft_name)
             raise RequestError(f"cannot load the adapter at {path} onto this base: {exc}", param="lora_path") from exc
         self._peft_names[name] = peft_name
         self.active = ""  # the weights' set-up is unknown: set it again before the next forward
@@ -301,7 +318,9 @@ class Engine:
         for sequence in group.members if group else []:
             self._finish(sequence, RequestError(f"the adapter '{name}' was unloaded", kind="server_error"))
         if self._peft_names:
-            self.model.delete_adapter(peft_name)
+            with warnings.catch_warnings():  # "adapterN was active which is now deleted": chosen again before use
+                warnings.simplefilter("ignore", UserWarning)
+                self.model.delete_adapter(peft_name)
         else:  # peft keeps at least one adapter: unwrap the base again
             self.model = self.model.unload()
             self.model.eval()
@@ -344,21 +363,32 @@ class Engine:
                         future.set_result(action())
                     except BaseException as exc:
                         future.set_exception(exc)
-                try:
-                    active = [s for s in active if not s.cancelled and s.name in self.names]
-                    for sequence in admitted:
-                        if not sequence.cancelled:
-                            self._prefill(sequence, active)
-                    self._step(active)
-                except Exception as exc:
-                    log.exception("generation failed")
-                    for sequence in active:
-                        self._finish(sequence, exc)
-                    active = []
-                    self._groups.clear()
-                active = [s for s in active if not s.cancelled]
-            for sequence in [*active, *self._waiting]:
-                self._finish(sequence, RequestError("the server is stopping", kind="server_error"))
+                active = self._turn(active, admitted)
+            with self._wake:
+                for sequence in [*active, *self._waiting]:
+                    self._finish(sequence, RequestError("the server is stopping", kind="server_error"))
+                for _, future in self._commands:
+                    future.set_exception(RequestError("the server is stopping", kind="server_error"))
+                self._commands.clear()
+
+    def _turn(self, active: list[Sequence], admitted: list[Sequence]) -> list[Sequence]:
+        """Prefill the admitted sequences, then one decode step for all; the sequences still active."""
+        try:
+            for sequence in active:
+                if sequence.name not in self.names:  # its adapter was unloaded
+                    self._finish(sequence, RequestError(f"the model '{sequence.name}' was unloaded"))
+            active = [s for s in active if not s.cancelled]
+            for sequence in admitted:
+                if not sequence.cancelled:
+                    self._prefill(sequence, active)
+            self._step(active)
+        except Exception as exc:
+            log.exception("generation failed")
+            for sequence in [*active, *admitted]:
+                self._finish(sequence, exc)
+            self._groups.clear()
+            return []
+        return [s for s in active if not s.cancelled]
 
     def _finish(self, sequence: Sequence, error: BaseException | None = None) -> None:
         if not sequence.cancelled:
@@ -445,6 +475,7 @@ class Engine:
                 mask[row, longest - sequence.length :] = 1
             group = _Group(list(members), DynamicCache(ddp_cache_data=layers, config=self.model.config), mask)
             self._groups[name] = group
+        self.largest_batch = max(self.largest_batch, len(members))
         mask = torch.cat([group.mask, torch.ones(len(members), 1, dtype=torch.long, device=self.device)], dim=1)
         output = self.model(
             input_ids=torch.tensor([[s.pending] for s in members], device=self.device),

@@ -5,8 +5,8 @@ cannot be loaded ends the command with exit code 2. Then the adapters of ``--ada
 JSON object ``{name: path}``, the paths inside ``--runtime-adapters DIR``; a missing file means
 none) are loaded; one that cannot be is logged and skipped, and ``/readyz`` names it, so that a
 replica restarted with the file of a shared server comes back with every adapter it can load.
-``/readyz`` answers 200 once all that is done. SIGTERM or SIGINT stops listening, ends the
-answers in flight and exits 0.
+``/readyz`` answers 200 once all that is done. SIGTERM or SIGINT stops listening, gives the
+answers in flight up to 5 seconds to finish (then ends them), stops the scheduler and exits 0.
 """
 
 from __future__ import annotations

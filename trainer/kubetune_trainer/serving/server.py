@@ -4,6 +4,7 @@ Built on aiohttp's low-level server (one asyncio event loop; aiohttp is already 
 and the Kubernetes client's dependency): connections cost a coroutine, not a thread, and no client
 can hold another's up:
 
+- prompts are tokenized in a worker thread, off the event loop;
 - generation is the :class:`~kubetune_trainer.serving.engine.Engine`'s scheduler thread's; a
   request hands it a sequence whose pieces come back through an asyncio queue of the request's
   own, so the scheduler never waits for a socket. A client that does not read only fills its own
@@ -104,6 +105,7 @@ class ServeMetrics:
     prompt: Counter = field(init=False)
     adapters: Gauge = field(init=False)
     queued: Gauge = field(init=False)
+    largest_batch: Gauge = field(init=False)
 
     def __post_init__(self) -> None:
         self.requests = Counter(
@@ -130,6 +132,11 @@ class ServeMetrics:
         )
         self.queued = Gauge(
             "kubetune_serve_queued_requests", "Requests waiting for the scheduler.", registry=self.registry
+        )
+        self.largest_batch = Gauge(
+            "kubetune_serve_largest_batch",
+            "The most sequences one decode forward has held since the start.",
+            registry=self.registry,
         )
 
 
@@ -188,6 +195,7 @@ class Server:
         self.metrics = ServeMetrics()
         self.metrics.adapters.set_function(lambda: len(self.engine.adapters) if self.engine else 0)
         self.metrics.queued.set_function(lambda: self.engine.queued if self.engine else 0)
+        self.metrics.largest_batch.set_function(lambda: getattr(self.engine, "largest_batch", 0))
         self._web: _WebServer | None = None
         self._runner: web.ServerRunner | None = None
         self.port = 0
@@ -200,6 +208,7 @@ class Server:
             keepalive_timeout=self.limits.read_timeout,
             max_line_size=16384,
             max_field_size=16384,
+            lingering_time=0,  # an error answered before the body is read closes the connection at once
             access_log=None,
         )
         self._runner = web.ServerRunner(self._web, handle_signals=False, shutdown_timeout=5)
@@ -351,7 +360,8 @@ class Server:
         echo = body.get("echo", False)
         if not isinstance(echo, bool):
             raise RequestError("'echo' must be a boolean", param="echo")
-        ids = engine.encode_prompt(prompt)
+        # Off the event loop: a long prompt's tokenization must not hold up other connections.
+        ids = await asyncio.get_running_loop().run_in_executor(None, engine.encode_prompt, prompt)
         if not ids:
             raise RequestError("'prompt' is empty", param="prompt")
         engine.check_length(ids, sampling)
@@ -375,7 +385,7 @@ class Server:
         messages = parse_messages(body)
         sampling = parse_sampling(body, default_max_tokens=self.limits.max_tokens, limit=self.limits.max_tokens)
         stream, include_usage = parse_stream(body)
-        ids = engine.encode_chat(messages)
+        ids = await asyncio.get_running_loop().run_in_executor(None, engine.encode_chat, messages)
         engine.check_length(ids, sampling)
         return await self._answer(
             request, engine, name, ids, sampling, chat=True, stream=stream, include_usage=include_usage
@@ -426,7 +436,7 @@ class Server:
             choice = self._choice(chat, text, outcome.finish_reason)
             return _json_response(HTTPStatus.OK, answer.head | {"choices": [choice], "usage": outcome.usage()})
         except TimeoutError:
-            raise self._late(HTTPStatus.GATEWAY_TIMEOUT) from None
+            raise self._late() from None
         except _SlowReaderError:
             log.info("dropped a client that read nothing for %gs", self.limits.write_timeout)
             if request.transport is not None:
@@ -437,7 +447,7 @@ class Server:
             self.metrics.generated.labels(name).inc(outcome.completion_tokens)
             self.metrics.prompt.labels(name).inc(outcome.prompt_tokens)
 
-    def _late(self, status: HTTPStatus = HTTPStatus.BAD_REQUEST) -> RequestError:
+    def _late(self, status: HTTPStatus = HTTPStatus.GATEWAY_TIMEOUT) -> RequestError:
         return RequestError(
             f"the answer took more than {self.limits.request_timeout:g} seconds",
             status=status,

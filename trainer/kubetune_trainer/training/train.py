@@ -22,6 +22,7 @@ import math
 import os
 import re
 import shutil
+import socket
 import time
 from pathlib import Path
 from typing import Any, Final
@@ -352,10 +353,16 @@ def _init_deepspeed(backend: str, *, cuda: bool) -> None:
         # where there is no compiler or the root filesystem is read-only). The op only serves inference
         # all-reduce, so it is turned off; `__compatible_ops__` is the cache build_shm_op() consults.
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-    if "LOCAL_RANK" in os.environ:
-        # accelerate would set up torch.distributed but not deepspeed.comm, and ZeRO-3's zero.Init would
-        # then see a world of one; initialising DeepSpeed's comm first makes both share one process group.
-        deepspeed.init_distributed(dist_backend=backend)
+    if "LOCAL_RANK" not in os.environ:
+        # One process without torchrun (one device with offload): DeepSpeed needs a process group and,
+        # missing torchrun's variables, looks for MPI instead (mpi4py); a world of one on loopback will do.
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    # accelerate would set up torch.distributed but not deepspeed.comm, and ZeRO-3's zero.Init would
+    # then see a world of one; initialising DeepSpeed's comm first makes both share one process group.
+    deepspeed.init_distributed(dist_backend=backend)
 
 
 def _barrier() -> None:
