@@ -18,7 +18,7 @@ from kubetune_api.resource import API_VERSION
 from kubetune_api.uris import MODEL_SCHEMES
 from kubetune_operator import names
 from kubetune_operator.children import pod
-from kubetune_operator.children.serving import max_lora_rank
+from kubetune_operator.children.serving import max_lora_rank, server_probes
 from kubetune_operator.settings import OperatorSettings
 
 #: Where every replica sees the adapter claim, and the adapters file.
@@ -172,7 +172,6 @@ def build_server_deployment(server: ModelServer, uid: str, settings: OperatorSet
         mounts.append(pod.shm_mount())
     elif spec.cpu:
         env.append({"name": "OMP_NUM_THREADS", "value": str(max(1, int(pod.cpus(spec.cpu))))})
-    ready_path, live_path = ("/health", "/health") if vllm else ("/readyz", "/healthz")
     labels = names.server_labels(server.namespace, server.name)
     container: Obj = {
         "name": names.SERVER_CONTAINER,
@@ -183,19 +182,7 @@ def build_server_deployment(server: ModelServer, uid: str, settings: OperatorSet
         "env": env,
         "ports": [{"name": "http", "containerPort": spec.port}],
         "resources": _resources(server),
-        "readinessProbe": {
-            "httpGet": {"path": ready_path, "port": "http"},
-            "periodSeconds": 5,
-            "timeoutSeconds": 5,
-            "failureThreshold": 3,
-        },
-        "startupProbe": {"httpGet": {"path": live_path, "port": "http"}, "periodSeconds": 10, "failureThreshold": 90},
-        "livenessProbe": {
-            "httpGet": {"path": live_path, "port": "http"},
-            "periodSeconds": 15,
-            "timeoutSeconds": 5,
-            "failureThreshold": 4,
-        },
+        **server_probes(vllm=vllm),
         "securityContext": pod.container_security(),
         "volumeMounts": mounts,
     }

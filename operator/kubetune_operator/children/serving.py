@@ -192,25 +192,10 @@ def _serving_arguments(target: Target, files: _ServingFiles) -> list[str]:
     return [*command, "--adapter", f"{name}={files.adapter_path}"]
 
 
-def serving_labels(target: Target) -> dict[str, str]:
-    return {**target.labels, names.ROLE_LABEL: names.ROLE_SERVER}
-
-
-def build_serving_deployment(target: Target, adapter_uri: str) -> Obj:
-    """The Deployment of the OpenAI-compatible server for the published adapter."""
-    serving = target.spec.serving
-    files = _serving_files(target, adapter_uri)
-    vllm = serving.runtime == "vllm"
+def server_probes(*, vllm: bool) -> Obj:
+    """A server container's readiness, startup and liveness probes (vLLM's /health, or /readyz and /healthz)."""
     ready_path, live_path = ("/health", "/health") if vllm else ("/readyz", "/healthz")
-    labels = serving_labels(target)
-    container: Obj = {
-        "name": names.SERVER_CONTAINER,
-        "image": target.settings.vllm_image if vllm else target.settings.trainer_image,
-        "command": serving_command(target, files),
-        # The built-in server (not vLLM) gets OMP_NUM_THREADS from the CPU request.
-        "env": [*_server_env(), *([] if vllm else pod.thread_env(target, 1))],
-        "ports": [{"name": "http", "containerPort": serving.port}],
-        "resources": pod.resources(target, serving_gpus(target)),
+    return {
         "readinessProbe": {
             "httpGet": {"path": ready_path, "port": "http"},
             "periodSeconds": 5,
@@ -225,6 +210,28 @@ def build_serving_deployment(target: Target, adapter_uri: str) -> Obj:
             "timeoutSeconds": 5,
             "failureThreshold": 4,
         },
+    }
+
+
+def serving_labels(target: Target) -> dict[str, str]:
+    return {**target.labels, names.ROLE_LABEL: names.ROLE_SERVER}
+
+
+def build_serving_deployment(target: Target, adapter_uri: str) -> Obj:
+    """The Deployment of the OpenAI-compatible server for the published adapter."""
+    serving = target.spec.serving
+    files = _serving_files(target, adapter_uri)
+    vllm = serving.runtime == "vllm"
+    labels = serving_labels(target)
+    container: Obj = {
+        "name": names.SERVER_CONTAINER,
+        "image": target.settings.vllm_image if vllm else target.settings.trainer_image,
+        "command": serving_command(target, files),
+        # The built-in server (not vLLM) gets OMP_NUM_THREADS from the CPU request.
+        "env": [*_server_env(), *([] if vllm else pod.thread_env(target, 1))],
+        "ports": [{"name": "http", "containerPort": serving.port}],
+        "resources": pod.resources(target, serving_gpus(target)),
+        **server_probes(vllm=vllm),
         "securityContext": pod.container_security(),
         "volumeMounts": [*files.mounts, *([pod.shm_mount()] if vllm else [])],
     }
