@@ -72,6 +72,14 @@ class Runtime:
                 if p["metadata"]["namespace"] == namespace and p["spec"].get("subdomain")
             }
 
+    def ports_being_released(self, uid: str) -> set[int]:
+        """Container ports declared by the other pods whose processes are being stopped and still run."""
+        with self._lock:
+            stopping = [
+                r for u, r in self.runners.items() if u != uid and r.stopping.is_set() and not r.finished.is_set()
+            ]
+        return {port for runner in stopping for port in runner.declared_ports()}
+
     def runner_for(self, namespace: str, name: str) -> PodRunner | None:
         with self._lock:
             for runner in self.runners.values():
@@ -172,17 +180,19 @@ class Runtime:
             if deleting:
                 self._deleting.add(uid)
         if deleting:
-            grace = pod["metadata"].get("deletionGracePeriodSeconds")
-            threading.Thread(target=self._delete, args=(pod, runner, grace), daemon=True).start()
+            if runner is not None:
+                # Stopping now, before a later event starts a replacement that waits for its ports.
+                grace = pod["metadata"].get("deletionGracePeriodSeconds")
+                runner.stop(None if grace is None else float(grace), deleting=True)
+            threading.Thread(target=self._delete, args=(pod, runner), daemon=True).start()
 
-    def _delete(self, pod: Obj, runner: PodRunner | None, grace: int | None) -> None:
-        """Finish a graceful deletion: stop the processes, report the final phase, remove the pod object.
+    def _delete(self, pod: Obj, runner: PodRunner | None) -> None:
+        """Finish a graceful deletion: wait for the processes, report the final phase, remove the pod object.
 
         As a kubelet does, the pod ends in a terminal phase before its object is removed: a
         finalizer that waits for one (a Job's pod tracking) then lets it go.
         """
         if runner is not None:
-            runner.stop(None if grace is None else float(grace), deleting=True)
             runner.finished.wait()
             self.addresses.release_pod(runner.uid, runner.hostname, runner.subdomain, runner.namespace)
         elif (pod.get("status") or {}).get("phase") not in ("Succeeded", "Failed"):

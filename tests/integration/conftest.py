@@ -28,6 +28,54 @@ from kubetune_local.controlplane import free_port, pid_alive
 from kubetune_local.kube import api_client
 from tests.factories import wait_until
 
+#: Log lines of each pod shown when a test fails (the tail of CI's output is all that is kept of a run).
+FAILURE_LOG_LINES = 8
+
+
+def pods_report(api: client.ApiClient, namespace: str) -> str:
+    """Each pod of ``namespace``: phase, readiness, restarts, address and the last lines of its log."""
+    core = client.CoreV1Api(api)
+    lines = []
+    for pod in core.list_namespaced_pod(namespace).items:
+        status = pod.status
+        ready = any(c.type == "Ready" and c.status == "True" for c in status.conditions or [])
+        for container in status.container_statuses or []:
+            state = container.state
+            now = next(k for k in ("running", "waiting", "terminated") if getattr(state, k, None)) if state else "?"
+            lines.append(
+                f"{pod.metadata.name}/{container.name}: {status.phase} ready={ready} {now} "
+                f"restarts={container.restart_count} ip={status.pod_ip}"
+                f"{' deleting' if pod.metadata.deletion_timestamp else ''}"
+            )
+            with contextlib.suppress(client.ApiException, ValueError):
+                log = core.read_namespaced_pod_log(
+                    pod.metadata.name, namespace, container=container.name, tail_lines=FAILURE_LOG_LINES
+                )
+                lines.extend(f"  | {line}" for line in str(log).splitlines()[-FAILURE_LOG_LINES:])
+    return "\n".join(lines) or "no pods"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    """A failed test's report ends with its namespace's pods and their logs' last lines."""
+    outcome = yield
+    report = outcome.get_result()  # type: ignore[attr-defined]
+    funcargs = getattr(item, "funcargs", {})
+    api, namespace = funcargs.get("api"), funcargs.get("namespace")
+    if report.when == "call" and report.failed and api is not None and isinstance(namespace, str):
+        try:
+            report.sections.append((f"pods in {namespace}", pods_report(api, namespace)))
+        except Exception as exc:  # a report of the failure must not hide it
+            report.sections.append((f"pods in {namespace}", f"cannot list: {exc!r}"))
+    running = funcargs.get("operator")
+    if report.when == "call" and report.failed and isinstance(running, OperatorProcess) and running.log.exists():
+        warned = [
+            line
+            for line in running.log.read_text(errors="replace").splitlines()
+            if "WARNING" in line or "ERROR" in line
+        ]
+        report.sections.append(("operator warnings", "\n".join(warned[-FAILURE_LOG_LINES:]) or "none"))
+
 
 @pytest.fixture(scope="session")
 def local_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[cluster.Cluster]:

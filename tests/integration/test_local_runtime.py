@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -343,3 +344,69 @@ def test_pods_serve_their_metrics_on_their_own_address(api: client.ApiClient, na
 
     assert wait_until(lambda: scraped(1), what="the first pod's metrics") == 1
     assert wait_until(lambda: scraped(2), what="the second pod's metrics") == 2, "each pod is scraped for its own"
+
+
+def test_a_replacement_server_is_ready_on_its_own_answers_not_its_predecessors(
+    api: client.ApiClient, namespace: str
+) -> None:
+    """Pods here share one network namespace: a server on 0.0.0.0 answers on every pod's address. A
+    replaced pod that keeps serving while it stops must neither make its replacement Ready nor hold
+    the port the replacement binds; the replacement starts once the predecessor's processes are gone."""
+    port = free_port()
+    script = (
+        "import http.server, os, signal, sys, threading, time\n"
+        "name = os.environ['POD_NAME'].encode()\n"
+        "class Who(http.server.BaseHTTPRequestHandler):\n"
+        "    def do_GET(self):\n"
+        "        self.send_response(200); self.end_headers(); self.wfile.write(name)\n"
+        "    def log_message(self, *args): pass\n"
+        "server = http.server.ThreadingHTTPServer(('0.0.0.0', int(sys.argv[1])), Who)\n"
+        "def linger(*_):\n"
+        "    time.sleep(4); os._exit(0)\n"  # keeps answering for 4 s after SIGTERM, as a draining server
+        "signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=linger).start())\n"
+        "server.serve_forever()\n"
+    )
+    labels = {"app": "who"}
+    container = {
+        "name": "main",
+        "image": PYTHON,
+        "command": ["python", "-c", script, str(port)],
+        "env": [{"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}],
+        "ports": [{"name": "http", "containerPort": port}],
+        "readinessProbe": {"httpGet": {"path": "/", "port": "http"}, "periodSeconds": 1},
+    }
+    client.AppsV1Api(api).create_namespaced_deployment(
+        namespace,
+        {
+            "metadata": {"name": "who"},
+            "spec": {
+                "replicas": 1,
+                "selector": {"matchLabels": labels},
+                "template": {
+                    "metadata": {"labels": labels},
+                    "spec": {"terminationGracePeriodSeconds": 10, "containers": [container]},
+                },
+            },
+        },
+    )
+    core = client.CoreV1Api(api)
+
+    def ready_pods() -> list[Any]:
+        pods = core.list_namespaced_pod(namespace, label_selector="app=who").items
+        return [
+            p
+            for p in pods
+            if not p.metadata.deletion_timestamp
+            and any(c.type == "Ready" and c.status == "True" for c in p.status.conditions or [])
+        ]
+
+    (first,) = wait_until(ready_pods, timeout=60, what="the first server pod to be ready")
+    core.delete_namespaced_pod(first.metadata.name, namespace)  # graceful: it drains for 4 s
+    (second,) = wait_until(
+        lambda: [p for p in ready_pods() if p.metadata.name != first.metadata.name],
+        timeout=60,
+        what="the replacement to be ready",
+    )
+    with urllib.request.urlopen(f"http://{second.status.pod_ip}:{port}/", timeout=5) as reply:
+        assert reply.read().decode() == second.metadata.name, "the replacement's readiness came from its predecessor"
+    assert second.status.container_statuses[0].restart_count == 0, "the replacement could not bind its port"

@@ -87,6 +87,9 @@ class StubRuntime:
     def subdomains(self, namespace: str) -> set[str]:
         return set()
 
+    def ports_being_released(self, uid: str) -> set[int]:
+        return set()
+
 
 class StubPod:
     """What environment() and command_line() read of a pod."""

@@ -35,6 +35,8 @@ class NodeRuntime(Protocol):
 
     def subdomains(self, namespace: str) -> set[str]: ...
 
+    def ports_being_released(self, uid: str) -> set[int]: ...
+
 
 class PodContext:
     """One pod bound to a node of this runtime: who it is, where it lives and how to reach the API.

@@ -99,12 +99,42 @@ class PodRunner(threading.Thread):
                 status.set_waiting([*self.init_runs, *self.runs], "ContainerCreating", str(waiting))
                 self._report()
                 self.stopping.wait(2)
+        self._wait_for_ports()
         if self.stopping.is_set():
             return
         for run in self.init_runs:
             if not self._run_init(run):
                 return
         self._supervise()
+
+    def declared_ports(self) -> set[int]:
+        """The container ports the pod's containers declare."""
+        return {
+            int(port["containerPort"])
+            for run in [*self.init_runs, *self.runs]
+            for port in run.spec.get("ports", [])
+            if "containerPort" in port
+        }
+
+    def _wait_for_ports(self) -> None:
+        """Start no container while a pod being stopped, which declares one of its ports, still runs.
+
+        The runtime's pods share one network namespace: a replaced server that listens on 0.0.0.0
+        would answer its replacement's probes on the new address (a false Ready) and hold the port
+        the replacement binds. The replacement waits until those processes are gone; its own
+        network namespace in a cluster would never need to.
+        """
+        message = ""
+        while not self.stopping.is_set():
+            held = sorted(self.declared_ports() & self.runtime.ports_being_released(self.uid))
+            if not held:
+                return
+            waiting = f"port {', '.join(map(str, held))} is still held by a pod being stopped on this machine"
+            if waiting != message:
+                message = waiting
+                status.set_waiting([*self.init_runs, *self.runs], "ContainerCreating", message)
+                self._report()
+            self.stopping.wait(0.2)
 
     def _start(self, run: ContainerRun) -> bool:
         return processes.start(self.context, run, self.volumes.mounts_of(run.spec))
