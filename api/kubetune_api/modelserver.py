@@ -14,6 +14,8 @@ once, not per job.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Annotated, Any, Final, Literal
 
 from pydantic import BaseModel, Field, StringConstraints, ValidationError, field_validator, model_validator
@@ -68,10 +70,12 @@ class ModelServerSpec(SpecModel):
     """Memory request (and limit) of each replica (a Kubernetes quantity)."""
     gpu_resource_name: Annotated[str, StringConstraints(min_length=1, max_length=253)] = "nvidia.com/gpu"
     """Extended resource name of the GPUs."""
+    instance_type: Annotated[str, StringConstraints(min_length=1, max_length=128)] | None = None
+    """Cloud instance type of a Karpenter NodePool of the server's own (karpenter.sh/v1): at most replicas + 1 nodes (one more for a rolling update), deleted with the server. Unset: the replicas run on existing nodes (nodeSelector)."""
     node_selector: Annotated[dict[LabelKey, LabelValue], Field(max_length=32)] = Field(
         default_factory=dict, json_schema_extra={"default": {}}
     )
-    """Labels of the nodes the replicas may run on (replicas with GPUs also tolerate the nvidia.com/gpu taint)."""
+    """Labels of the existing nodes the replicas may run on, when instanceType is unset (replicas with GPUs also tolerate the nvidia.com/gpu taint)."""
 
     @field_validator("model")
     @classmethod
@@ -83,6 +87,35 @@ class ModelServerSpec(SpecModel):
                 "put the model on a claim first (`kubetune fetch-model`)",
             )
         return value
+
+
+@dataclass(frozen=True)
+class ServerRule:
+    """A cross-field rule of the ModelServer spec: its CEL (the CRD) and its Python twin (`kubetune validate`)."""
+
+    field: str
+    cel: str
+    message: str
+    holds: Callable[[ModelServerSpec], bool]
+
+
+SERVER_RULES: Final = (
+    ServerRule(
+        field="gpus",
+        cel="self.runtime != 'vllm' || !has(self.gpus) || self.gpus >= 1",
+        message="gpus: vLLM needs a GPU; set gpus to 1 or more, or runtime: transformers",
+        holds=lambda spec: spec.runtime != "vllm" or spec.gpus is None or spec.gpus >= 1,
+    ),
+    ServerRule(
+        field="nodeSelector",
+        cel="!has(self.instanceType) || !has(self.nodeSelector) || size(self.nodeSelector) == 0",
+        message=(
+            "nodeSelector: instanceType provisions a NodePool of the server's own, nodeSelector picks existing "
+            "nodes; set one of them"
+        ),
+        holds=lambda spec: spec.instance_type is None or not spec.node_selector,
+    ),
+)
 
 
 class ServedAdapter(StatusModel):
@@ -148,6 +181,19 @@ class ModelServer(BaseModel):
                 "cross_field", "name: {problem}", {"problem": problem, "problems": [("name", problem)]}
             )
         return value
+
+    @model_validator(mode="after")
+    def _rules(self) -> ModelServer:
+        """The CRD's CEL rules of the spec (crd.model_server_schema), for `kubetune validate`."""
+        spec = self.spec
+        for rule in SERVER_RULES:
+            if not rule.holds(spec):
+                raise PydanticCustomError(
+                    "cross_field",
+                    "{summary}",
+                    {"summary": rule.message, "problems": [(f"spec.{rule.field}", rule.message)]},
+                )
+        return self
 
     @model_validator(mode="after")
     def _hub_only_for_vllm(self) -> ModelServer:

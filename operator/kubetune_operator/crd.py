@@ -15,7 +15,7 @@ import yaml
 from pydantic import BaseModel
 
 from kubetune_api import IMMUTABLE_ONCE_STARTED, RULES
-from kubetune_api.modelserver import MS_KIND, MS_PLURAL, MS_SHORT_NAMES, MS_SINGULAR, ModelServer
+from kubetune_api.modelserver import MS_KIND, MS_PLURAL, MS_SHORT_NAMES, MS_SINGULAR, SERVER_RULES, ModelServer
 from kubetune_api.resource import (
     API_VERSION,
     GROUP,
@@ -220,12 +220,8 @@ def model_server_schema() -> Schema:
         {"rule": f"self.matches(r'{pattern_for(MODEL_SCHEMES)}')", "message": f"must be one of {forms(MODEL_SCHEMES)}"}
     ]
     _at(schema, ("spec",))["x-kubernetes-validations"] = [
-        {
-            "rule": "self.runtime != 'vllm' || !has(self.gpus) || self.gpus >= 1",
-            "message": "gpus: vLLM needs a GPU; set gpus to 1 or more, or runtime: transformers",
-            "fieldPath": ".gpus",
-            "reason": "FieldValueInvalid",
-        }
+        {"rule": rule.cel, "message": rule.message, "fieldPath": f".{rule.field}", "reason": "FieldValueInvalid"}
+        for rule in SERVER_RULES
     ]
     schema["x-kubernetes-validations"] = [
         {

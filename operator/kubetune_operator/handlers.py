@@ -3,9 +3,10 @@
 Each FineTuneJob gets a daemon that reconciles it, then sleeps until a child event pokes it or
 its requeue time comes; each ModelServer gets one too, poked by its jobs' passes and its pods, and
 it pokes the jobs whose adapters it holds. Child watches (Jobs, Pods, Deployments, NodeClaims, Nodes) only poke. Deletion runs
-one handler, behind the operator's finalizer, that releases the job's NodePools (cluster-scoped,
-out of reach of garbage collection); namespaced children follow their owner reference. A sweep, at
-start-up and every resync, deletes the NodePools of jobs that went without the finalizer running.
+one handler, behind the operator's finalizer, that releases the job's (or the ModelServer's) NodePools
+(cluster-scoped, out of reach of garbage collection); namespaced children follow their owner reference.
+A sweep, at start-up and every resync, deletes the NodePools of jobs and servers that went without the
+finalizer running.
 """
 
 from __future__ import annotations
@@ -104,10 +105,11 @@ def build_registry(settings: OperatorSettings, kube: Kube | None = None) -> kopf
         """Delete orphaned cluster-scoped children at start-up and then every resync (Controller.sweep)."""
         loop = asyncio.get_running_loop()
         while True:
-            try:
-                await loop.run_in_executor(executor, controller().sweep)
-            except Exception:
-                log.exception("sweeping orphaned NodePools failed; retrying")
+            for sweep in (controller().sweep, servers().sweep):
+                try:
+                    await loop.run_in_executor(executor, sweep)
+                except Exception:
+                    log.exception("sweeping orphaned NodePools failed; retrying")
             await asyncio.sleep(_settings.resync_seconds)
 
     @kopf.on.startup(registry=registry)
@@ -177,6 +179,13 @@ def build_registry(settings: OperatorSettings, kube: Kube | None = None) -> kopf
         if remaining:
             raise kopf.TemporaryError(f"waiting for {remaining} NodePools and NodeClaims to be released", delay=2)
 
+    @kopf.on.delete(GROUP, VERSION, MS_PLURAL, registry=registry)
+    def release_server(name: str, namespace: str | None, **_: Any) -> None:
+        assert namespace is not None, "ModelServers are namespaced"
+        remaining = servers().release(namespace, name)
+        if remaining:
+            raise kopf.TemporaryError(f"waiting for {remaining} NodePools and NodeClaims to be released", delay=2)
+
     managed = {"app.kubernetes.io/managed-by": "kubetune"}
 
     @kopf.on.event("apps", "v1", "deployments", labels=managed, registry=registry)
@@ -191,6 +200,9 @@ def build_registry(settings: OperatorSettings, kube: Kube | None = None) -> kopf
     @kopf.on.event("karpenter.sh", "v1", "nodeclaims", labels=managed, registry=registry)
     def claim_changed(labels: Mapping[str, str], **_: Any) -> None:
         poke(labels.get(names.NAMESPACE_LABEL), labels.get(names.JOB_LABEL))
+        server = (labels.get(names.NAMESPACE_LABEL), labels.get(names.SERVER_LABEL))
+        if server in server_pokes:
+            server_pokes[server].set()
 
     @kopf.on.event("v1", "nodes", registry=registry)
     def node_changed(**_: Any) -> None:

@@ -77,10 +77,18 @@ def node_pool(namespace: str, job: str, role: str) -> str:
     whose names join the same way (``a-b``/``c`` and ``a``/``b-c``) apart; a name too long for
     Karpenter's claim names has its readable part cut. The same on every pass.
     """
-    suffix = "serve" if role == ROLE_SERVER else "train"
-    digest = hashlib.sha256(f"{namespace}/{job}".encode()).hexdigest()[:8]
+    return _pool(namespace, job, "serve" if role == ROLE_SERVER else "train")
+
+
+def server_node_pool(namespace: str, server: str) -> str:
+    """A ModelServer's NodePool: ``<namespace>-<server>-ms-<hash>``, apart from any job's by its suffix."""
+    return _pool(namespace, server, "ms")
+
+
+def _pool(namespace: str, owner: str, suffix: str) -> str:
+    digest = hashlib.sha256(f"{namespace}/{owner}".encode()).hexdigest()[:8]
     tail = f"-{suffix}-{digest}"
-    return f"{namespace}-{job}"[: NODE_POOL_MAX - len(tail)].rstrip("-.") + tail
+    return f"{namespace}-{owner}"[: NODE_POOL_MAX - len(tail)].rstrip("-.") + tail
 
 
 def preflight_job(job: str) -> str:
@@ -115,6 +123,11 @@ def server_adapters(server: str) -> str:
 def server_labels(namespace: str, server: str) -> dict[str, str]:
     """Labels on a ModelServer's children and pods."""
     return {**MANAGED_BY, SERVER_LABEL: server, NAMESPACE_LABEL: namespace, ROLE_LABEL: ROLE_SERVER}
+
+
+def server_selector(namespace: str, server: str) -> str:
+    """The label selector of a ModelServer's children (its pods, its NodePool and that pool's claims)."""
+    return ",".join(f"{k}={v}" for k, v in server_labels(namespace, server).items())
 
 
 def job_labels(namespace: str, job: str) -> dict[str, str]:

@@ -30,9 +30,11 @@ from kubetune_operator.children.modelserver import (
     adapter_path,
     build_adapters_config_map,
     build_server_deployment,
+    build_server_node_pool,
     build_server_service,
     server_url,
 )
+from kubetune_operator.children.nodes import KARPENTER_API_VERSION, NODE_CLAIM_KIND, NODE_POOL_KIND
 from kubetune_operator.children.serving import serving_model_name_of
 from kubetune_operator.conditions import Conditions
 from kubetune_operator.kube import Kube
@@ -143,6 +145,25 @@ def changed_jobs(obj: Obj, status: ModelServerStatus) -> list[str]:
     return sorted({entry[0] for entry in before ^ after})
 
 
+def server_orphans(pools: list[Obj], servers: list[Obj], namespaces: tuple[str, ...] = ()) -> list[Obj]:
+    """The ModelServers' NodePools among ``pools`` whose server (namespace, name and uid) is not among ``servers``.
+
+    A job's pools, those of namespaces outside ``namespaces`` (when given) and those being deleted
+    already are left alone.
+    """
+    alive = {(s["metadata"]["namespace"], s["metadata"]["name"], s["metadata"]["uid"]) for s in servers}
+    found = []
+    for pool in pools:
+        meta = pool["metadata"]
+        labels = meta.get("labels") or {}
+        key = (labels.get(names.NAMESPACE_LABEL), labels.get(names.SERVER_LABEL), labels.get(names.UID_LABEL))
+        if not all(key) or meta.get("deletionTimestamp") or (namespaces and key[0] not in namespaces):
+            continue
+        if key not in alive:
+            found.append(pool)
+    return found
+
+
 def ready_pods(pods: list[Obj]) -> list[Obj]:
     """Replicas that are Ready, with an address, and not being deleted."""
     return [
@@ -236,13 +257,14 @@ class ServerController:
         )
         wants = wanted(server, jobs, publish_jobs)
         adapters = {w.name: w.path for w in wants if w.refused is None}
+        no_pool = self._pool(server, uid)
         for manifest in (
             build_adapters_config_map(server, uid, adapters),
             build_server_deployment(server, uid, self.settings),
             build_server_service(server, uid),
         ):
             self.kube.apply(manifest)
-        selector = ",".join(f"{k}={v}" for k, v in names.server_labels(namespace, server.name).items())
+        selector = names.server_selector(namespace, server.name)
         ready = ready_pods(self.kube.list("v1", "Pod", namespace=namespace, labels=selector))
         loaded: dict[str, int] = dict.fromkeys(adapters, 0)
         failures: dict[str, str] = {}
@@ -256,12 +278,86 @@ class ServerController:
             for name in holds & adapters.keys():
                 loaded[name] += 1
             failures.update(errors)
-        status = self._status(server, obj, wants, loaded=loaded, failures=failures, ready=len(ready))
+        status = self._status(server, obj, wants, loaded=loaded, failures=failures, ready=len(ready), no_pool=no_pool)
         self.kube.write_status(
             namespace, server.name, status.model_dump(mode="json", by_alias=True, exclude_none=True), kind=MS_KIND
         )
         settled = status.phase == READY or server.spec.replicas == 0
         return (self.settings.resync_seconds if settled else SOON), changed_jobs(obj, status)
+
+    def _karpenter_installed(self) -> bool:
+        return self.kube.installed(KARPENTER_API_VERSION, NODE_POOL_KIND)
+
+    def _pool(self, server: ModelServer, uid: str) -> str | None:
+        """Apply the server's NodePool (spec.instanceType) and delete any other of its pools; why there is none."""
+        if not self._karpenter_installed():
+            if server.spec.instance_type:
+                return (
+                    f"spec.instanceType {server.spec.instance_type} needs Karpenter's NodePools (karpenter.sh/v1), "
+                    "which this cluster does not serve; install Karpenter, or unset instanceType and place the "
+                    "replicas on existing nodes with nodeSelector"
+                )
+            return None
+        wanted_pool = build_server_node_pool(server, uid, self.settings) if server.spec.instance_type else None
+        if wanted_pool is not None:
+            self.kube.apply(wanted_pool)
+        keep = wanted_pool["metadata"]["name"] if wanted_pool else None
+        selector = names.server_selector(server.namespace, server.name)
+        for pool in self.kube.list(KARPENTER_API_VERSION, NODE_POOL_KIND, labels=selector):
+            meta = pool["metadata"]
+            stale = meta["name"] != keep or (meta.get("labels") or {}).get(names.UID_LABEL) != uid
+            if stale and not meta.get("deletionTimestamp"):
+                log.info(
+                    "deleting NodePool %s: ModelServer %s/%s no longer uses it",
+                    meta["name"],
+                    server.namespace,
+                    server.name,
+                )
+                self.kube.delete(KARPENTER_API_VERSION, NODE_POOL_KIND, meta["name"])
+        return None
+
+    def release(self, namespace: str, name: str) -> int:
+        """Delete a deleted ModelServer's NodePools; how many of them and of their NodeClaims remain."""
+        if not self._karpenter_installed():
+            return 0
+        selector = names.server_selector(namespace, name)
+        pools = self.kube.list(KARPENTER_API_VERSION, NODE_POOL_KIND, labels=selector)
+        for pool in pools:
+            if not pool["metadata"].get("deletionTimestamp"):
+                self.kube.delete(KARPENTER_API_VERSION, NODE_POOL_KIND, pool["metadata"]["name"])
+        # The claims carry the pool's template labels, the server's among them.
+        claims = self.kube.list(KARPENTER_API_VERSION, NODE_CLAIM_KIND, labels=selector)
+        remaining = self.kube.list(KARPENTER_API_VERSION, NODE_POOL_KIND, labels=selector) if pools else []
+        return len(remaining) + len(claims)
+
+    def sweep(self) -> int:
+        """Delete the NodePools whose ModelServer is gone (its finalizer removed while no operator ran); how many.
+
+        The pools are listed before the servers: a pool's server, created before it, is then in the list if it exists.
+        """
+        if not self._karpenter_installed():
+            return 0
+        pools = self.kube.list(KARPENTER_API_VERSION, NODE_POOL_KIND, labels=names.managed_selector())
+        if not any(names.SERVER_LABEL in (p["metadata"].get("labels") or {}) for p in pools):
+            return 0
+        namespaces = self.settings.namespaces
+        servers = (
+            [s for namespace in namespaces for s in self.kube.list(API_VERSION, MS_KIND, namespace=namespace)]
+            if namespaces
+            else self.kube.list(API_VERSION, MS_KIND)
+        )
+        doomed = server_orphans(pools, servers, namespaces)
+        for pool in doomed:
+            labels = pool["metadata"].get("labels") or {}
+            log.warning(
+                "deleting NodePool %s: its ModelServer %s/%s (uid %s) no longer exists",
+                pool["metadata"]["name"],
+                labels.get(names.NAMESPACE_LABEL),
+                labels.get(names.SERVER_LABEL),
+                labels.get(names.UID_LABEL),
+            )
+            self.kube.delete(KARPENTER_API_VERSION, NODE_POOL_KIND, pool["metadata"]["name"])
+        return len(doomed)
 
     def _status(
         self,
@@ -272,6 +368,7 @@ class ServerController:
         loaded: dict[str, int],
         failures: dict[str, str],
         ready: int,
+        no_pool: str | None = None,
     ) -> ModelServerStatus:
         entries = [
             ServedAdapter(
@@ -287,7 +384,10 @@ class ServerController:
         conds = Conditions(previous, generation=int(obj["metadata"].get("generation", 1)), now=now())
         missing = [e.name for e in entries if e.message is None and e.loaded_replicas < ready]
         replicas = server.spec.replicas
-        if ready == 0:
+        if no_pool is not None:
+            phase = "Pending" if ready == 0 else "NotReady"
+            conds.set(READY, "False", "KarpenterNotInstalled", no_pool)
+        elif ready == 0:
             phase = "Pending"
             conds.set(READY, "False", "NoReplicaReady", f"0/{replicas} replicas ready")
         elif ready < replicas or missing or failures:

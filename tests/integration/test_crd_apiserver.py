@@ -10,6 +10,8 @@ import yaml
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
+from kubetune_api import InvalidManifestError
+from kubetune_api.modelserver import load_model_server
 from kubetune_api.resource import GROUP, PLURAL, VERSION
 from kubetune_local import cluster
 from tests.conftest import EXAMPLES, REPO, BadManifest, load_bad_input, load_yaml
@@ -119,3 +121,29 @@ def test_defaults_are_applied_by_the_apiserver(api: client.ApiClient, namespace:
     assert spec["distributed"]["deepspeed"]["zeroStage"] == 2
     assert spec["training"]["learningRate"] == pytest.approx(2e-4)
     assert spec["resources"]["storage"]["size"] == "50Gi"
+
+
+@pytest.mark.usefixtures("crd")
+@pytest.mark.parametrize(
+    ("spec", "expect"),
+    [
+        ({"runtime": "vllm", "model": {"source": "hf://org/base"}, "gpus": 0}, "vLLM needs a GPU"),
+        ({"instanceType": "p4d.24xlarge", "nodeSelector": {"pool": "gpu"}}, "set one of them"),
+    ],
+    ids=["vllm-without-gpu", "pool-and-node-selector"],
+)
+def test_model_server_rules_are_the_apiservers_too(
+    local_cluster: cluster.Cluster, namespace: str, spec: dict[str, object], expect: str
+) -> None:
+    """Each rule of the ModelServer spec refuses on the apiserver (CEL) as `kubetune validate` does (Python)."""
+    manifest: dict[str, object] = {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": "ModelServer",
+        "metadata": {"name": "shared", "namespace": namespace},
+        "spec": {"model": {"source": "pvc://models/base"}, "adapterClaim": "adapters", **spec},
+    }
+    result = apply(local_cluster, namespace, manifest)
+    assert result.returncode != 0, "the apiserver admitted it"
+    assert expect in result.stderr, result.stderr
+    with pytest.raises(InvalidManifestError, match=expect):
+        load_model_server(manifest)

@@ -5,7 +5,8 @@ facts (toy facts of their own seed), name it in ``serving.server`` and publish o
 claim. The operator loads each adapter into the running server once published; each answers its
 own facts by model name from the one server. Deleting one job unloads its adapter only; killing
 the server's pod brings a replica back that loads every adapter before it reports ready; deleting
-the rest and the server leaves nothing behind.
+the rest and the server leaves nothing behind. A server with an instance type runs on a NodePool of
+its own (real Karpenter), which goes with it even when it is deleted while no operator runs.
 
 The local runtime does not route ClusterIP Services, so the test talks to the pod's own address.
 """
@@ -13,6 +14,7 @@ The local runtime does not route ClusterIP Services, so the test talks to the po
 from __future__ import annotations
 
 import json
+import time
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -23,7 +25,8 @@ from kubernetes import client
 from kubetune_api.resource import GROUP, VERSION
 from kubetune_local.controlplane import free_port
 from kubetune_operator import names
-from tests.factories import create_job, read_job, wait_until
+from tests.factories import absent, create_job, read_job, wait_until
+from tests.integration.conftest import OperatorProcess
 from tests.integration.test_operator import delete_and_expect_nothing_left
 from tests.integration.test_operator_serving import MIN_RIGHT, chat, condition
 from tests.integration.test_operator_training import toy_claim, toy_job
@@ -190,3 +193,62 @@ def test_three_adapters_share_one_server(api: client.ApiClient, namespace: str) 
         return not left
 
     wait_until(server_gone, timeout=180, what="the server's Deployment, Service, ConfigMap and pods to be gone")
+
+
+def test_a_server_with_an_instance_type_runs_on_a_pool_of_its_own_that_goes_with_it(
+    api: client.ApiClient, namespace: str, operator: OperatorProcess
+) -> None:
+    """The server's NodePool (real Karpenter, KWOK) brings its node; the replica runs there and answers. Deleted
+    while no operator runs, the server waits on its finalizer; the operator back, the pool and its nodes go."""
+    toy_claim(api, namespace, fmt="messages")
+    claim(api, namespace, "adapters")
+    port = free_port()
+    custom = client.CustomObjectsApi(api)
+    body = {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": "ModelServer",
+        "metadata": {"name": SERVER},
+        "spec": {
+            "model": {"source": "pvc://models/model"},
+            "adapterClaim": "adapters",
+            "port": port,
+            "cpu": "1",
+            "instanceType": "local-cpu",
+        },
+    }
+    custom.create_namespaced_custom_object(GROUP, VERSION, namespace, "modelservers", body)
+    pool = names.server_node_pool(namespace, SERVER)
+    address = wait_until(lambda: ready_address(api, namespace), timeout=180, what="the server's replica to be ready")
+    (replica,) = server_pods(api, namespace)
+    node = client.CoreV1Api(api).read_node(replica.spec.node_name)
+    assert node.metadata.labels.get(names.NODEPOOL_LABEL) == pool, (
+        f"ran on {replica.spec.node_name}, not a node of {pool}"
+    )
+    assert models(address, port) == {SERVER}
+
+    def read_server() -> dict[str, Any]:
+        return dict(custom.get_namespaced_custom_object(GROUP, VERSION, namespace, "modelservers", SERVER))
+
+    wait_until(lambda: read_server().get("status", {}).get("phase") == "Ready", timeout=60, what="the server Ready")
+
+    operator.stop()
+    try:
+        custom.delete_namespaced_custom_object(GROUP, VERSION, namespace, "modelservers", SERVER)
+        time.sleep(3)
+        assert read_server()["metadata"].get("deletionTimestamp"), "held by the operator's finalizer"
+        assert custom.get_cluster_custom_object("karpenter.sh", "v1", "nodepools", pool), (
+            "the pool waits for the operator"
+        )
+    finally:
+        operator.start()
+
+    def released() -> bool:
+        selector = f"{names.SERVER_LABEL}={SERVER},{names.NAMESPACE_LABEL}={namespace}"
+        left = [
+            *custom.list_cluster_custom_object("karpenter.sh", "v1", "nodepools", label_selector=selector)["items"],
+            *custom.list_cluster_custom_object("karpenter.sh", "v1", "nodeclaims", label_selector=selector)["items"],
+            *client.CoreV1Api(api).list_node(label_selector=f"{names.NODEPOOL_LABEL}={pool}").items,
+        ]
+        return not left and absent(read_server)
+
+    wait_until(released, timeout=180, what="the server, its NodePool, NodeClaim and Node to be gone")

@@ -18,6 +18,7 @@ from kubetune_operator.children.modelserver import (
     adapter_path,
     build_adapters_config_map,
     build_server_deployment,
+    build_server_node_pool,
     build_server_service,
     server_url,
 )
@@ -87,6 +88,61 @@ class TestApi:
         manifest = ftj("a", output={"destination": "oci://registry.example/a:v1"})
         with pytest.raises(InvalidManifestError, match=r"output\.destination"):
             load_job(manifest)
+
+    def test_vllm_without_a_gpu_is_refused_as_the_crd_refuses_it(self) -> None:
+        with pytest.raises(InvalidManifestError, match=r"spec\.gpus") as caught:
+            server(runtime="vllm", model={"source": "hf://org/base"}, gpus=0)
+        assert "vLLM needs a GPU" in str(caught.value)
+
+    def test_a_pool_of_its_own_and_existing_nodes_are_one_or_the_other(self) -> None:
+        with pytest.raises(InvalidManifestError, match=r"spec\.nodeSelector") as caught:
+            server(instanceType="p4d.24xlarge", nodeSelector={"pool": "gpu"})
+        assert "set one of them" in str(caught.value)
+        assert server(instanceType="p4d.24xlarge").spec.instance_type == "p4d.24xlarge"
+
+    def test_the_crd_carries_the_same_rules(self) -> None:
+        from kubetune_api.modelserver import SERVER_RULES  # noqa: PLC0415
+        from kubetune_operator.crd import model_server_schema  # noqa: PLC0415
+
+        rules = model_server_schema()["properties"]["spec"]["x-kubernetes-validations"]
+        assert [(r["rule"], r["fieldPath"]) for r in rules] == [(r.cel, f".{r.field}") for r in SERVER_RULES]
+        assert len(rules) == 2
+
+
+class TestNodePool:
+    def test_a_server_with_an_instance_type_gets_a_pool_of_its_own(self) -> None:
+        settings = OperatorSettings()
+        pool = build_server_node_pool(
+            server(instanceType="p4d.24xlarge", replicas=2, runtime="vllm"), "ms-uid", settings
+        )
+        assert pool["kind"] == "NodePool"
+        assert pool["metadata"]["name"] == names.server_node_pool("ml", "shared")
+        assert pool["metadata"]["name"] != names.node_pool("ml", "shared", names.ROLE_SERVER), "apart from a job's"
+        labels = pool["metadata"]["labels"]
+        assert labels[names.SERVER_LABEL] == "shared"
+        assert labels[names.UID_LABEL] == "ms-uid"
+        assert names.JOB_LABEL not in labels, "the job sweep leaves it alone"
+        template = pool["spec"]["template"]
+        assert template["metadata"]["labels"] == labels, "its claims and nodes carry the server's labels"
+        assert {"key": "node.kubernetes.io/instance-type", "operator": "In", "values": ["p4d.24xlarge"]} in template[
+            "spec"
+        ]["requirements"]
+        assert template["spec"]["taints"][0]["key"] == names.GPU_TAINT_KEY
+        assert pool["spec"]["limits"] == {"nodes": "3", "nvidia.com/gpu": "24"}, "replicas + 1 nodes of 8 GPUs"
+        assert pool["spec"]["disruption"]["consolidationPolicy"] == "WhenEmpty"
+
+    def test_its_replicas_select_the_pool_and_tolerate_its_taint(self) -> None:
+        deployment = build_server_deployment(server(instanceType="local-cpu"), "ms-uid", OperatorSettings())
+        spec = deployment["spec"]["template"]["spec"]
+        assert spec["nodeSelector"] == {
+            names.NODEPOOL_LABEL: names.server_node_pool("ml", "shared"),
+            names.UID_LABEL: "ms-uid",
+        }
+        assert spec["tolerations"] == [{"key": names.GPU_TAINT_KEY, "operator": "Exists", "effect": "NoSchedule"}]
+
+    def test_without_one_the_replicas_go_where_the_node_selector_says(self) -> None:
+        deployment = build_server_deployment(server(nodeSelector={"pool": "cpu"}), "ms-uid", OperatorSettings())
+        assert deployment["spec"]["template"]["spec"]["nodeSelector"] == {"pool": "cpu"}
 
 
 class TestBuilders:
@@ -344,3 +400,71 @@ def test_only_jobs_whose_entry_changed_are_woken() -> None:
     )
     assert changed_jobs(before, grown) == ["a", "b"]
     assert changed_jobs(before, ModelServerStatus()) == ["a"], "a dropped job is woken too"
+
+
+class PoolKube:
+    """The API as a ModelServer pass uses it, with no replica ready: applies, lists, deletions and the status."""
+
+    def __init__(self, pools: list[dict[str, Any]], *, karpenter: bool = True) -> None:
+        self.pools, self.karpenter = pools, karpenter
+        self.applied: list[dict[str, Any]] = []
+        self.deleted: list[str] = []
+        self.status: dict[str, Any] = {}
+
+    def installed(self, api_version: str, kind: str) -> bool:
+        return self.karpenter
+
+    def list(
+        self, api_version: str, kind: str, *, namespace: str | None = None, labels: str | None = None
+    ) -> list[Any]:
+        return self.pools if kind == "NodePool" else []
+
+    def apply(self, manifest: dict[str, Any]) -> dict[str, Any]:
+        self.applied.append(manifest)
+        return manifest
+
+    def delete(self, api_version: str, kind: str, name: str, namespace: str | None = None) -> None:
+        self.deleted.append(f"{kind}/{name}")
+
+    def write_status(self, namespace: str, name: str, status: dict[str, Any], *, kind: str) -> None:
+        self.status = status
+
+
+def server_obj(**spec: Any) -> dict[str, Any]:
+    return server(**spec).model_dump(mode="json", by_alias=True, exclude_none=True) | {
+        "metadata": {"name": "shared", "namespace": "ml", "uid": "ms-uid", "generation": 1}
+    }
+
+
+class TestPoolPass:
+    def test_the_pass_applies_the_pool_and_deletes_the_servers_other_pools(self) -> None:
+        from kubetune_operator.servers import ServerController  # noqa: PLC0415
+
+        old = build_server_node_pool(server(instanceType="local-cpu"), "ms-uid", OperatorSettings())
+        old["metadata"]["name"] = "ml-shared-ms-old"
+        kube = PoolKube([old])
+        ServerController(kube, OperatorSettings()).reconcile(server_obj(instanceType="local-cpu"))  # type: ignore[arg-type]
+        pools = [m for m in kube.applied if m["kind"] == "NodePool"]
+        assert [p["metadata"]["name"] for p in pools] == [names.server_node_pool("ml", "shared")]
+        assert kube.deleted == ["NodePool/ml-shared-ms-old"]
+
+    def test_unsetting_the_instance_type_deletes_the_pool(self) -> None:
+        from kubetune_operator.servers import ServerController  # noqa: PLC0415
+
+        pool = build_server_node_pool(server(instanceType="local-cpu"), "ms-uid", OperatorSettings())
+        kube = PoolKube([pool])
+        ServerController(kube, OperatorSettings()).reconcile(server_obj())  # type: ignore[arg-type]
+        assert not [m for m in kube.applied if m["kind"] == "NodePool"]
+        assert kube.deleted == [f"NodePool/{pool['metadata']['name']}"]
+
+    def test_an_instance_type_without_karpenter_says_so_and_the_fix(self) -> None:
+        from kubetune_operator.servers import ServerController  # noqa: PLC0415
+
+        kube = PoolKube([], karpenter=False)
+        ServerController(kube, OperatorSettings()).reconcile(server_obj(instanceType="p4d.24xlarge"))  # type: ignore[arg-type]
+        assert not [m for m in kube.applied if m["kind"] == "NodePool"]
+        ready = next(c for c in kube.status["conditions"] if c["type"] == "Ready")
+        assert ready["status"] == "False"
+        assert ready["reason"] == "KarpenterNotInstalled"
+        assert "unset instanceType" in ready["message"]
+        assert kube.status["phase"] == "Pending"

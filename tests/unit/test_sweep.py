@@ -1,6 +1,6 @@
 """The sweep of orphaned cluster-scoped children: NodePools whose FineTuneJob went without the finalizer
 running (removed by hand while no operator ran) are deleted; those of live jobs, of another operator's
-namespaces and of unlabelled owners are not."""
+namespaces and of unlabelled owners are not. The same for the NodePools of ModelServers."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import pytest
 from kubetune_operator import names
 from kubetune_operator.controller import Controller
 from kubetune_operator.observed import orphans
+from kubetune_operator.servers import ServerController, server_orphans
 from kubetune_operator.settings import OperatorSettings
 
 pytestmark = pytest.mark.unit
@@ -95,3 +96,47 @@ def test_sweep_without_karpenter_or_claims_reads_nothing_more() -> None:
     empty = FakeKube([], [ftj("ml", "a", "u1")])
     assert Controller(empty, OperatorSettings()).sweep() == 0  # type: ignore[arg-type]
     assert empty.lists == [("NodePool", None, "app.kubernetes.io/managed-by=kubetune")]
+
+
+def ms(namespace: str, name: str, uid: str) -> Obj:
+    return {
+        "apiVersion": "kubetune.io/v1alpha1",
+        "kind": "ModelServer",
+        "metadata": {"namespace": namespace, "name": name, "uid": uid},
+    }
+
+
+def server_pool(name: str, namespace: str, server: str, uid: str, **meta: Any) -> Obj:
+    labels = {**names.server_labels(namespace, server), names.UID_LABEL: uid}
+    return {"apiVersion": "karpenter.sh/v1", "kind": "NodePool", "metadata": {"name": name, "labels": labels, **meta}}
+
+
+def test_the_pools_of_gone_or_replaced_model_servers_are_orphans_and_jobs_pools_are_not_theirs() -> None:
+    pools = [
+        server_pool("ml-alive-ms", "ml", "alive", "s1"),
+        server_pool("ml-gone-ms", "ml", "gone", "s2"),
+        server_pool("ml-again-ms", "ml", "again", "s-old"),  # deleted and created again under the same name
+        server_pool("ml-going-ms", "ml", "going", "s4", deletionTimestamp="2026-11-29T10:00:00Z"),
+        server_pool("other-x-ms", "other", "x", "s5"),
+        claim("ml-job-0", "ml", "job", "u1"),  # a job's: the job sweep's to judge
+    ]
+    servers = [ms("ml", "alive", "s1"), ms("ml", "again", "s3")]
+    found = server_orphans(pools, servers, ("ml",))
+    assert [p["metadata"]["name"] for p in found] == ["ml-gone-ms", "ml-again-ms"]
+    assert [c["metadata"]["name"] for c in orphans(pools, [ftj("ml", "job", "u1")])] == [], (
+        "servers' pools are not jobs'"
+    )
+
+
+def test_the_server_sweep_lists_pools_first_then_servers_and_deletes_the_orphans() -> None:
+    kube = FakeKube(
+        [server_pool("ml-a-ms", "ml", "a", "s1"), server_pool("ml-b-ms", "ml", "b", "s2")], [ms("ml", "a", "s1")]
+    )
+    assert ServerController(kube, OperatorSettings()).sweep() == 1  # type: ignore[arg-type]
+    assert kube.deleted == ["NodePool/ml-b-ms"]
+    assert kube.lists == [("NodePool", None, "app.kubernetes.io/managed-by=kubetune"), ("ModelServer", None, None)]
+    jobs_only = FakeKube([claim("ml-j-0", "ml", "j", "u1")], [])
+    assert ServerController(jobs_only, OperatorSettings()).sweep() == 0  # type: ignore[arg-type]
+    assert jobs_only.lists == [("NodePool", None, "app.kubernetes.io/managed-by=kubetune")], (
+        "no server pool: no server read"
+    )

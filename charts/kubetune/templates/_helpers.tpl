@@ -96,11 +96,11 @@ kubetune_operator/kube.py (every API call), controller.py and handlers.py (what 
 - apiGroups: [""]
   resources: [nodes]
   verbs: [list, watch]
-# Karpenter NodePools (cluster-scoped, one for a job's training nodes and one for its server): the
-# controller applies them server-side (patch; the first apply creates the pool, which the apiserver
-# authorizes as create too), lists a job's pools by label, and deletes them on completion, when
-# serving stops and from the finalizer; the sweep lists the operator's pools and deletes those
-# whose FineTuneJob is gone.
+# Karpenter NodePools (cluster-scoped, one for a job's training nodes, one for its server, one for a
+# ModelServer with an instanceType): the controllers apply them server-side (patch; the first apply
+# creates the pool, which the apiserver authorizes as create too), list a job's or a server's pools
+# by label, and delete them on completion, when serving stops and from the finalizers; the sweeps
+# list the operator's pools and delete those whose FineTuneJob or ModelServer is gone.
 - apiGroups: [karpenter.sh]
   resources: [nodepools]
   verbs: [list, create, patch, delete]
@@ -152,8 +152,9 @@ kubetune_operator/kube.py (every API call), controller.py and handlers.py (what 
 - apiGroups: [kubetune.io]
   resources: [finetunejobs/finalizers]
   verbs: [update]
-# ModelServers: kopf lists and watches them (one daemon per server) and patches its handler state in;
-# a job served by one lists it by name for the endpoint and whether its adapter is loaded.
+# ModelServers: kopf lists and watches them (one daemon per server) and patches its handler state and
+# its finalizer in (the finalizer deletes a server's NodePool); a job served by one lists it by name
+# for the endpoint and whether its adapter is loaded; the sweep lists them to find orphaned pools.
 - apiGroups: [kubetune.io]
   resources: [modelservers]
   verbs: [list, watch, patch]

@@ -12,12 +12,14 @@ import json
 from typing import Final
 
 from kubetune_api import SOURCES_MOUNT, parse_uri
+from kubetune_api.instances import instance_shape
 from kubetune_api.modelserver import MS_KIND, ModelServer
 from kubetune_api.objects import Obj
 from kubetune_api.resource import API_VERSION
 from kubetune_api.uris import MODEL_SCHEMES
 from kubetune_operator import names
 from kubetune_operator.children import pod
+from kubetune_operator.children.nodes import KARPENTER_API_VERSION, NODE_POOL_KIND, pool_template
 from kubetune_operator.children.serving import max_lora_rank, server_probes
 from kubetune_operator.settings import OperatorSettings
 
@@ -186,9 +188,7 @@ def build_server_deployment(server: ModelServer, uid: str, settings: OperatorSet
         "securityContext": pod.container_security(),
         "volumeMounts": mounts,
     }
-    tolerations = (
-        [{"key": names.GPU_TAINT_KEY, "operator": "Exists", "effect": "NoSchedule"}] if server_gpus(server) else []
-    )
+    node_selector, tolerations = _placement(server, uid)
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
@@ -202,11 +202,55 @@ def build_server_deployment(server: ModelServer, uid: str, settings: OperatorSet
                     "automountServiceAccountToken": False,
                     "enableServiceLinks": False,
                     "securityContext": pod.pod_security(),
-                    **({"nodeSelector": dict(spec.node_selector)} if spec.node_selector else {}),
+                    **({"nodeSelector": node_selector} if node_selector else {}),
                     **({"tolerations": tolerations} if tolerations else {}),
                     "containers": [container],
                     "volumes": volumes,
                 },
+            },
+        },
+    }
+
+
+def _placement(server: ModelServer, uid: str) -> tuple[dict[str, str], list[Obj]]:
+    """Node selector and tolerations: the nodes of the server's own NodePool (instanceType; this server's, by its uid,
+    not a deleted namesake's), else spec.nodeSelector."""
+    gpu_toleration = {"key": names.GPU_TAINT_KEY, "operator": "Exists", "effect": "NoSchedule"}
+    if server.spec.instance_type:
+        # The pool's nodes carry the GPU taint (CPU instance types too), so the replicas tolerate it.
+        return {names.NODEPOOL_LABEL: server_pool_name(server), names.UID_LABEL: uid}, [gpu_toleration]
+    return dict(server.spec.node_selector), [gpu_toleration] if server_gpus(server) else []
+
+
+def server_pool_name(server: ModelServer) -> str:
+    return names.server_node_pool(server.namespace, server.name)
+
+
+def build_server_node_pool(server: ModelServer, uid: str, settings: OperatorSettings) -> Obj:
+    """The server's Karpenter NodePool: up to replicas + 1 nodes of spec.instanceType (one more for a rollout).
+
+    Cluster-scoped, so no owner reference reaches it: the operator's finalizer on the ModelServer
+    deletes it, and the sweep deletes one whose server is gone. Nodes are consolidated once empty.
+    """
+    spec = server.spec
+    assert spec.instance_type is not None, "only a server with spec.instanceType gets a pool"
+    labels = {**names.server_labels(server.namespace, server.name), names.UID_LABEL: uid}
+    nodes = spec.replicas + 1
+    limits: Obj = {"nodes": str(nodes)}
+    shape = instance_shape(spec.instance_type)
+    if shape is not None and shape.gpus:
+        limits[spec.gpu_resource_name] = str(shape.gpus * nodes)
+    return {
+        "apiVersion": KARPENTER_API_VERSION,
+        "kind": NODE_POOL_KIND,
+        "metadata": {"name": server_pool_name(server), "labels": labels},
+        "spec": {
+            "template": pool_template(settings, labels, spec.instance_type, "on-demand"),
+            "limits": limits,
+            "disruption": {
+                "consolidationPolicy": "WhenEmpty",
+                "consolidateAfter": settings.consolidate_after,
+                "budgets": [{"nodes": "100%"}],
             },
         },
     }

@@ -16,6 +16,7 @@ from kubetune_api.instances import instance_shape
 from kubetune_api.objects import Obj
 from kubetune_operator import names
 from kubetune_operator.children.target import Target
+from kubetune_operator.settings import OperatorSettings
 
 KARPENTER_API_VERSION: Final = "karpenter.sh/v1"
 NODE_POOL_KIND: Final = "NodePool"
@@ -41,29 +42,30 @@ def pool_labels(target: Target, role: str) -> dict[str, str]:
     return {**target.labels, names.UID_LABEL: target.uid, names.ROLE_LABEL: role}
 
 
+def pool_template(settings: OperatorSettings, labels: dict[str, str], instance_type: str, capacity_type: str) -> Obj:
+    """A pool's node template: the instance and capacity type, the operator's NodeClass, the GPU taint, ``labels``."""
+    node_class = settings.node_class
+    return {
+        "metadata": {"labels": labels},
+        "spec": {
+            "nodeClassRef": {"group": node_class.group, "kind": node_class.kind, "name": node_class.name},
+            "requirements": [
+                {"key": INSTANCE_TYPE_LABEL, "operator": "In", "values": [instance_type]},
+                {"key": CAPACITY_TYPE_LABEL, "operator": "In", "values": [capacity_type]},
+                {"key": "kubernetes.io/os", "operator": "In", "values": ["linux"]},
+            ],
+            "taints": [{"key": names.GPU_TAINT_KEY, "value": settings.gpu_taint_value, "effect": "NoSchedule"}],
+            # The operator deletes the pool when its owner is done with it; a node never expires under a gang.
+            "expireAfter": "Never",
+        },
+    }
+
+
 def _node_pool(target: Target, name: str, instance_type: str, role: str, nodes: int) -> Obj:
     """A NodePool of at most (dynamic) or exactly (static) ``nodes`` nodes of ``instance_type``."""
     spec = target.spec.resources
-    node_class = target.settings.node_class
     labels = pool_labels(target, role)
-    pool: Obj = {
-        "template": {
-            "metadata": {"labels": labels},
-            "spec": {
-                "nodeClassRef": {"group": node_class.group, "kind": node_class.kind, "name": node_class.name},
-                "requirements": [
-                    {"key": INSTANCE_TYPE_LABEL, "operator": "In", "values": [instance_type]},
-                    {"key": CAPACITY_TYPE_LABEL, "operator": "In", "values": [spec.capacity_type]},
-                    {"key": "kubernetes.io/os", "operator": "In", "values": ["linux"]},
-                ],
-                "taints": [
-                    {"key": names.GPU_TAINT_KEY, "value": target.settings.gpu_taint_value, "effect": "NoSchedule"}
-                ],
-                # The operator deletes the pool when the job is done with it; a node never expires under a gang.
-                "expireAfter": "Never",
-            },
-        },
-    }
+    pool: Obj = {"template": pool_template(target.settings, labels, instance_type, spec.capacity_type)}
     if spec.node_pool.mode == "static":
         # Static pools accept no other limit and ignore the disruption settings (Karpenter's CRD rules).
         pool["replicas"] = nodes
