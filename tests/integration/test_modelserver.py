@@ -217,8 +217,10 @@ def test_a_server_with_an_instance_type_runs_on_a_pool_of_its_own_that_goes_with
         },
     }
     custom.create_namespaced_custom_object(GROUP, VERSION, namespace, "modelservers", body)
+    created = time.monotonic()
     pool = names.server_node_pool(namespace, SERVER)
     address = wait_until(lambda: ready_address(api, namespace), timeout=180, what="the server's replica to be ready")
+    print(f"apply → replica ready on a node of its own pool: {time.monotonic() - created:.1f} s")
     (replica,) = server_pods(api, namespace)
     node = client.CoreV1Api(api).read_node(replica.spec.node_name)
     assert node.metadata.labels.get(names.NODEPOOL_LABEL) == pool, (
@@ -241,6 +243,7 @@ def test_a_server_with_an_instance_type_runs_on_a_pool_of_its_own_that_goes_with
         )
     finally:
         operator.start()
+    back = time.monotonic()
 
     def released() -> bool:
         selector = f"{names.SERVER_LABEL}={SERVER},{names.NAMESPACE_LABEL}={namespace}"
@@ -252,3 +255,4 @@ def test_a_server_with_an_instance_type_runs_on_a_pool_of_its_own_that_goes_with
         return not left and absent(read_server)
 
     wait_until(released, timeout=180, what="the server, its NodePool, NodeClaim and Node to be gone")
+    print(f"operator back → server, pool, claim and node gone: {time.monotonic() - back:.1f} s")
