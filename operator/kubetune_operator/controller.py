@@ -29,7 +29,7 @@ from kubetune_operator.children.nodes import (
     NODE_POOL_KIND,
 )
 from kubetune_operator.decision import Decision
-from kubetune_operator.kube import Kube
+from kubetune_operator.kube import Kube, list_in
 from kubetune_operator.observed import (
     KUEUE_API_VERSIONS,
     KUEUE_JOB_UID_LABEL,
@@ -464,11 +464,7 @@ class Controller:
         if not children:
             return 0
         namespaces = self.settings.namespaces
-        jobs = (
-            [j for namespace in namespaces for j in self.kube.list(API_VERSION, KIND, namespace=namespace)]
-            if namespaces
-            else self.kube.list(API_VERSION, KIND)
-        )
+        jobs = list_in(self.kube, API_VERSION, KIND, namespaces)
         doomed = {id(child) for child in orphans([c for _, _, c in children], jobs, namespaces)}
         for api_version, kind, child in children:
             if id(child) in doomed:

@@ -154,3 +154,10 @@ class Kube:
             self.resource("v1", "Event").create(body=body, namespace=meta["namespace"])
         except ApiException as exc:  # an event is best effort: never fail a reconcile over it
             log.warning("event %s on %s not recorded: %s", reason, meta["name"], exc.reason)
+
+
+def list_in(kube: Kube, api_version: str, kind: str, namespaces: tuple[str, ...]) -> list[Obj]:
+    """Every ``kind`` in ``namespaces``, or in the whole cluster when none are given (the operator's scope)."""
+    if not namespaces:
+        return kube.list(api_version, kind)
+    return [found for namespace in namespaces for found in kube.list(api_version, kind, namespace=namespace)]

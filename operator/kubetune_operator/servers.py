@@ -37,7 +37,7 @@ from kubetune_operator.children.modelserver import (
 from kubetune_operator.children.nodes import KARPENTER_API_VERSION, NODE_CLAIM_KIND, NODE_POOL_KIND
 from kubetune_operator.children.serving import serving_model_name_of
 from kubetune_operator.conditions import Conditions
-from kubetune_operator.kube import Kube
+from kubetune_operator.kube import Kube, list_in
 from kubetune_operator.observed import recorded_result
 from kubetune_operator.settings import OperatorSettings
 
@@ -341,11 +341,7 @@ class ServerController:
         if not any(names.SERVER_LABEL in (p["metadata"].get("labels") or {}) for p in pools):
             return 0
         namespaces = self.settings.namespaces
-        servers = (
-            [s for namespace in namespaces for s in self.kube.list(API_VERSION, MS_KIND, namespace=namespace)]
-            if namespaces
-            else self.kube.list(API_VERSION, MS_KIND)
-        )
+        servers = list_in(self.kube, API_VERSION, MS_KIND, namespaces)
         doomed = server_orphans(pools, servers, namespaces)
         for pool in doomed:
             labels = pool["metadata"].get("labels") or {}

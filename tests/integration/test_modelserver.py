@@ -48,6 +48,24 @@ def claim(api: client.ApiClient, namespace: str, name: str) -> None:
     )
 
 
+def create_server(custom: client.CustomObjectsApi, namespace: str, port: int, **spec: Any) -> None:
+    """The ModelServer SERVER: the built-in server on the toy base from the models claim, adapters from "adapters"."""
+    body = {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": "ModelServer",
+        "metadata": {"name": SERVER},
+        "spec": {
+            "model": {"source": "pvc://models/model"},
+            "adapterClaim": "adapters",
+            "runtime": "transformers",
+            "port": port,
+            "cpu": "1",
+            **spec,
+        },
+    }
+    custom.create_namespaced_custom_object(GROUP, VERSION, namespace, "modelservers", body)
+
+
 def server_pods(api: client.ApiClient, namespace: str) -> list[Any]:
     selector = f"{names.SERVER_LABEL}={SERVER}"
     return list(client.CoreV1Api(api).list_namespaced_pod(namespace, label_selector=selector).items)
@@ -104,24 +122,7 @@ def test_three_adapters_share_one_server(api: client.ApiClient, namespace: str) 
     claim(api, namespace, "adapters")
     port = free_port()
     custom = client.CustomObjectsApi(api)
-    custom.create_namespaced_custom_object(
-        GROUP,
-        VERSION,
-        namespace,
-        "modelservers",
-        {
-            "apiVersion": f"{GROUP}/{VERSION}",
-            "kind": "ModelServer",
-            "metadata": {"name": SERVER},
-            "spec": {
-                "model": {"source": "pvc://models/model"},
-                "adapterClaim": "adapters",
-                "runtime": "transformers",
-                "port": port,
-                "cpu": "1",
-            },
-        },
-    )
+    create_server(custom, namespace, port)
     for job in SEEDS:
         manifest = toy_job(job, steps=250, nodes=1, every=250)
         manifest["spec"]["dataset"] = {"source": f"pvc://models/data/{job}.jsonl", "maxSeqLength": 48}
@@ -204,19 +205,7 @@ def test_a_server_with_an_instance_type_runs_on_a_pool_of_its_own_that_goes_with
     claim(api, namespace, "adapters")
     port = free_port()
     custom = client.CustomObjectsApi(api)
-    body = {
-        "apiVersion": f"{GROUP}/{VERSION}",
-        "kind": "ModelServer",
-        "metadata": {"name": SERVER},
-        "spec": {
-            "model": {"source": "pvc://models/model"},
-            "adapterClaim": "adapters",
-            "port": port,
-            "cpu": "1",
-            "instanceType": "local-cpu",
-        },
-    }
-    custom.create_namespaced_custom_object(GROUP, VERSION, namespace, "modelservers", body)
+    create_server(custom, namespace, port, instanceType="local-cpu")
     created = time.monotonic()
     pool = names.server_node_pool(namespace, SERVER)
     address = wait_until(lambda: ready_address(api, namespace), timeout=180, what="the server's replica to be ready")
