@@ -152,3 +152,67 @@ def test_down_sweeps_marked_processes_but_not_the_users_own(tmp_path: Path) -> N
         user.kill()
         pod.wait()
         user.wait()
+
+
+class FlakyCore:
+    """The pod-status patch of a busy apiserver: answers with ``failures`` in turn, then takes the write."""
+
+    def __init__(self, *failures: Exception) -> None:
+        self.failures = list(failures)
+        self.calls = 0
+
+    def patch_namespaced_pod_status(self, name: str, namespace: str, body: dict[str, Any]) -> None:
+        self.calls += 1
+        if self.failures:
+            raise self.failures.pop(0)
+
+
+class LoggedRuntime:
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def log(self, message: str) -> None:
+        self.lines.append(message)
+
+
+class StatusPod:
+    def __init__(self, core: FlakyCore) -> None:
+        self.core, self.runtime, self.name, self.namespace = core, LoggedRuntime(), "p", "ml"
+
+
+class TestStatusWrites:
+    """A kubelet never stops a pod's processes because the apiserver was busy: it writes the status again."""
+
+    def write(self, core: FlakyCore) -> tuple[bool, StatusPod]:
+        from kubetune_local.pods.status import write_status  # noqa: PLC0415
+
+        pod = StatusPod(core)
+        return write_status(pod, {"phase": "Running"}, pause=0), pod  # type: ignore[arg-type]
+
+    def test_a_busy_apiserver_is_asked_again(self) -> None:
+        from kubernetes.client.exceptions import ApiException  # noqa: PLC0415
+        from urllib3.exceptions import ProtocolError  # noqa: PLC0415
+
+        core = FlakyCore(ApiException(status=503, reason="Service Unavailable"), ProtocolError("connection dropped"))
+        written, pod = self.write(core)
+        assert written
+        assert core.calls == 3
+        assert pod.runtime.lines == []
+
+    def test_one_that_stays_busy_is_left_for_the_next_report_and_said(self) -> None:
+        from kubernetes.client.exceptions import ApiException  # noqa: PLC0415
+
+        core = FlakyCore(*(ApiException(status=429, reason="Too Many Requests") for _ in range(5)))
+        written, pod = self.write(core)
+        assert not written
+        assert core.calls == 3
+        assert pod.runtime.lines == [
+            "pod ml/p: status not written (HTTP 429 Too Many Requests); writing it again later"
+        ]
+
+    def test_a_gone_pod_has_nothing_left_to_write_and_a_bad_status_is_a_bug(self) -> None:
+        from kubernetes.client.exceptions import ApiException  # noqa: PLC0415
+
+        assert self.write(FlakyCore(ApiException(status=404, reason="Not Found")))[0]
+        with pytest.raises(ApiException):
+            self.write(FlakyCore(ApiException(status=422, reason="Unprocessable Entity")))

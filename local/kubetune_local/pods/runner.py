@@ -54,6 +54,8 @@ class PodRunner(threading.Thread):
         self.started = time.monotonic()
         self.start_time = stamp()
         self.finished = threading.Event()
+        self.unreported = False
+        """Whether the last status write was refused (a busy apiserver): the next report writes it."""
 
     def stop(self, grace: float | None = None, *, reason: str = "", message: str = "", deleting: bool = False) -> None:
         """Stop the pod: SIGTERM the processes, SIGKILL after the grace period.
@@ -79,6 +81,8 @@ class PodRunner(threading.Thread):
                 elif self.deleting:
                     self.phase = "Succeeded" if self._all_exited_zero() else "Failed"
                     self._report()
+            if self.phase in ("Succeeded", "Failed"):
+                self._report_until_written()
         except Exception as exc:  # a bug or an API failure: say so in the pod, never die silently
             self.runtime.log(f"pod {self.namespace}/{self.pod_name}: {exc!r}")
             self._kill_all()
@@ -213,7 +217,7 @@ class PodRunner(threading.Thread):
                 self.phase = "Succeeded" if all(c == 0 for c in codes) else "Failed"
                 self._report()
                 return
-            if changed:
+            if changed or self.unreported:
                 self._report()
             time.sleep(0.2)
 
@@ -244,4 +248,11 @@ class PodRunner(threading.Thread):
             init_runs=self.init_runs,
             runs=self.runs,
         )
-        status.write_status(self.context, current)
+        self.unreported = not status.write_status(self.context, current)
+
+    def _report_until_written(self, seconds: float = 60.0) -> None:
+        """Write a status the apiserver refused until it takes it: a terminal phase must not be lost."""
+        deadline = time.monotonic() + seconds
+        while self.unreported and time.monotonic() < deadline:
+            time.sleep(1.0)
+            self._report()

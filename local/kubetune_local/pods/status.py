@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import time
+from typing import Final
+
+import urllib3
 from kubernetes.client.exceptions import ApiException
 
 from kubetune_local.kube import Obj, stamp
@@ -71,10 +75,34 @@ def pod_status(
     return status
 
 
-def write_status(pod: PodContext, status: Obj) -> None:
-    """Patch the pod's status; a pod deleted meanwhile has no status left to write."""
-    try:
-        pod.core.patch_namespaced_pod_status(pod.name, pod.namespace, {"status": status})
-    except ApiException as exc:
-        if exc.status != 404:
-            raise
+#: Tries of one status write, and the pause before the next (times the try), before the runner writes it later.
+WRITE_TRIES: Final = 3
+WRITE_PAUSE: Final = 0.5
+
+
+def write_status(pod: PodContext, status: Obj, *, pause: float = WRITE_PAUSE) -> bool:
+    """Patch the pod's status; True once written, or when the pod is gone (no status left to write).
+
+    A refusal the apiserver may not repeat (409, 429, a 5xx, a dropped connection) is tried again,
+    and then left for the runner's next report, as a kubelet's status manager does: a busy apiserver
+    never stops a pod's processes. It says so in the runtime's log. Any other refusal is a bug in what
+    is written, and raises.
+    """
+    error: Exception | None = None
+    for attempt in range(1, WRITE_TRIES + 1):
+        try:
+            pod.core.patch_namespaced_pod_status(pod.name, pod.namespace, {"status": status})
+            return True
+        except ApiException as exc:
+            if exc.status == 404:
+                return True
+            if exc.status not in (409, 429) and not 500 <= (exc.status or 0) < 600:
+                raise
+            error = exc
+        except urllib3.exceptions.HTTPError as exc:
+            error = exc
+        if attempt < WRITE_TRIES:
+            time.sleep(pause * attempt)
+    reason = f"HTTP {error.status} {error.reason}" if isinstance(error, ApiException) else repr(error)
+    pod.runtime.log(f"pod {pod.namespace}/{pod.name}: status not written ({reason}); writing it again later")
+    return False
