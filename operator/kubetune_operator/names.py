@@ -127,7 +127,7 @@ def server_labels(namespace: str, server: str) -> dict[str, str]:
 
 def server_selector(namespace: str, server: str) -> str:
     """The label selector of a ModelServer's children (its pods, its NodePool and that pool's claims)."""
-    return ",".join(f"{k}={v}" for k, v in server_labels(namespace, server).items())
+    return label_selector(server_labels(namespace, server))
 
 
 def job_labels(namespace: str, job: str) -> dict[str, str]:
@@ -136,9 +136,14 @@ def job_labels(namespace: str, job: str) -> dict[str, str]:
 
 
 def selector(namespace: str, job: str) -> str:
-    return ",".join(f"{k}={v}" for k, v in job_labels(namespace, job).items())
+    return label_selector(job_labels(namespace, job))
 
 
 def managed_selector() -> str:
     """The label selector of everything the operator creates, for every job."""
-    return ",".join(f"{k}={v}" for k, v in MANAGED_BY.items())
+    return label_selector(MANAGED_BY)
+
+
+def label_selector(labels: dict[str, str]) -> str:
+    """``labels`` as an equality-based label selector (``k=v,k2=v2``)."""
+    return ",".join(f"{k}={v}" for k, v in labels.items())
